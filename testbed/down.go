@@ -32,6 +32,7 @@ func Down(ctx context.Context, name string) error {
 			errs = append(errs, fmt.Errorf("host %s: %w", hn, err))
 		}
 	}
+	stopPidfile(filepath.Join(stateDir(name), "wire.pid"), "")
 	if ns := "/run/netns/" + netnsName(name, "ul"); exists(ns) {
 		killIn(nsID(ns), "")
 		if _, err := run(ctx, nil, "ip", "netns", "delete", netnsName(name, "ul")); err != nil {

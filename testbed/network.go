@@ -2,8 +2,15 @@ package testbed
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -23,8 +30,8 @@ func handleAt(path string) (*netlink.Handle, netns.NsHandle, error) {
 	return h, ns, nil
 }
 
-// buildNetwork creates the underlay: a bridge in its own namespace, and for each host and
-// the client a namespace with eth0 on that bridge, shaped as configured.
+// buildNetwork creates the underlay: for each host and the client a namespace whose eth0
+// is a veth to the underlay namespace, where the wire switches and shapes the frames.
 func (tb *Testbed) buildNetwork(ctx context.Context) error {
 	if _, err := run(ctx, nil, "ip", "netns", "add", netnsName(tb.Name, "ul")); err != nil {
 		return err
@@ -35,22 +42,54 @@ func (tb *Testbed) buildNetwork(ctx context.Context) error {
 	}
 	defer ulns.Close()
 	defer ul.Close()
-	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
-	if err := ul.LinkAdd(br); err != nil {
-		return fmt.Errorf("add underlay bridge: %w", err)
-	}
-	if err := ul.LinkSetUp(br); err != nil {
-		return err
-	}
+	links := map[string]Link{}
 	for _, h := range tb.Hosts {
-		if err := tb.plugHost(ctx, ul, br, h); err != nil {
+		if err := tb.plugHost(ctx, ul, h); err != nil {
 			return fmt.Errorf("plug %s into the underlay: %w", h.Name, err)
 		}
+		links[h.Name] = h.Link
 	}
-	return nil
+	if err := writeLinks(tb.Name, links); err != nil {
+		return err
+	}
+	return tb.startWire()
 }
 
-func (tb *Testbed) plugHost(ctx context.Context, ul *netlink.Handle, br *netlink.Bridge, h *Host) error {
+func writeLinks(tb string, links map[string]Link) error {
+	b, err := json.Marshal(links)
+	if err != nil {
+		return err
+	}
+	tmp := linksFile(tb) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, linksFile(tb))
+}
+
+// startWire runs the wire (this binary, re-executed) in the underlay namespace.
+func (tb *Testbed) startWire() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	logf, err := os.Create(filepath.Join(stateDir(tb.Name), "wire.log"))
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command("nsenter", "--net="+tb.Underlay, "--", exe)
+	cmd.Env = append(baseEnv(), wireEnv+"="+tb.Name)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start the wire: %w", err)
+	}
+	go cmd.Wait() //nolint:errcheck // reaps it; Down ends it
+	return os.WriteFile(filepath.Join(stateDir(tb.Name), "wire.pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
+}
+
+func (tb *Testbed) plugHost(ctx context.Context, ul *netlink.Handle, h *Host) error {
 	if _, err := run(ctx, nil, "ip", "netns", "add", netnsName(tb.Name, h.Name)); err != nil {
 		return err
 	}
@@ -63,7 +102,7 @@ func (tb *Testbed) plugHost(ctx context.Context, ul *netlink.Handle, br *netlink
 
 	outer := "v-" + h.Name
 	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: outer, MasterIndex: br.Index},
+		LinkAttrs:     netlink.LinkAttrs{Name: outer, MTU: 1500},
 		PeerName:      "eth0",
 		PeerNamespace: netlink.NsFd(hns),
 	}
@@ -89,13 +128,12 @@ func (tb *Testbed) plugHost(ctx context.Context, ul *netlink.Handle, br *netlink
 			return err
 		}
 	}
-	if h.Link.shaped() {
-		// Shape both directions: the underlay side's egress is traffic to the host.
-		if err := shape(ul, veth, h.Link); err != nil {
-			return fmt.Errorf("shape %s: %w", outer, err)
-		}
-		if err := shape(hh, eth0, h.Link); err != nil {
-			return fmt.Errorf("shape eth0 of %s: %w", h.Name, err)
+	// The wire forwards frames as they are: no checksum offload (a frame with a partial
+	// checksum would arrive broken) and no segmentation offload (frames stay <= MTU).
+	for _, side := range []struct{ ns, dev string }{{netnsName(tb.Name, "ul"), outer}, {netnsName(tb.Name, h.Name), "eth0"}} {
+		if _, err := run(ctx, nil, "ip", "netns", "exec", side.ns, "ethtool", "-K", side.dev,
+			"tx", "off", "tso", "off", "gso", "off", "gro", "off"); err != nil {
+			return fmt.Errorf("offloads of %s: %w", side.dev, err)
 		}
 	}
 	if !h.IsClient() {
@@ -106,47 +144,27 @@ func (tb *Testbed) plugHost(ctx context.Context, ul *netlink.Handle, br *netlink
 	return nil
 }
 
-// shape puts a netem qdisc with the link's rate, delay and loss at the root of link.
-func shape(h *netlink.Handle, link netlink.Link, l Link) error {
-	q := netlink.NewNetem(netlink.QdiscAttrs{
-		LinkIndex: link.Attrs().Index,
-		Handle:    netlink.MakeHandle(1, 0),
-		Parent:    netlink.HANDLE_ROOT,
-	}, netlink.NetemQdiscAttrs{
-		Latency: uint32(l.Delay.Microseconds()),
-		Loss:    float32(l.Loss),
-		Limit:   100000, // packets: room for a full bandwidth-delay product
-	})
-	if l.RateMbit > 0 {
-		q.Rate64 = uint64(l.RateMbit * 1e6 / 8) // bytes per second
-	}
-	return h.QdiscReplace(q)
-}
-
 // SetLink reshapes a host's (or the client's) link while the testbed runs.
 func (tb *Testbed) SetLink(host string, l Link) error {
 	h, err := tb.Host(host)
 	if err != nil {
 		return err
 	}
-	for _, side := range []struct{ ns, dev string }{{tb.Underlay, "v-" + h.Name}, {h.NetNS, "eth0"}} {
-		nh, ns, err := handleAt(side.ns)
-		if err != nil {
-			return err
-		}
-		link, err := nh.LinkByName(side.dev)
-		if err == nil {
-			if l.shaped() {
-				err = shape(nh, link, l)
-			} else {
-				err = nh.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: link.Attrs().Index, Handle: netlink.MakeHandle(1, 0), Parent: netlink.HANDLE_ROOT}})
-			}
-		}
-		nh.Close()
-		ns.Close()
-		if err != nil {
-			return fmt.Errorf("shape %s in %s: %w", side.dev, side.ns, err)
-		}
+	links := map[string]Link{}
+	for _, x := range tb.Hosts {
+		links[x.Name] = x.Link
+	}
+	links[host] = l
+	if err := writeLinks(tb.Name, links); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(filepath.Join(stateDir(tb.Name), "wire.pid"))
+	if err != nil {
+		return fmt.Errorf("the wire of testbed %s is not running: %w", tb.Name, err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if pid <= 1 || syscall.Kill(pid, syscall.SIGHUP) != nil {
+		return fmt.Errorf("the wire of testbed %s (pid %d) is not running", tb.Name, pid)
 	}
 	h.Link = l
 	return tb.save()

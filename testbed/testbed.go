@@ -77,7 +77,7 @@ type Config struct {
 	Images string
 	// Memload, if Images is empty, is the memload binary to build the test images with.
 	Memload string
-	NoOVS  bool // skip the per-host Open vSwitch instances
+	NoOVS   bool // skip the per-host Open vSwitch instances
 }
 
 // Host is one machine of the testbed (or the client).

@@ -1,5 +1,69 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"context"
+	"fmt"
+	"time"
 
-var demoCommand = &cli.Command{Name: "demo", Hidden: true}
+	"github.com/migrate-project/migrate/testbed"
+	"github.com/urfave/cli/v2"
+)
+
+var demoCommand = &cli.Command{
+	Name:  "demo",
+	Usage: "move a container serving an iperf3 stream between two testbed hosts and report",
+	Description: `Builds a testbed (hosts a and b, a client), starts an iperf3 server in a container on a,
+streams from it to the client, moves the container to b mid-stream and prints the largest
+gap the client saw, the bytes moved, and whether the connection survived. The testbed is
+removed afterwards unless --keep.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "name", Value: "demo", Usage: "testbed name"},
+		&cli.Float64Flag{Name: "rate", Value: 100, Usage: "link rate in Mbit/s (0: unshaped)"},
+		&cli.DurationFlag{Name: "delay", Value: time.Millisecond, Usage: "one-way delay per link"},
+		&cli.DurationFlag{Name: "duration", Value: 12 * time.Second, Usage: "length of the iperf3 stream"},
+		&cli.StringFlag{Name: "memload", Usage: "memload binary for the test images (default: next to this binary)"},
+		&cli.BoolFlag{Name: "keep", Usage: "leave the testbed up afterwards"},
+	},
+	Action: func(c *cli.Context) error {
+		if err := testbed.Preflight(true); err != nil {
+			return notReadyError{err}
+		}
+		name := c.String("name")
+		tb, err := testbed.Up(c.Context, testbed.Config{
+			Name:    name,
+			Link:    testbed.Link{RateMbit: c.Float64("rate"), Delay: c.Duration("delay")},
+			Memload: memloadPath(c.String("memload")),
+		})
+		if err != nil {
+			return err
+		}
+		if !c.Bool("keep") {
+			defer testbed.Down(context.WithoutCancel(c.Context), name)
+		}
+		d, err := tb.RunDemo(c.Context, "a", "b", c.Duration("duration"))
+		if err != nil {
+			return err
+		}
+		if c.Bool("json") {
+			if err := printJSON(c, d); err != nil {
+				return err
+			}
+		} else {
+			w := c.App.Writer
+			fmt.Fprintf(w, "moved container %q from host %s to host %s over a %s link\n", d.Container, d.From, d.To, d.Link)
+			fmt.Fprintf(w, "  downtime (largest gap the client saw): %s\n", d.LargestGap.Round(time.Millisecond))
+			fmt.Fprintf(w, "  state moved:                           %.1f MB\n", float64(d.CheckpointB)/1e6)
+			fmt.Fprintf(w, "  move time (checkpoint to restored):    %s\n", d.MoveTime.Round(time.Millisecond))
+			fmt.Fprintf(w, "  stream: sent %d bytes, received %d bytes\n", d.SentBytes, d.ReceivedBytes)
+			if d.Survived {
+				fmt.Fprintln(w, "  connection survived: yes (one TCP connection, every byte arrived)")
+			} else {
+				fmt.Fprintf(w, "  connection survived: NO (%s)\n", d.ClientError)
+			}
+		}
+		if !d.Survived {
+			return fmt.Errorf("the connection did not survive the move")
+		}
+		return nil
+	},
+}

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/migrate-project/migrate/testbed"
 	"github.com/urfave/cli/v2"
 )
 
@@ -47,7 +48,7 @@ func exitCode(err error) int {
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:      "migrate",
 		Usage:     "move a running Podman container to another host, connections and all",
 		Version:   version,
@@ -75,12 +76,23 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			testbedCommand,
 			demoCommand,
 		},
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
+		OnUsageError:   func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {}, // main maps errors to exit codes
+	}
+	markUsageErrors(app.Commands)
+	return app
+}
+
+// markUsageErrors makes flag errors of every (sub)command usage errors (exit code 2).
+func markUsageErrors(cmds []*cli.Command) {
+	for _, c := range cmds {
+		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+		markUsageErrors(c.Subcommands)
 	}
 }
 
 func main() {
+	testbed.MaybeRunWire() // this process may be a testbed's wire
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	err := newApp(os.Stdout, os.Stderr).RunContext(ctx, os.Args)

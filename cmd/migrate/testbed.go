@@ -147,4 +147,3 @@ func dash(s string) string {
 	}
 	return s
 }
-

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/migrate-project/migrate/testbed"
+)
+
+func TestMain(m *testing.M) {
+	testbed.MaybeRunWire()
+	os.Exit(m.Run())
+}
+
+func run(args ...string) (string, string, error) {
+	var out, errb bytes.Buffer
+	err := newApp(&out, &errb).RunContext(context.Background(), append([]string{"migrate"}, args...))
+	return out.String(), errb.String(), err
+}
+
+func TestExitCodes(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		code int
+	}{
+		{nil, 0},
+		{errors.New("x"), exitFailure},
+		{usageError{errors.New("x")}, exitUsage},
+		{notReadyError{errors.New("x")}, exitNotReady},
+	} {
+		if got := exitCode(tc.err); got != tc.code {
+			t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.code)
+		}
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	if _, _, err := run("testbed", "exec"); exitCode(err) != exitUsage {
+		t.Errorf("exec without a host: %v (code %d)", err, exitCode(err))
+	}
+	if _, _, err := run("--log-level", "loud", "testbed", "status"); exitCode(err) != exitUsage {
+		t.Errorf("bad log level: %v", err)
+	}
+	if _, _, err := run("testbed", "up", "--nosuchflag"); exitCode(err) != exitUsage {
+		t.Errorf("unknown flag: %v", err)
+	}
+	_, _, err := run("testbed", "status", "--name", "nosuch")
+	if err == nil || !strings.Contains(err.Error(), "is not up") {
+		t.Errorf("status of a testbed that is not up: %v", err)
+	}
+}
+
+func TestHelpTeaches(t *testing.T) {
+	out, _, err := run("testbed", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"up", "down", "exec", "migrate testbed up --hosts a,b"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("testbed --help lacks %q:\n%s", want, out)
+		}
+	}
+}

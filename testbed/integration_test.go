@@ -1,0 +1,324 @@
+package testbed_test
+
+import (
+	"context"
+
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/internal/testenv"
+	"github.com/migrate-project/migrate/testbed"
+)
+
+var tools = []string{"ip", "nsenter", "unshare", "podman", "runc", "conmon", "criu",
+	"ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "iperf3", "sockperf"}
+
+// up starts a testbed and tears it down when the test ends, pass or fail.
+func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
+	t.Helper()
+	testenv.Root(t, tools...)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	tb, err := testbed.Up(ctx, cfg)
+	if err != nil {
+		t.Fatalf("testbed up: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := testbed.Down(context.Background(), cfg.Name); err != nil {
+			t.Errorf("testbed down: %v", err)
+		}
+	})
+	return tb
+}
+
+// machineState is what a testbed may touch on the machine.
+type machineState struct {
+	netns, mounts, procs []string
+}
+
+func snapshot(t *testing.T) machineState {
+	t.Helper()
+	var s machineState
+	if ents, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range ents {
+			s.netns = append(s.netns, e.Name())
+		}
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 {
+			s.mounts = append(s.mounts, f[4])
+		}
+	}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// "pid (comm) state ...": zombies have ended; PID 1 reaps them.
+		f := strings.Fields(string(st)[strings.LastIndexByte(string(st), ')')+1:])
+		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		c := strings.TrimSpace(string(comm))
+		switch c {
+		case "podman", "conmon", "ovs-vswitchd", "ovsdb-server", "memload", "iperf3", "sockperf", "runc", "criu":
+			if len(f) > 0 && f[0] != "Z" {
+				s.procs = append(s.procs, e.Name()+":"+c)
+			}
+		}
+	}
+	for _, l := range [][]string{s.netns, s.mounts, s.procs} {
+		sort.Strings(l)
+	}
+	return s
+}
+
+// added lists what is in after but not in before.
+func added(before, after []string) []string {
+	have := map[string]int{}
+	for _, x := range before {
+		have[x]++
+	}
+	var out []string
+	for _, x := range after {
+		if have[x] > 0 {
+			have[x]--
+			continue
+		}
+		out = append(out, x)
+	}
+	return out
+}
+
+func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
+	testenv.Root(t, tools...)
+	before := snapshot(t)
+	ctx := context.Background()
+	tb, err := testbed.Up(ctx, testbed.Config{Name: "leak", Link: testbed.Link{RateMbit: 100, Delay: 2 * time.Millisecond}})
+	if err != nil {
+		testbed.Down(ctx, "leak")
+		t.Fatalf("up: %v", err)
+	}
+	// Something running in every host: a container (with conmon) and a plain process.
+	archive := filepath.Join(t.TempDir(), "busybox.tar")
+	makeRootfsTar(t, archive)
+	for _, h := range []string{"a", "b"} {
+		if _, err := tb.Run(ctx, h, "podman", "import", "-q", archive, "localhost/leaktest"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tb.Run(ctx, h, "podman", "run", "-d", "--name", "sleeper", "--network", "none", "localhost/leaktest", "sleep", "600"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd, err := tb.Command(ctx, "client", "sleep", "600")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go cmd.Wait()
+	// A crash: the state file is gone and a's podman service was killed.
+	os.Remove(filepath.Join(testbed.StateRoot, "leak", "testbed.json"))
+	if pid, err := os.ReadFile(filepath.Join(testbed.StateRoot, "leak", "a", "podman.pid")); err == nil {
+		p, _ := strconv.Atoi(string(pid))
+		syscall.Kill(p, syscall.SIGKILL)
+	}
+	if during := snapshot(t); len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 6 {
+		t.Fatalf("the testbed did not start what it should: netns %v, processes %v",
+			added(before.netns, during.netns), added(before.procs, during.procs))
+	}
+
+	if err := testbed.Down(ctx, "leak"); err != nil {
+		t.Fatalf("down: %v", err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	after := snapshot(t)
+	for what, diff := range map[string][]string{
+		"network namespaces": added(before.netns, after.netns),
+		"mounts":             added(before.mounts, after.mounts),
+		"processes":          added(before.procs, after.procs),
+	} {
+		if len(diff) > 0 {
+			t.Errorf("testbed down left %s behind: %v", what, diff)
+		}
+	}
+	if l := testbed.Leftovers("leak"); len(l) > 0 {
+		t.Errorf("leftovers: %v", l)
+	}
+	for _, p := range []string{testbed.StateRoot, testbed.DataRoot} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s still exists", p)
+		}
+	}
+	if err := testbed.Down(ctx, "leak"); err != nil {
+		t.Errorf("second down should be a no-op: %v", err)
+	}
+}
+
+// makeRootfsTar writes a tar with a static busybox as /bin/sleep and /bin/sh.
+func makeRootfsTar(t *testing.T, path string) {
+	t.Helper()
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "bin"), 0o755)
+	b, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatalf("busybox-static: %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "bin", "busybox"), b, 0o755)
+	os.Symlink("busybox", filepath.Join(dir, "bin", "sleep"))
+	os.Symlink("busybox", filepath.Join(dir, "bin", "sh"))
+	if out, err := runOut("tar", "-C", dir, "-cf", path, "."); err != nil {
+		t.Fatalf("tar: %v %s", err, out)
+	}
+}
+
+var statusRE = regexp.MustCompile(`memload counter=(\d+) pages=\d+ sum=([0-9a-f]+) expect=([0-9a-f]+) ok=(\w+)`)
+
+type memStatus struct {
+	counter     uint64
+	sum, expect string
+}
+
+// memloadStatus asks memload in container name on host for a fresh status line.
+func memloadStatus(t *testing.T, tb *testbed.Testbed, host, name string, after uint64) memStatus {
+	t.Helper()
+	ctx := context.Background()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := tb.Run(ctx, host, "podman", "kill", "--signal", "USR1", name); err != nil {
+			t.Fatalf("signal memload: %v", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+		logs, err := tb.Run(ctx, host, "podman", "logs", name)
+		if err != nil {
+			t.Fatalf("memload logs: %v", err)
+		}
+		m := statusRE.FindAllStringSubmatch(logs, -1)
+		if len(m) == 0 {
+			continue
+		}
+		last := m[len(m)-1]
+		c, _ := strconv.ParseUint(last[1], 10, 64)
+		if c > after {
+			return memStatus{counter: c, sum: last[2], expect: last[3]}
+		}
+	}
+	t.Fatalf("memload in %s on %s reported no status past counter %d", name, host, after)
+	return memStatus{}
+}
+
+func TestSmokeCheckpointOnARestoreOnB(t *testing.T) {
+	testenv.Root(t, tools...)
+	tb := up(t, testbed.Config{Name: "smoke", Memload: testenv.Memload(t, t.TempDir())})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	if _, err := tb.Run(ctx, "a", "podman", "run", "-d", "--name", "mem", "--network", "none",
+		testbed.ImageV1, "memload", "-size", "64", "-rate", "1000"); err != nil {
+		t.Fatal(err)
+	}
+	before := memloadStatus(t, tb, "a", "mem", 100)
+	if before.sum != before.expect {
+		t.Fatalf("memload is inconsistent before the move: %+v", before)
+	}
+
+	a, b := podman(t, tb, "a"), podman(t, tb, "b")
+	// A's checkpoint archive streams straight into B's restore: no file in between.
+	pr, pw := io.Pipe()
+	expErr := make(chan error, 1)
+	go func() {
+		_, err := a.Export(ctx, "mem", pw, checkpoint.Options{})
+		pw.CloseWithError(err)
+		expErr <- err
+	}()
+	res, err := b.Import(ctx, pr, checkpoint.RestoreOptions{})
+	if e := <-expErr; e != nil {
+		t.Fatalf("checkpoint on a: %v", e)
+	}
+	if err != nil {
+		t.Fatalf("restore on b: %v", err)
+	}
+	t.Logf("moved %d bytes of checkpoint in %s", res.Bytes, res.Duration)
+	if res.Bytes < 64<<20 {
+		t.Errorf("archive of %d bytes cannot hold 64 MiB of memory", res.Bytes)
+	}
+
+	after := memloadStatus(t, tb, "b", "mem", before.counter)
+	if after.sum != after.expect {
+		t.Fatalf("memory corrupted by the move: sum %s, expected %s (counter %d)", after.sum, after.expect, after.counter)
+	}
+	if state, err := b.State(ctx, "mem"); err != nil || state != "running" {
+		t.Fatalf("on b: state %q, %v", state, err)
+	}
+	if state, err := a.State(ctx, "mem"); err != nil || state == "running" {
+		t.Fatalf("on a after the move: state %q, %v; want it stopped", state, err)
+	}
+	t.Logf("memload counter %d on a -> %d on b, checksum %s intact", before.counter, after.counter, after.sum)
+
+	// An unknown container is a clear error.
+	if _, err := a.Export(ctx, "nosuch", io.Discard, checkpoint.Options{}); err == nil || !strings.Contains(err.Error(), "no such container") {
+		t.Errorf("checkpoint of an unknown container: %v", err)
+	}
+}
+
+func podman(t *testing.T, tb *testbed.Testbed, host string) *checkpoint.Podman {
+	t.Helper()
+	h, err := tb.Host(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := checkpoint.Connect(context.Background(), h.PodmanURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func runOut(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// The README's demo: an iperf3 stream through a checkpoint on a and a restore on b.
+func TestDemoStreamSurvivesMove(t *testing.T) {
+	testenv.Root(t, tools...)
+	tb := up(t, testbed.Config{Name: "demot", Link: testbed.Link{RateMbit: 100, Delay: time.Millisecond},
+		Memload: testenv.Memload(t, t.TempDir())})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	d, err := tb.RunDemo(ctx, "a", "b", 9*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("gap %s, moved %d bytes in %s, sent %d received %d", d.LargestGap, d.CheckpointB, d.MoveTime, d.SentBytes, d.ReceivedBytes)
+	if !d.Survived || d.SentBytes != d.ReceivedBytes || d.SentBytes == 0 {
+		t.Fatalf("the connection did not survive: %+v", d)
+	}
+	if d.LargestGap <= 0 {
+		t.Errorf("no gap measured: the move cannot have happened mid-stream (%+v)", d)
+	}
+	// The container now runs on b only.
+	if out, err := tb.Run(ctx, "b", "podman", "ps", "--format", "{{.Names}}"); err != nil || strings.TrimSpace(out) != "web" {
+		t.Errorf("on b: %q %v", out, err)
+	}
+	if out, err := tb.Run(ctx, "a", "podman", "ps", "-a", "--format", "{{.Names}}"); err != nil || strings.TrimSpace(out) != "" {
+		t.Errorf("on a, after the move: %q %v", out, err)
+	}
+}

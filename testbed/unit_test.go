@@ -1,0 +1,100 @@
+package testbed
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestConfigValidation(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{}, ""},
+		{Config{Name: "Bad-Name"}, "testbed name"},
+		{Config{Hosts: []string{"a"}}, "2 to 50 hosts"},
+		{Config{Hosts: []string{"a", "a"}}, "listed twice"},
+		{Config{Hosts: []string{"a", "client"}}, "host name"},
+		{Config{Links: map[string]Link{"zz": {}}}, "unknown host"},
+		{Config{Links: map[string]Link{"client": {Delay: time.Millisecond}}}, ""},
+	} {
+		err := tc.cfg.defaults()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%+v: got %v, want %q", tc.cfg, err, tc.want)
+		}
+	}
+	c := Config{}
+	c.defaults()
+	if c.Name != "tb" || len(c.Hosts) != 2 {
+		t.Errorf("defaults: %+v", c)
+	}
+}
+
+func TestShaperRateDelayAndQueue(t *testing.T) {
+	s := &shaper{link: Link{RateMbit: 8, Delay: 10 * time.Millisecond}} // 1 byte per µs
+	t0 := time.Unix(1000, 0)
+	at, ok := s.admit(t0, 1000)
+	if !ok || at.Sub(t0) != time.Millisecond+10*time.Millisecond {
+		t.Fatalf("first frame: %v %v", at.Sub(t0), ok)
+	}
+	// A second frame at the same instant waits for the first to be serialised.
+	at, _ = s.admit(t0, 1000)
+	if at.Sub(t0) != 2*time.Millisecond+10*time.Millisecond {
+		t.Fatalf("second frame: %v", at.Sub(t0))
+	}
+	// Fill the queue past its limit: frames are dropped, not delayed without bound.
+	dropped := 0
+	for i := 0; i < 200; i++ {
+		if _, ok := s.admit(t0, 1000); !ok {
+			dropped++
+		}
+	}
+	if dropped == 0 {
+		t.Fatal("a full queue must drop")
+	}
+	if q := s.busy.Sub(t0); q > queueLimit+time.Millisecond {
+		t.Fatalf("queue grew to %v, limit %v", q, queueLimit)
+	}
+}
+
+func TestShaperLoss(t *testing.T) {
+	s := &shaper{link: Link{Loss: 30}}
+	lost := 0
+	for i := 0; i < 10000; i++ {
+		if _, ok := s.admit(time.Now(), 100); !ok {
+			lost++
+		}
+	}
+	if lost < 2500 || lost > 3500 {
+		t.Fatalf("30%% loss lost %d of 10000", lost)
+	}
+	u := &shaper{}
+	now := time.Now()
+	if at, ok := u.admit(now, 1500); !ok || !at.Equal(now) {
+		t.Fatal("an unshaped link must pass frames at once")
+	}
+}
+
+func TestParseIperfGap(t *testing.T) {
+	js := `{"intervals":[
+	 {"sum":{"start":0,"end":0.1,"bytes":100}},
+	 {"sum":{"start":0.1,"end":0.2,"bytes":0}},
+	 {"sum":{"start":0.2,"end":0.3,"bytes":0}},
+	 {"sum":{"start":0.3,"end":0.4,"bytes":5}},
+	 {"sum":{"start":0.4,"end":0.5,"bytes":0}}],
+	 "end":{"sum_sent":{"bytes":105},"sum_received":{"bytes":105}}}`
+	var d Demo
+	if err := d.parseIperf([]byte(js)); err != nil {
+		t.Fatal(err)
+	}
+	if d.LargestGap < 199*time.Millisecond || d.LargestGap > 201*time.Millisecond {
+		t.Errorf("largest gap %v, want 200ms", d.LargestGap)
+	}
+	if d.SentBytes != 105 || d.ReceivedBytes != 105 {
+		t.Errorf("bytes %d/%d", d.SentBytes, d.ReceivedBytes)
+	}
+	if err := d.parseIperf([]byte(`{"error":"unable to connect"}`)); err == nil {
+		t.Error("iperf3's error must surface")
+	}
+}
