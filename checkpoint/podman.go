@@ -59,6 +59,9 @@ type Options struct {
 	TCPEstablished bool // keep established TCP connections (the container keeps its address)
 	LeaveRunning   bool // the container goes on running after the dump
 	IgnoreRootfs   bool // leave the container's rootfs changes out of the archive
+	// Keep leaves the checkpoint on this host, so the container can be restored here
+	// again (RestoreLocal) if the move fails.
+	Keep bool
 }
 
 // RestoreOptions are the restore options migrate uses.
@@ -86,7 +89,7 @@ func (p *Podman) Export(ctx context.Context, name string, w io.Writer, o Options
 		return nil, err
 	}
 	opts := new(containers.CheckpointOptions).WithTCPEstablished(o.TCPEstablished).
-		WithLeaveRunning(o.LeaveRunning).WithIgnoreRootfs(o.IgnoreRootfs).WithPrintStats(true)
+		WithLeaveRunning(o.LeaveRunning).WithIgnoreRootfs(o.IgnoreRootfs).WithKeep(o.Keep).WithPrintStats(true)
 	params, err := opts.ToParams()
 	if err != nil {
 		return nil, err

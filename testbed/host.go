@@ -40,6 +40,23 @@ func (tb *Testbed) startHost(ctx context.Context, h *Host) error {
 			return fmt.Errorf("private %s: %w", p, err)
 		}
 	}
+	// sysfs shows the network devices of the namespace that mounted it: give the host its
+	// own, as `ip netns exec` does, or /sys/class/net would list the machine's devices.
+	// The cgroup hierarchies live under the old /sys: park them, mount the new sysfs, and
+	// move them back in.
+	park := filepath.Join(h.Dir, "cgroup")
+	if err := os.MkdirAll(park, 0o755); err != nil {
+		return err
+	}
+	for _, args := range [][]string{
+		{"mount", "--rbind", "/sys/fs/cgroup", park},
+		{"mount", "-t", "sysfs", "sysfs", "/sys"},
+		{"mount", "--move", park, "/sys/fs/cgroup"},
+	} {
+		if _, err := run(ctx, nil, "nsenter", append(nsenterArgs(h), args...)...); err != nil {
+			return fmt.Errorf("sysfs of %s: %w", h.Name, err)
+		}
+	}
 	if err := tb.startPodman(ctx, h); err != nil {
 		return err
 	}

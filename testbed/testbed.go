@@ -78,6 +78,9 @@ type Config struct {
 	// Memload, if Images is empty, is the memload binary to build the test images with.
 	Memload string
 	NoOVS   bool // skip the per-host Open vSwitch instances
+	// Agents, if set, is the migrate binary: every host and the client run its agent
+	// (`migrate serve`), with certificates and an inventory made for the testbed.
+	Agents string
 }
 
 // Host is one machine of the testbed (or the client).
@@ -103,6 +106,8 @@ type Testbed struct {
 	Underlay string  `json:"underlay_netns"`
 	Subnet   string  `json:"underlay_subnet"`
 	Hosts    []*Host `json:"hosts"` // migrate hosts, then the client
+	// MigrateBin is the migrate binary the agents run ("" without agents).
+	MigrateBin string `json:"migrate_bin,omitempty"`
 }
 
 // Host returns the named host or the client.
@@ -245,7 +250,6 @@ func Up(ctx context.Context, cfg Config) (tb *Testbed, err error) {
 			h.MountNS = filepath.Join(stateDir(cfg.Name), name+".mnt")
 			h.DataDir = filepath.Join(dataDir(cfg.Name), name)
 			h.PodmanURI = "unix://" + filepath.Join(h.Dir, "podman.sock")
-			h.AgentAddr = netip.AddrPortFrom(h.UnderlayIP, AgentPort).String()
 			if !cfg.NoOVS {
 				h.OVSDir = filepath.Join(h.Dir, "ovs")
 			}
@@ -279,6 +283,15 @@ func Up(ctx context.Context, cfg Config) (tb *Testbed, err error) {
 		}
 		if err := tb.LoadImages(ctx, archive); err != nil {
 			return nil, err
+		}
+	}
+	if cfg.Agents != "" {
+		if cfg.NoOVS {
+			return nil, errors.New("agents need Open vSwitch (the overlay)")
+		}
+		tb.MigrateBin = cfg.Agents
+		if err := tb.startAgents(ctx); err != nil {
+			return nil, fmt.Errorf("agents: %w", err)
 		}
 	}
 	if err := tb.save(); err != nil {

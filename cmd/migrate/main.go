@@ -35,9 +35,12 @@ type notReadyError struct{ error }
 func exitCode(err error) int {
 	var ue usageError
 	var nr notReadyError
+	var rb rolledBackError
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.As(err, &rb):
+		return exitRolledBack
 	case errors.As(err, &ue):
 		return exitUsage
 	case errors.As(err, &nr):
@@ -73,6 +76,11 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			return nil
 		},
 		Commands: []*cli.Command{
+			pushCommand,
+			runCommand,
+			statusCommand,
+			serveCommand,
+			certsCommand,
 			testbedCommand,
 			demoCommand,
 		},
@@ -95,7 +103,7 @@ func main() {
 	testbed.MaybeRunWire() // this process may be a testbed's wire
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := newApp(os.Stdout, os.Stderr).RunContext(ctx, os.Args)
+	err := newApp(os.Stdout, os.Stderr).RunContext(ctx, reorderArgs(os.Args))
 	var ec cli.ExitCoder
 	if errors.As(err, &ec) { // a command's own exit status, e.g. from `testbed exec`
 		if msg := err.Error(); msg != "" {

@@ -54,6 +54,20 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+func TestReorderArgs(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"migrate push web --to b", "migrate push --to b web"},
+		{"migrate --json push web --to=b --dry-run", "migrate --json push --to=b --dry-run web"},
+		{"migrate push --to b web", "migrate push --to b web"},
+		{"migrate run --on a img sh -c x", "migrate run --on a img sh -c x"},
+		{"migrate testbed exec a -- ls -l", "migrate testbed exec a -- ls -l"},
+	} {
+		if got := strings.Join(reorderArgs(strings.Fields(tc.in)), " "); got != tc.want {
+			t.Errorf("%q: got %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
 func TestHelpTeaches(t *testing.T) {
 	out, _, err := run("testbed", "--help")
 	if err != nil {

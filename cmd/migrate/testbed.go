@@ -39,6 +39,7 @@ and the client (the end user) share an underlay bridge; each link can be shaped.
 				&cli.StringFlag{Name: "memload", Usage: "memload binary for the test images (default: next to this binary)"},
 				&cli.BoolFlag{Name: "no-images", Usage: "don't load test images"},
 				&cli.BoolFlag{Name: "no-ovs", Usage: "don't start an Open vSwitch instance per host"},
+				&cli.BoolFlag{Name: "agents", Usage: "run `migrate serve` on every host and the client (with certificates and an inventory)"},
 			},
 			Action: func(c *cli.Context) error {
 				cfg := testbed.Config{
@@ -52,6 +53,13 @@ and the client (the end user) share an underlay bridge; each link can be shaped.
 					if cfg.Images == "" {
 						cfg.Memload = memloadPath(c.String("memload"))
 					}
+				}
+				if c.Bool("agents") {
+					exe, err := os.Executable()
+					if err != nil {
+						return err
+					}
+					cfg.Agents = exe
 				}
 				if err := testbed.Preflight(!cfg.NoOVS); err != nil {
 					return notReadyError{err}

@@ -1,0 +1,408 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/migrate-project/migrate/transfer"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+// exitRolledBack: the move failed and was rolled back; the container runs on the source.
+const exitRolledBack = 4
+
+type rolledBackError struct{ error }
+
+var (
+	inventoryFlag = &cli.StringFlag{Name: "inventory", Value: "/etc/migrate/inventory.json", Usage: "hosts and their agent addresses (JSON)", EnvVars: []string{"MIGRATE_INVENTORY"}}
+	certsFlag     = &cli.StringFlag{Name: "certs", Value: "/etc/migrate/certs", Usage: "directory with ca.pem and this identity's certificate", EnvVars: []string{"MIGRATE_CERTS"}}
+	identityFlag  = &cli.StringFlag{Name: "identity", Value: "operator", Usage: "whose certificate to present", EnvVars: []string{"MIGRATE_IDENTITY"}}
+)
+
+// operator is the client side of the CLI: the inventory and a TLS identity.
+type operator struct {
+	inv   *transfer.Inventory
+	peers map[string]*transfer.Peer
+}
+
+func newOperator(c *cli.Context) (*operator, error) {
+	inv, err := transfer.LoadInventory(c.String("inventory"))
+	if err != nil {
+		return nil, usageError{err}
+	}
+	conf, err := transfer.TLSConfig(c.String("certs"), c.String("identity"))
+	if err != nil {
+		return nil, usageError{err}
+	}
+	op := &operator{inv: inv, peers: map[string]*transfer.Peer{}}
+	for _, h := range inv.Hosts {
+		op.peers[h.Name] = transfer.NewPeer(h.Name, h.Agent, conf)
+	}
+	return op, nil
+}
+
+func (op *operator) peer(name string) (*transfer.Peer, error) {
+	p, ok := op.peers[name]
+	if !ok {
+		_, err := op.inv.Get(name)
+		return nil, usageError{err}
+	}
+	return p, nil
+}
+
+// containers asks every host for its containers; unreachable hosts are reported.
+func (op *operator) containers(ctx context.Context) ([]transfer.ContainerInfo, map[string]error) {
+	var mu sync.Mutex
+	var all []transfer.ContainerInfo
+	errs := map[string]error{}
+	var wg sync.WaitGroup
+	for name, p := range op.peers {
+		wg.Add(1)
+		go func(name string, p *transfer.Peer) {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			var cs []transfer.ContainerInfo
+			err := p.Call(cctx, "/v1/containers", nil, &cs)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs[name] = err
+				return
+			}
+			all = append(all, cs...)
+		}(name, p)
+	}
+	wg.Wait()
+	sort.Slice(all, func(i, j int) bool { return all[i].Name+all[i].Host < all[j].Name+all[j].Host })
+	return all, errs
+}
+
+var certsCommand = &cli.Command{
+	Name:  "certs",
+	Usage: "make the certificates agents and operators authenticate each other with",
+	Description: `Every agent and operator presents a certificate issued by one authority and accepts
+only peers whose certificate that authority issued (mutual TLS 1.3).
+
+  migrate certs init --dir ./certs                 # the authority: keep ca-key.pem safe
+  migrate certs issue --dir ./certs a 10.99.0.1    # a host: name and agent address
+  migrate certs issue --dir ./certs operator       # an operator
+Copy ca.pem, NAME.pem and NAME-key.pem to each host's --certs directory.`,
+	Subcommands: []*cli.Command{
+		{
+			Name:  "init",
+			Usage: "create a certificate authority",
+			Flags: []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}},
+			Action: func(c *cli.Context) error {
+				return transfer.InitCA(c.String("dir"))
+			},
+		},
+		{
+			Name:      "issue",
+			Usage:     "issue a certificate for a host or an operator",
+			ArgsUsage: "NAME [ADDRESS...]",
+			Flags:     []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}},
+			Action: func(c *cli.Context) error {
+				if c.NArg() < 1 {
+					return usageError{errors.New("usage: migrate certs issue --dir DIR NAME [ADDRESS...]")}
+				}
+				return transfer.Issue(c.String("dir"), c.Args().First(), c.Args().Tail())
+			},
+		},
+	},
+}
+
+var serveCommand = &cli.Command{
+	Name:  "serve",
+	Usage: "run this host's agent (on every host, and on overlay-only nodes)",
+	Description: `The agent sets up this host's node of the overlay (an Open vSwitch bridge, VXLAN tunnels
+to every host in the inventory), answers peers and operators over mutual TLS, restores
+containers moved here and moves containers away on request. Moves that a previous run left
+unfinished are undone at start.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "name", Required: true, Usage: "this host's name in the inventory", EnvVars: []string{"MIGRATE_HOST"}},
+		inventoryFlag, certsFlag,
+		&cli.StringFlag{Name: "podman", Value: "unix:///run/podman/podman.sock", Usage: "this host's podman API service (\"\" for a node without containers)"},
+		&cli.StringFlag{Name: "underlay", Value: "eth0", Usage: "the device that holds this host's underlay address"},
+		&cli.StringFlag{Name: "state-dir", Value: "/var/lib/migrate", Usage: "journal of incoming moves"},
+		&cli.StringFlag{Name: "endpoint", Usage: "give this node itself an overlay address (e.g. a client: 10.88.255.1/16)"},
+	},
+	Action: func(c *cli.Context) error {
+		inv, err := transfer.LoadInventory(c.String("inventory"))
+		if err != nil {
+			return usageError{err}
+		}
+		cfg := transfer.AgentConfig{Name: c.String("name"), Inventory: inv, CertDir: c.String("certs"),
+			PodmanURI: c.String("podman"), Underlay: c.String("underlay"), StateDir: c.String("state-dir")}
+		if e := c.String("endpoint"); e != "" {
+			if cfg.Endpoint, err = netip.ParsePrefix(e); err != nil {
+				return usageError{fmt.Errorf("--endpoint %q: want ADDRESS/PREFIX", e)}
+			}
+		}
+		a, err := transfer.NewAgent(c.Context, cfg)
+		if err != nil {
+			return err
+		}
+		return a.Serve(c.Context)
+	},
+}
+
+var runCommand = &cli.Command{
+	Name:        "run",
+	Usage:       "start a container on the overlay, with an address that follows it",
+	ArgsUsage:   "IMAGE [COMMAND [ARG...]]",
+	Description: `  migrate run --on a --name web --ip 10.88.0.10/16 localhost/app:v1 iperf3 -s`,
+	Flags: []cli.Flag{
+		inventoryFlag, certsFlag, identityFlag,
+		&cli.StringFlag{Name: "on", Required: true, Usage: "host to start it on"},
+		&cli.StringFlag{Name: "name", Required: true, Usage: "container name"},
+		&cli.StringFlag{Name: "ip", Required: true, Usage: "its overlay address with prefix, e.g. 10.88.0.10/16"},
+		&cli.StringSliceFlag{Name: "env", Aliases: []string{"e"}, Usage: "KEY=VALUE"},
+	},
+	Action: func(c *cli.Context) error {
+		if c.NArg() < 1 {
+			return usageError{errors.New("usage: migrate run --on HOST --name NAME --ip ADDR/PREFIX IMAGE [COMMAND...]")}
+		}
+		ip, err := netip.ParsePrefix(c.String("ip"))
+		if err != nil || !ip.Addr().Is4() {
+			return usageError{fmt.Errorf("--ip %q: want an IPv4 address with prefix, e.g. 10.88.0.10/16", c.String("ip"))}
+		}
+		env := map[string]string{}
+		for _, kv := range c.StringSlice("env") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok {
+				return usageError{fmt.Errorf("--env %q: want KEY=VALUE", kv)}
+			}
+			env[k] = v
+		}
+		op, err := newOperator(c)
+		if err != nil {
+			return err
+		}
+		p, err := op.peer(c.String("on"))
+		if err != nil {
+			return err
+		}
+		var out map[string]any
+		req := transfer.RunRequest{Name: c.String("name"), Image: c.Args().First(), Command: c.Args().Tail(), Env: env, IP: ip}
+		if err := p.Call(c.Context, "/v1/run", req, &out); err != nil {
+			return err
+		}
+		if c.Bool("json") {
+			return printJSON(c, out)
+		}
+		fmt.Fprintf(c.App.Writer, "%s runs on %s at %s (%s)\n", req.Name, c.String("on"), ip.Addr(), out["mac"])
+		return nil
+	},
+}
+
+var pushCommand = &cli.Command{
+	Name:      "push",
+	Usage:     "move a running container to another host, its connections with it",
+	ArgsUsage: "CONTAINER",
+	Description: `  migrate push web --to b
+  migrate push web --to b --dry-run   # only the pre-flight gate: can b restore it?
+
+The source agent checks that the target can restore the container, freezes it, streams its
+checkpoint (verified by SHA-256) into a restore on the target, re-points the overlay and
+removes the source's copy. On any failure before the overlay points at the target the
+container resumes on the source with its connections, and push exits with code 4.`,
+	Flags: []cli.Flag{
+		inventoryFlag, certsFlag, identityFlag,
+		&cli.StringFlag{Name: "to", Required: true, Usage: "target host"},
+		&cli.StringFlag{Name: "from", Usage: "source host (default: found by asking every host)"},
+		&cli.BoolFlag{Name: "dry-run", Usage: "run the pre-flight gate only and print the plan"},
+	},
+	Action: func(c *cli.Context) error {
+		if c.NArg() != 1 {
+			return usageError{errors.New("usage: migrate push CONTAINER --to HOST")}
+		}
+		name := c.Args().First()
+		op, err := newOperator(c)
+		if err != nil {
+			return err
+		}
+		if _, err := op.peer(c.String("to")); err != nil {
+			return err
+		}
+		from := c.String("from")
+		if from == "" {
+			all, errs := op.containers(c.Context)
+			var where []string
+			for _, ci := range all {
+				if ci.Name == name && ci.State == "running" {
+					where = append(where, ci.Host)
+				}
+			}
+			switch {
+			case len(where) == 1:
+				from = where[0]
+			case len(where) > 1:
+				return fmt.Errorf("container %s runs on several hosts (%v): say which with --from", name, where)
+			default:
+				msg := fmt.Sprintf("no host runs a container named %s", name)
+				for h, e := range errs {
+					msg += fmt.Sprintf("; %s did not answer: %v", h, e)
+				}
+				return errors.New(msg)
+			}
+		}
+		src, err := op.peer(from)
+		if err != nil {
+			return err
+		}
+		prog := newProgress(c)
+		res, err := src.Push(c.Context, transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run")}, prog.event)
+		prog.done()
+		if err != nil {
+			return err
+		}
+		if c.Bool("json") {
+			if err := printJSON(c, res); err != nil {
+				return err
+			}
+		} else {
+			printPush(c, res)
+		}
+		switch {
+		case res.OK:
+			return nil
+		case res.RolledBack:
+			return rolledBackError{errors.New(res.Error)}
+		default:
+			return errors.New(res.Error)
+		}
+	},
+}
+
+func printPush(c *cli.Context, r *transfer.PushResult) {
+	w := c.App.Writer
+	if r.DryRun {
+		fmt.Fprintf(w, "pre-flight for moving %s from %s to %s:\n", r.Container, r.From, r.To)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, ch := range r.Checks {
+		mark := "ok"
+		if !ch.OK {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\tsource %s\ttarget %s\t%s\n", mark, ch.Property, dash(ch.Source), dash(ch.Target), ch.Detail)
+	}
+	tw.Flush()
+	switch {
+	case r.OK && r.DryRun:
+		fmt.Fprintf(w, "%s can restore %s: `migrate push %s --to %s` would move it\n", r.To, r.Container, r.Container, r.To)
+	case r.OK:
+		fmt.Fprintf(w, "moved %s from %s to %s: %.1f MB in %s, traffic held %s\n", r.Container, r.From, r.To,
+			float64(r.Bytes)/1e6, r.Total.Round(time.Millisecond), r.Frozen.Round(time.Millisecond))
+		for _, p := range r.Phases {
+			fmt.Fprintf(w, "  %-28s %s\n", p.Name, p.Duration.Round(time.Millisecond))
+		}
+	}
+}
+
+var statusCommand = &cli.Command{
+	Name:  "status",
+	Usage: "what runs where, moves in flight, each host's last move",
+	Flags: []cli.Flag{inventoryFlag, certsFlag, identityFlag},
+	Action: func(c *cli.Context) error {
+		op, err := newOperator(c)
+		if err != nil {
+			return err
+		}
+		var sts []transfer.Status
+		var errs []string
+		for _, h := range op.inv.Hosts {
+			var st transfer.Status
+			cctx, cancel := context.WithTimeout(c.Context, 5*time.Second)
+			err := op.peers[h.Name].Call(cctx, "/v1/status", nil, &st)
+			cancel()
+			if err != nil {
+				errs = append(errs, err.Error())
+				continue
+			}
+			sts = append(sts, st)
+		}
+		if c.Bool("json") {
+			return printJSON(c, map[string]any{"hosts": sts, "errors": errs})
+		}
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "CONTAINER\tHOST\tSTATE\tADDRESS\tIMAGE")
+		for _, st := range sts {
+			for _, ci := range st.Containers {
+				addr := "-"
+				if ci.OnOverlay {
+					addr = ci.IP.Addr().String()
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", ci.Name, ci.Host, ci.State, addr, ci.Image)
+			}
+		}
+		tw.Flush()
+		for _, st := range sts {
+			if len(st.InFlight) > 0 {
+				fmt.Fprintf(c.App.Writer, "%s: moving %v\n", st.Host, st.InFlight)
+			}
+			if l := st.Last; l != nil {
+				out := "ok"
+				if !l.OK {
+					out = "FAILED: " + l.Error
+				}
+				fmt.Fprintf(c.App.Writer, "%s: last move %s -> %s at %s: %s\n", st.Host, l.Container, l.To, l.Finished.Format(time.RFC3339), out)
+			}
+		}
+		for _, e := range errs {
+			fmt.Fprintln(c.App.ErrWriter, "unreachable:", e)
+		}
+		return nil
+	},
+}
+
+// progress shows a push's events: a line per phase and a live byte count on a terminal,
+// nothing (the final JSON only) with --json.
+type progress struct {
+	c     *cli.Context
+	tty   bool
+	quiet bool
+	last  int64
+}
+
+func newProgress(c *cli.Context) *progress {
+	f, ok := c.App.ErrWriter.(*os.File)
+	return &progress{c: c, tty: ok && term.IsTerminal(int(f.Fd())), quiet: c.Bool("json")}
+}
+
+func (p *progress) event(ev transfer.Event) {
+	if p.quiet {
+		return
+	}
+	w := p.c.App.ErrWriter
+	switch ev.Kind {
+	case "phase":
+		if p.tty && p.last > 0 {
+			fmt.Fprintln(w)
+		}
+		fmt.Fprintf(w, "%s ...\n", ev.Phase)
+	case "progress":
+		p.last = ev.Bytes
+		if p.tty {
+			fmt.Fprintf(w, "\r  %8.1f MB sent", float64(ev.Bytes)/1e6)
+		}
+	case "error":
+		fmt.Fprintf(w, "error: %s\n", ev.Error)
+	}
+}
+
+func (p *progress) done() {
+	if p.tty && p.last > 0 && !p.quiet {
+		fmt.Fprintln(p.c.App.ErrWriter)
+	}
+}

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"strings"
+
+	"github.com/urfave/cli/v2"
+)
+
+// interspersed lists the commands whose flags may follow their arguments
+// (`migrate push web --to b`); urfave/cli stops at the first argument otherwise. Commands
+// whose trailing arguments are another program's command line (run, testbed exec) are
+// not listed.
+var interspersed = map[string]*cli.Command{"push": pushCommand}
+
+// reorderArgs moves the flags of an interspersed command before its arguments.
+func reorderArgs(args []string) []string {
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if strings.HasPrefix(a, "-") {
+			continue // a global flag (global flags here take values only with '=' or are bools)
+		}
+		cmd, ok := interspersed[a]
+		if !ok {
+			return args
+		}
+		takesValue := map[string]bool{}
+		for _, f := range cmd.Flags {
+			_, isBool := f.(*cli.BoolFlag)
+			for _, n := range f.Names() {
+				takesValue[n] = !isBool
+			}
+		}
+		var flags, pos []string
+		rest := args[i+1:]
+		for j := 0; j < len(rest); j++ {
+			t := rest[j]
+			if t == "--" {
+				pos = append(pos, rest[j:]...)
+				break
+			}
+			if strings.HasPrefix(t, "-") && len(t) > 1 {
+				flags = append(flags, t)
+				name := strings.TrimLeft(t, "-")
+				if !strings.Contains(name, "=") && takesValue[name] && j+1 < len(rest) {
+					flags = append(flags, rest[j+1])
+					j++
+				}
+				continue
+			}
+			pos = append(pos, t)
+		}
+		out := append(append(append([]string{}, args[:i+1]...), flags...), pos...)
+		return out
+	}
+	return args
+}

@@ -1,0 +1,354 @@
+// Package overlaynet keeps a container's IP and MAC wherever it runs: an Open vSwitch
+// bridge per host, VXLAN tunnels to every peer over the underlay, the container's veth as a
+// port, and explicit OpenFlow rules that send each container's MAC to the host running it.
+//
+// A node's flow table is a function of its desired state (tunnels, local endpoints, where
+// every remote endpoint runs, which endpoints are frozen) and is replaced as a whole in one
+// OpenFlow bundle, so every change is atomic and a retry is harmless.
+package overlaynet
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/digitalocean/go-openvswitch/ovs"
+	"github.com/vishvananda/netlink"
+)
+
+const (
+	// cookie marks the flows this package owns.
+	cookie = 0x4d4947
+	// MTU of an endpoint: the underlay's 1500 less VXLAN's 50 bytes.
+	MTU = 1450
+)
+
+// Config describes this node of the overlay.
+type Config struct {
+	Host     string                // this host's name
+	LocalIP  netip.Addr            // its underlay address (tunnel endpoint)
+	Underlay string                // the underlay device holding LocalIP, e.g. eth0
+	Peers    map[string]netip.Addr // every other node: name -> underlay address
+	Bridge   string                // default br-int
+	VNI      int                   // default 4242
+}
+
+// Location says where an endpoint (a container, or a client's port) runs.
+type Location struct {
+	Name string     `json:"name"`
+	MAC  string     `json:"mac"`
+	IP   netip.Addr `json:"ip"`
+	Host string     `json:"host"`
+}
+
+// OVS is the Open vSwitch driver of one node.
+type OVS struct {
+	cfg      Config
+	c        *ovs.Client
+	datapath string
+
+	mu      sync.Mutex
+	tunnels map[string]int      // peer -> ofport
+	local   map[string]int      // MAC -> ofport of a local endpoint
+	locs    map[string]Location // MAC -> where it runs (all endpoints, local and remote)
+	frozen  map[string]bool     // MACs whose traffic is dropped here during a move
+}
+
+// NewOVS returns the driver; Setup makes the node ready.
+func NewOVS(cfg Config) *OVS {
+	if cfg.Bridge == "" {
+		cfg.Bridge = "br-int"
+	}
+	if cfg.VNI == 0 {
+		cfg.VNI = 4242
+	}
+	return &OVS{cfg: cfg, c: ovs.New(ovs.Timeout(10)), tunnels: map[string]int{},
+		local: map[string]int{}, locs: map[string]Location{}, frozen: map[string]bool{}}
+}
+
+// Datapath is "system" where the kernel has the openvswitch module, else "netdev".
+func Datapath() string {
+	if _, err := os.Stat("/sys/module/openvswitch"); err == nil {
+		return "system"
+	}
+	return "netdev"
+}
+
+func vsctl(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "ovs-vsctl", append([]string{"--timeout=10"}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("ovs-vsctl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// Setup creates (or checks) the bridge and the tunnels to every peer. Idempotent.
+func (o *OVS) Setup(ctx context.Context) error {
+	o.datapath = Datapath()
+	br := o.cfg.Bridge
+	if _, err := vsctl(ctx, "--may-exist", "add-br", br, "--", "set", "bridge", br,
+		"datapath_type="+o.datapath, "fail_mode=secure"); err != nil {
+		return fmt.Errorf("bridge %s: %w", br, err)
+	}
+	if o.datapath == "netdev" {
+		if err := o.setupPhy(ctx); err != nil {
+			return fmt.Errorf("userspace tunnel endpoint: %w", err)
+		}
+	}
+	existing, err := o.c.VSwitch.ListPorts(br)
+	if err != nil {
+		return fmt.Errorf("list ports of %s: %w", br, err)
+	}
+	for _, p := range existing { // tunnels to peers no longer listed
+		if peer, ok := strings.CutPrefix(p, "vx-"); ok {
+			if _, want := o.cfg.Peers[peer]; !want {
+				o.c.VSwitch.DeletePort(br, p)
+			}
+		}
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for peer, ip := range o.cfg.Peers {
+		port := "vx-" + peer
+		if len(port) > 15 {
+			return fmt.Errorf("peer name %q too long for a port name", peer)
+		}
+		if _, err := vsctl(ctx, "--may-exist", "add-port", br, port, "--", "set", "interface", port,
+			"type=vxlan", "options:remote_ip="+ip.String(), "options:key="+strconv.Itoa(o.cfg.VNI)); err != nil {
+			return fmt.Errorf("tunnel to %s: %w", peer, err)
+		}
+		ofport, err := o.ofport(port)
+		if err != nil {
+			return err
+		}
+		o.tunnels[peer] = ofport
+	}
+	return o.programLocked()
+}
+
+// setupPhy puts the underlay device on a bridge of its own that holds the node's underlay
+// address, as the userspace datapath's tunnelling needs (OVS's userspace-tunneling guide).
+func (o *OVS) setupPhy(ctx context.Context) error {
+	dev := o.cfg.Underlay
+	if cur, err := vsctl(ctx, "port-to-br", dev); err == nil && cur == "br-phy" {
+		return nil
+	}
+	link, err := netlink.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("underlay device %s: %w", dev, err)
+	}
+	if _, err := vsctl(ctx, "--may-exist", "add-br", "br-phy", "--", "set", "bridge", "br-phy",
+		"datapath_type=netdev", "other_config:hwaddr="+link.Attrs().HardwareAddr.String(),
+		"--", "--may-exist", "add-port", "br-phy", dev); err != nil {
+		return err
+	}
+	pfx, err := o.underlayPrefix()
+	if err != nil {
+		return err
+	}
+	// Address on br-phy first, then off the device: the node stays reachable throughout.
+	for _, args := range [][]string{
+		{"ip", "link", "set", "br-phy", "up"},
+		{"ip", "addr", "replace", pfx.String(), "dev", "br-phy"},
+		{"ip", "addr", "del", pfx.String(), "dev", dev},
+	} {
+		if out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+	}
+	return nil
+}
+
+func (o *OVS) underlayPrefix() (netip.Prefix, error) {
+	out, err := exec.Command("ip", "-o", "-4", "addr", "show").Output()
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		for i := 0; i+1 < len(f); i++ {
+			if f[i] == "inet" {
+				if p, err := netip.ParsePrefix(f[i+1]); err == nil && p.Addr() == o.cfg.LocalIP {
+					return p, nil
+				}
+			}
+		}
+	}
+	return netip.Prefix{}, fmt.Errorf("no interface holds the underlay address %s", o.cfg.LocalIP)
+}
+
+func (o *OVS) ofport(port string) (int, error) {
+	out, err := vsctl(context.Background(), "get", "interface", port, "ofport")
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(out)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("port %s has no OpenFlow port number (%q): is the interface up?", port, out)
+	}
+	return n, nil
+}
+
+// AddLocal records an endpoint on this node behind OVS port port.
+func (o *OVS) AddLocal(loc Location, port string) error {
+	if _, err := vsctl(context.Background(), "--may-exist", "add-port", o.cfg.Bridge, port); err != nil {
+		return err
+	}
+	ofport, err := o.ofport(port)
+	if err != nil {
+		return err
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	loc.Host = o.cfg.Host
+	o.local[loc.MAC] = ofport
+	o.locs[loc.MAC] = loc
+	return o.programLocked()
+}
+
+// RemoveLocal forgets a local endpoint and removes its port. Where the endpoint went (if it
+// moved) is recorded separately with Locate.
+func (o *OVS) RemoveLocal(mac, port string) error {
+	o.mu.Lock()
+	delete(o.local, mac)
+	if l, ok := o.locs[mac]; ok && l.Host == o.cfg.Host {
+		delete(o.locs, mac)
+	}
+	delete(o.frozen, mac)
+	err := o.programLocked()
+	o.mu.Unlock()
+	if port != "" {
+		if _, derr := vsctl(context.Background(), "--if-exists", "del-port", o.cfg.Bridge, port); derr != nil && err == nil {
+			err = derr
+		}
+	}
+	return err
+}
+
+// Locate records where an endpoint runs and points this node's rules there.
+func (o *OVS) Locate(loc Location) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if loc.Host == o.cfg.Host {
+		if _, ok := o.local[loc.MAC]; !ok {
+			return fmt.Errorf("endpoint %s (%s) is not attached on %s", loc.Name, loc.MAC, o.cfg.Host)
+		}
+	} else if _, ok := o.tunnels[loc.Host]; !ok {
+		return fmt.Errorf("no tunnel from %s to %s", o.cfg.Host, loc.Host)
+	}
+	o.locs[loc.MAC] = loc
+	return o.programLocked()
+}
+
+// Forget drops a remote endpoint's location.
+func (o *OVS) Forget(mac string) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.local[mac]; ok {
+		return nil
+	}
+	delete(o.locs, mac)
+	return o.programLocked()
+}
+
+// Freeze drops (or, with false, passes again) traffic to an endpoint at this node: during a
+// move, frames for a container that is being checkpointed are dropped here instead of
+// meeting a namespace whose sockets are gone (which would reset the connection).
+func (o *OVS) Freeze(mac string, on bool) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if on {
+		o.frozen[mac] = true
+	} else {
+		delete(o.frozen, mac)
+	}
+	return o.programLocked()
+}
+
+// Locations lists every endpoint this node knows, local ones first.
+func (o *OVS) Locations() []Location {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := make([]Location, 0, len(o.locs))
+	for _, l := range o.locs {
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Local reports whether mac is attached on this node.
+func (o *OVS) Local(mac string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	_, ok := o.local[mac]
+	return ok
+}
+
+// flows computes the node's flow table.
+func (o *OVS) flows() []*ovs.Flow {
+	var fl []*ovs.Flow
+	multicast := ovs.FieldMatch("dl_dst", "01:00:00:00:00:00/01:00:00:00:00:00")
+	var locals []int
+	for _, p := range o.local {
+		locals = append(locals, p)
+	}
+	sort.Ints(locals)
+	// Unicast: each endpoint's MAC to its port, or to the tunnel towards its host.
+	for mac, loc := range o.locs {
+		var out int
+		if p, ok := o.local[mac]; ok && loc.Host == o.cfg.Host {
+			out = p
+		} else if t, ok := o.tunnels[loc.Host]; ok {
+			out = t
+		} else {
+			continue
+		}
+		fl = append(fl, &ovs.Flow{Priority: 100, Cookie: cookie,
+			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{ovs.Output(out)}})
+	}
+	for mac := range o.frozen {
+		fl = append(fl, &ovs.Flow{Priority: 200, Cookie: cookie,
+			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{ovs.Drop()}})
+	}
+	// Broadcast and multicast (ARP): from a tunnel only to local ports (split horizon, no
+	// loops in the full mesh); from a local port to every other port.
+	for _, t := range o.tunnels {
+		acts := []ovs.Action{}
+		for _, p := range locals {
+			acts = append(acts, ovs.Output(p))
+		}
+		if len(acts) == 0 {
+			acts = append(acts, ovs.Drop())
+		}
+		fl = append(fl, &ovs.Flow{Priority: 50, Cookie: cookie, InPort: t, Matches: []ovs.Match{multicast}, Actions: acts})
+	}
+	fl = append(fl, &ovs.Flow{Priority: 40, Cookie: cookie, Matches: []ovs.Match{multicast}, Actions: []ovs.Action{ovs.Flood()}})
+	fl = append(fl, &ovs.Flow{Priority: 0, Cookie: cookie, Actions: []ovs.Action{ovs.Drop()}})
+	return fl
+}
+
+// programLocked replaces the bridge's flows with the desired ones in one bundle.
+func (o *OVS) programLocked() error {
+	flows := o.flows()
+	err := o.c.OpenFlow.AddFlowBundle(o.cfg.Bridge, func(tx *ovs.FlowTransaction) error {
+		tx.Delete(&ovs.MatchFlow{Cookie: cookie, CookieMask: 0xffffffffffffffff})
+		tx.Add(flows...)
+		return tx.Commit()
+	})
+	if err != nil {
+		return fmt.Errorf("program flows on %s: %w", o.cfg.Bridge, err)
+	}
+	slog.Debug("overlay flows", "host", o.cfg.Host, "flows", len(flows))
+	return nil
+}

@@ -1,0 +1,196 @@
+package transfer
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// ErrUnreachable and ErrUnauthenticated classify failures to talk to an agent.
+var (
+	ErrUnreachable     = errors.New("unreachable")
+	ErrUnauthenticated = errors.New("not authenticated")
+)
+
+// Peer is a client of one agent.
+type Peer struct {
+	Name string
+	Addr string
+	hc   *http.Client
+	// Dial, if set, replaces the TCP dial (tests use it to count and tamper with bytes).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// NewPeer returns a client for the agent at addr, authenticating with tlsConf.
+func NewPeer(name, addr string, tlsConf *tls.Config) *Peer {
+	p := &Peer{Name: name, Addr: addr}
+	conf := tlsConf.Clone()
+	conf.ServerName = name
+	tr := &http.Transport{
+		TLSClientConfig:     conf,
+		ForceAttemptHTTP2:   false,
+		TLSHandshakeTimeout: 10 * time.Second,
+		DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
+			if p.Dial != nil {
+				return p.Dial(ctx, network, a)
+			}
+			return (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}).DialContext(ctx, network, a)
+		},
+	}
+	p.hc = &http.Client{Transport: tr}
+	return p
+}
+
+func (p *Peer) url(path string) string { return "https://" + p.Addr + path }
+
+// classify turns transport errors into ones that say what to do.
+func (p *Peer) classify(err error) error {
+	var cv *tls.CertificateVerificationError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &cv), strings.Contains(msg, "certificate"), strings.Contains(msg, "tls: "):
+		return fmt.Errorf("host %s (%s): %w: %v (are both sides' certificates issued by the same `migrate certs` authority?)", p.Name, p.Addr, ErrUnauthenticated, err)
+	case strings.Contains(msg, "connection refused"), strings.Contains(msg, "no route"), strings.Contains(msg, "timeout"),
+		strings.Contains(msg, "deadline"), strings.Contains(msg, "unreachable"), strings.Contains(msg, "reset by peer"), strings.Contains(msg, "EOF"):
+		return fmt.Errorf("host %s (%s): %w: %v (is `migrate serve` running there?)", p.Name, p.Addr, ErrUnreachable, err)
+	}
+	return fmt.Errorf("host %s (%s): %w", p.Name, p.Addr, err)
+}
+
+// Call sends in as JSON (nil: GET) and decodes the response into out.
+func (p *Peer) Call(ctx context.Context, path string, in, out any) error {
+	method, body := http.MethodGet, io.Reader(nil)
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		method, body = http.MethodPost, bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, p.url(path), body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return p.classify(err)
+	}
+	defer resp.Body.Close()
+	return p.decode(resp, out)
+}
+
+func (p *Peer) decode(resp *http.Response, out any) error {
+	if resp.StatusCode != http.StatusOK {
+		var e apiError
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("host %s: %s", p.Name, e.Error)
+		}
+		return fmt.Errorf("host %s: %s: %s", p.Name, resp.Status, strings.TrimSpace(string(b)))
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("host %s: bad response: %w", p.Name, err)
+	}
+	return nil
+}
+
+// digestTrailer carries the archive's SHA-256, sent after the archive itself.
+const digestTrailer = "Migrate-Digest"
+
+// digestingReader hashes what it reads and, at the end, fills in the request's trailer.
+type digestingReader struct {
+	r       io.Reader
+	h       hash.Hash
+	n       int64
+	trailer http.Header
+	onRead  func(int64)
+}
+
+func (d *digestingReader) Read(b []byte) (int, error) {
+	n, err := d.r.Read(b)
+	d.h.Write(b[:n])
+	d.n += int64(n)
+	if d.onRead != nil && n > 0 {
+		d.onRead(d.n)
+	}
+	if err == io.EOF {
+		d.trailer.Set(digestTrailer, "sha256:"+hex.EncodeToString(d.h.Sum(nil)))
+	}
+	return n, err
+}
+
+// Restore streams a checkpoint archive from r to the agent, which restores the container
+// only if the archive arrives whole and matches the digest. progress sees bytes sent.
+func (p *Peer) Restore(ctx context.Context, container string, r io.Reader, progress func(int64)) (*RestoreResult, error) {
+	trailer := http.Header{digestTrailer: nil}
+	dr := &digestingReader{r: r, h: sha256.New(), trailer: trailer, onRead: progress}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url("/v1/restore?container="+container), dr)
+	if err != nil {
+		return nil, err
+	}
+	req.ContentLength = -1
+	req.Trailer = trailer
+	req.Header.Set("Content-Type", "application/x-tar")
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return nil, p.classify(err)
+	}
+	defer resp.Body.Close()
+	var res RestoreResult
+	if err := p.decode(resp, &res); err != nil {
+		return nil, err
+	}
+	return &res, nil
+}
+
+// Push asks the agent (the container's source) to move it, calling onEvent for each event
+// of the progress stream, and returns the final result.
+func (p *Peer) Push(ctx context.Context, req PushRequest, onEvent func(Event)) (*PushResult, error) {
+	b, _ := json.Marshal(req)
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url("/v1/push"), bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := p.hc.Do(hreq)
+	if err != nil {
+		return nil, p.classify(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, p.decode(resp, nil)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var ev Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return nil, fmt.Errorf("host %s: bad event %q: %w", p.Name, sc.Text(), err)
+		}
+		if onEvent != nil {
+			onEvent(ev)
+		}
+		if ev.Kind == "result" && ev.Result != nil {
+			return ev.Result, nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, p.classify(err)
+	}
+	return nil, fmt.Errorf("host %s ended the push without a result (did its agent stop?)", p.Name)
+}

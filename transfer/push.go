@@ -1,0 +1,229 @@
+package transfer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/overlaynet"
+)
+
+// handlePush runs a move and streams its events as newline-delimited JSON. The move goes
+// on to its end (commit or rollback) even if the operator disconnects.
+func (a *Agent) handlePush(w http.ResponseWriter, r *http.Request) {
+	var req PushRequest
+	if err := decodeBody(r, &req); err != nil {
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	fl, _ := w.(http.Flusher)
+	emit := func(ev Event) {
+		ev.Time = time.Now()
+		mu.Lock()
+		defer mu.Unlock()
+		if enc.Encode(ev) == nil && fl != nil {
+			fl.Flush()
+		}
+	}
+	res := a.Push(context.WithoutCancel(r.Context()), req, emit)
+	emit(Event{Kind: "result", Result: res})
+}
+
+// Push moves a container from this host to req.To. It never loses the container: any
+// failure before the overlay points at the target rolls back, and the container runs here
+// again with its connections.
+func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *PushResult {
+	res := &PushResult{Container: req.Container, From: a.cfg.Name, To: req.To, DryRun: req.DryRun}
+	start := time.Now()
+	defer func() {
+		res.Total = time.Since(start)
+		res.Finished = time.Now()
+		if !req.DryRun {
+			a.mu.Lock()
+			a.last = res
+			a.mu.Unlock()
+		}
+	}()
+	fail := func(err error) *PushResult {
+		res.Error = err.Error()
+		emit(Event{Kind: "error", Error: err.Error()})
+		return res
+	}
+	if err := a.needPodman(); err != nil {
+		return fail(err)
+	}
+	if req.To == a.cfg.Name {
+		return fail(fmt.Errorf("container %s already runs on %s", req.Container, req.To))
+	}
+	a.mu.Lock()
+	if a.inflight[req.Container] {
+		a.mu.Unlock()
+		return fail(fmt.Errorf("container %s is already being moved", req.Container))
+	}
+	a.inflight[req.Container] = true
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.inflight, req.Container)
+		a.mu.Unlock()
+	}()
+
+	phase := func(name string, t0 time.Time) {
+		res.Phases = append(res.Phases, Phase{Name: name, Duration: time.Since(t0)})
+	}
+
+	// 1. What is being moved.
+	emit(Event{Kind: "phase", Phase: "inspect"})
+	c, err := a.podman.Inspect(ctx, req.Container)
+	if err != nil {
+		return fail(err)
+	}
+	if c.State != "running" {
+		return fail(fmt.Errorf("container %s is %s on %s, not running", c.Name, c.State, a.cfg.Name))
+	}
+	ep, ok := endpointOf(c)
+	if !ok {
+		return fail(fmt.Errorf("container %s is not on the overlay (start it with `migrate run --ip ...`): its address could not follow it", c.Name))
+	}
+	target, err := a.peer(req.To)
+	if err != nil {
+		return fail(err)
+	}
+
+	// 2. The pre-flight gate: nothing is frozen before the target says it can restore.
+	t0 := time.Now()
+	emit(Event{Kind: "phase", Phase: "preflight"})
+	var tinfo HostInfo
+	if err := target.Call(ctx, "/v1/info", nil, &tinfo); err != nil {
+		return fail(err)
+	}
+	res.Checks = append(res.Checks,
+		Check{Property: "podman", Target: fmt.Sprint(tinfo.Podman), OK: tinfo.Podman, Detail: "the target runs no podman service"},
+		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
+		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
+	)
+	prep := PrepareRequest{Container: c.Name, Image: c.Image, Source: a.cfg.Name, Endpoint: ep,
+		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, DryRun: req.DryRun}
+	var pr PrepareResponse
+	if err := target.Call(ctx, "/v1/prepare", prep, &pr); err != nil {
+		return fail(fmt.Errorf("pre-flight on %s: %w", req.To, err))
+	}
+	res.Checks = append(res.Checks, pr.Checks...)
+	for i := range res.Checks {
+		if res.Checks[i].OK {
+			res.Checks[i].Detail = ""
+		}
+		emit(Event{Kind: "check", Check: &res.Checks[i]})
+	}
+	for _, ch := range res.Checks {
+		if !ch.OK {
+			return fail(fmt.Errorf("%s cannot restore %s: %s: source %q, target %q %s", req.To, c.Name, ch.Property, ch.Source, ch.Target, ch.Detail))
+		}
+	}
+	phase("preflight", t0)
+	if req.DryRun {
+		res.OK = true
+		return res
+	}
+
+	// From here on every failure rolls back.
+	rollback := func(cause error, restoreHere bool) *PushResult {
+		emit(Event{Kind: "phase", Phase: "rollback"})
+		rctx := context.WithoutCancel(ctx)
+		var errs []error
+		actx, cancel := context.WithTimeout(rctx, 30*time.Second)
+		if err := target.Call(actx, "/v1/abort", AbortRequest{Container: c.Name, Source: a.cfg.Name, Endpoint: ep}, nil); err != nil {
+			// The target's agent recovers from its journal when it comes back.
+			slog.Warn("abort on target", "target", req.To, "err", err)
+		}
+		cancel()
+		if restoreHere {
+			if st, err := a.podman.State(rctx, c.Name); err == nil && st != "running" {
+				if err := a.podman.RestoreLocal(rctx, c.Name, true); err != nil {
+					errs = append(errs, fmt.Errorf("resume on %s: %w", a.cfg.Name, err))
+				}
+			}
+		}
+		if err := a.ovs.Freeze(ep.MAC, false); err != nil {
+			errs = append(errs, err)
+		}
+		res.RolledBack = len(errs) == 0
+		if len(errs) > 0 {
+			cause = fmt.Errorf("%w; ROLLBACK INCOMPLETE: %w", cause, errors.Join(errs...))
+		} else {
+			cause = fmt.Errorf("%w (rolled back: %s runs on %s)", cause, c.Name, a.cfg.Name)
+		}
+		return fail(cause)
+	}
+
+	// 3. Freeze and copy: traffic for the container is held here (dropped; the clients
+	// retransmit), CRIU dumps it with its TCP connections, the archive streams to the
+	// target which restores it into the prepared namespace.
+	t0 = time.Now()
+	emit(Event{Kind: "phase", Phase: "checkpoint"})
+	if err := a.ovs.Freeze(ep.MAC, true); err != nil {
+		return rollback(err, false)
+	}
+	frozenAt := time.Now()
+	pr2, pw := io.Pipe()
+	expDone := make(chan error, 1)
+	go func() {
+		_, err := a.podman.Export(ctx, c.Name, pw, checkpoint.Options{TCPEstablished: true, Keep: true})
+		pw.CloseWithError(err)
+		expDone <- err
+	}()
+	var lastEmit time.Time
+	rr, rerr := target.Restore(ctx, c.Name, pr2, func(n int64) {
+		res.Bytes = n
+		if time.Since(lastEmit) > 200*time.Millisecond {
+			lastEmit = time.Now()
+			emit(Event{Kind: "progress", Phase: "transfer", Bytes: n})
+		}
+	})
+	pr2.CloseWithError(errors.New("the target stopped reading"))
+	if err := <-expDone; err != nil {
+		return rollback(fmt.Errorf("checkpoint %s on %s: %w", c.Name, a.cfg.Name, err), true)
+	}
+	if rerr != nil {
+		return rollback(fmt.Errorf("move %s to %s: %w", c.Name, req.To, rerr), true)
+	}
+	res.Bytes = rr.Bytes
+	phase("checkpoint+transfer+restore", t0)
+
+	// 4. Commit: every node's rules point at the target.
+	t0 = time.Now()
+	emit(Event{Kind: "phase", Phase: "commit"})
+	if failed := a.announce(ctx, ep.Location(req.To)); len(failed) > 0 {
+		slog.Warn("some nodes did not learn the new location yet", "hosts", failed)
+	}
+	res.Frozen = time.Since(frozenAt)
+	if err := target.Call(ctx, "/v1/commit", AbortRequest{Container: c.Name}, nil); err != nil {
+		slog.Warn("commit on target", "err", err)
+	}
+	phase("commit", t0)
+
+	// 5. The source lets go.
+	t0 = time.Now()
+	emit(Event{Kind: "phase", Phase: "cleanup"})
+	if err := a.podman.Remove(ctx, c.Name); err != nil {
+		slog.Warn("remove source copy", "container", c.Name, "err", err)
+	}
+	if err := a.ovs.Unplumb(ctx, overlaynet.Endpoint{Name: ep.Name, MAC: ep.MAC, NetNS: ep.NetNS, Prefix: ep.Prefix}); err != nil {
+		slog.Warn("unplumb source endpoint", "container", c.Name, "err", err)
+	}
+	phase("cleanup", t0)
+	res.OK = true
+	return res
+}
