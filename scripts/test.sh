@@ -13,7 +13,7 @@ cd "$REPO"
 echo "test.sh: building" >&2
 build_binaries
 go vet -tags "$GO_TAGS" ./...
-export MIGRATE_INTEGRATION=1
+export MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload"
 # -p 1: testbed tests check that the machine is left as they found it, so packages must
 # not run their testbeds at the same time.
 go test -tags "$GO_TAGS" -count=1 -p 1 -timeout 40m "$@" ./...

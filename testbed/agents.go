@@ -92,7 +92,8 @@ func (tb *Testbed) StartAgent(ctx context.Context, host string) error {
 		return err
 	}
 	logPath := filepath.Join(h.Dir, "agent.log")
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	os.Rename(logPath, logPath+".1") // a restart starts a fresh log; the last one is kept
+	logf, err := os.Create(logPath)
 	if err != nil {
 		return err
 	}
@@ -160,6 +161,19 @@ func (tb *Testbed) WaitAgent(ctx context.Context, host string) error {
 		return err
 	}
 	return tb.waitAgent(ctx, h)
+}
+
+// AgentLogs returns the tail of every agent's log, for a failed test to show.
+func (tb *Testbed) AgentLogs() string {
+	var b strings.Builder
+	for _, h := range tb.Hosts {
+		for _, f := range []string{"agent.log.1", "agent.log"} {
+			if data, err := os.ReadFile(filepath.Join(h.Dir, f)); err == nil {
+				fmt.Fprintf(&b, "--- %s %s\n%s\n", h.Name, f, tail(string(data), 3000))
+			}
+		}
+	}
+	return b.String()
 }
 
 func tail(s string, n int) string {

@@ -198,24 +198,32 @@ type iperfResult struct {
 }
 
 func (d *Demo) parseIperf(b []byte) error {
+	gap, sent, recv, err := IperfStream(b)
+	if err != nil {
+		return err
+	}
+	d.LargestGap, d.SentBytes, d.ReceivedBytes = gap, sent, recv
+	return nil
+}
+
+// IperfStream reads iperf3's JSON (-J, with -i intervals) and returns the longest run of
+// intervals in which nothing arrived, and the bytes sent and received.
+func IperfStream(b []byte) (gap time.Duration, sent, received int64, err error) {
 	var r iperfResult
 	if err := json.Unmarshal(b, &r); err != nil {
-		return fmt.Errorf("iperf3 output: %w", err)
+		return 0, 0, 0, fmt.Errorf("iperf3 output: %w", err)
 	}
 	if r.Error != "" {
-		return fmt.Errorf("iperf3: %s", r.Error)
+		return 0, 0, 0, fmt.Errorf("iperf3: %s", r.Error)
 	}
-	d.SentBytes, d.ReceivedBytes = r.End.SumSent.Bytes, r.End.SumReceived.Bytes
-	// The largest gap: the longest run of intervals in which the client received nothing.
-	var gap, run float64
+	var longest, run float64
 	for _, iv := range r.Intervals {
 		if iv.Sum.Bytes == 0 {
 			run += iv.Sum.End - iv.Sum.Start
-			gap = max(gap, run)
+			longest = max(longest, run)
 		} else {
 			run = 0
 		}
 	}
-	d.LargestGap = time.Duration(gap * float64(time.Second))
-	return nil
+	return time.Duration(longest * float64(time.Second)), r.End.SumSent.Bytes, r.End.SumReceived.Bytes, nil
 }

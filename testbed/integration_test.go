@@ -34,6 +34,9 @@ func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
 		t.Fatalf("testbed up: %v", err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() && cfg.Agents != "" {
+			t.Logf("agent logs:\n%s", tb.AgentLogs())
+		}
 		if err := testbed.Down(context.Background(), cfg.Name); err != nil {
 			t.Errorf("testbed down: %v", err)
 		}

@@ -332,8 +332,15 @@ var statusCommand = &cli.Command{
 			}
 			sts = append(sts, st)
 		}
+		var partial error
+		if len(errs) > 0 {
+			partial = fmt.Errorf("%d of %d hosts did not answer: %s", len(errs), len(op.inv.Hosts), strings.Join(errs, "; "))
+		}
 		if c.Bool("json") {
-			return printJSON(c, map[string]any{"hosts": sts, "errors": errs})
+			if err := printJSON(c, map[string]any{"hosts": sts, "errors": errs}); err != nil {
+				return err
+			}
+			return partial
 		}
 		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "CONTAINER\tHOST\tSTATE\tADDRESS\tIMAGE")
@@ -359,10 +366,7 @@ var statusCommand = &cli.Command{
 				fmt.Fprintf(c.App.Writer, "%s: last move %s -> %s at %s: %s\n", st.Host, l.Container, l.To, l.Finished.Format(time.RFC3339), out)
 			}
 		}
-		for _, e := range errs {
-			fmt.Fprintln(c.App.ErrWriter, "unreachable:", e)
-		}
-		return nil
+		return partial
 	},
 }
 

@@ -50,12 +50,35 @@ func RepoRoot() string {
 // Memload builds the memload workload into dir and returns its path.
 func Memload(t testing.TB, dir string) string {
 	t.Helper()
+	if p := os.Getenv("MIGRATE_MEMLOAD"); p != "" {
+		return p
+	}
 	out := filepath.Join(dir, "memload")
 	cmd := exec.Command("go", "build", "-o", out, "./testbed/memload")
 	cmd.Dir = RepoRoot()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build memload: %v\n%s", err, b)
+	}
+	return out
+}
+
+// goTags are the build tags of the podman bindings (as in scripts/lib.sh).
+const goTags = "remote exclude_graphdriver_btrfs btrfs_noversion exclude_graphdriver_devicemapper containers_image_openpgp"
+
+// Migrate returns the migrate binary: $MIGRATE_BIN (scripts/test.sh builds it), else a
+// fresh build into dir.
+func Migrate(t testing.TB, dir string) string {
+	t.Helper()
+	if p := os.Getenv("MIGRATE_BIN"); p != "" {
+		return p
+	}
+	out := filepath.Join(dir, "migrate")
+	cmd := exec.Command("go", "build", "-tags", goTags, "-o", out, "./cmd/migrate")
+	cmd.Dir = RepoRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build migrate: %v\n%s", err, b)
 	}
 	return out
 }

@@ -1,0 +1,269 @@
+package testbed_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/internal/testenv"
+	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
+)
+
+const webIP = "10.88.0.10"
+
+// upAgents starts a testbed whose hosts and client run migrate's agents.
+func upAgents(t *testing.T, name string, link testbed.Link) *testbed.Testbed {
+	t.Helper()
+	testenv.Root(t, tools...)
+	dir := t.TempDir()
+	return up(t, testbed.Config{Name: name, Link: link, Memload: testenv.Memload(t, dir), Agents: testenv.Migrate(t, dir)})
+}
+
+// migrate runs the CLI as the operator on the client and returns stdout, stderr, exit code.
+func migrate(t *testing.T, tb *testbed.Testbed, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := tb.Migrate(ctx, testbed.ClientName, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("migrate %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+func mustMigrate(t *testing.T, tb *testbed.Testbed, args ...string) string {
+	t.Helper()
+	out, errs, code := migrate(t, tb, args...)
+	if code != 0 {
+		t.Fatalf("migrate %v: exit %d\n%s%s", args, code, out, errs)
+	}
+	return out
+}
+
+// push moves web and returns the result (--json).
+func push(t *testing.T, tb *testbed.Testbed, to string) *transfer.PushResult {
+	t.Helper()
+	out := mustMigrate(t, tb, "--json", "push", "web", "--to", to)
+	var r transfer.PushResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("push output: %v\n%s", err, out)
+	}
+	t.Logf("push to %s: %d bytes, total %s, traffic held %s, phases %v", to, r.Bytes, r.Total, r.Frozen, r.Phases)
+	return &r
+}
+
+// where returns the hosts that run container name.
+func where(t *testing.T, tb *testbed.Testbed, name string) []string {
+	t.Helper()
+	var hosts []string
+	for _, h := range []string{"a", "b"} {
+		out, err := tb.Run(context.Background(), h, "podman", "ps", "--filter", "name=^"+name+"$", "--format", "{{.Names}}")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(out) == name {
+			hosts = append(hosts, h)
+		}
+	}
+	return hosts
+}
+
+// startClient starts a command on the client and returns a function that waits for it.
+func startClient(t *testing.T, tb *testbed.Testbed, args ...string) func() ([]byte, error) {
+	t.Helper()
+	cmd, err := tb.Command(context.Background(), testbed.ClientName, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	return func() ([]byte, error) {
+		select {
+		case err := <-done:
+			return out.Bytes(), err
+		case <-time.After(3 * time.Minute):
+			cmd.Process.Kill()
+			return out.Bytes(), errors.New("client did not finish in 3 minutes")
+		}
+	}
+}
+
+// iperfBytes is a byte count that iperf3 sends in whole 128 KiB blocks.
+func iperfBytes(mbit float64, seconds float64) string {
+	const block = 128 << 10
+	return fmt.Sprint(int64(mbit*1e6/8*seconds) / block * block)
+}
+
+// An iperf3 stream keeps its one connection through a -> b -> a.
+func TestPushIperfThereAndBack(t *testing.T) {
+	tb := upAgents(t, "iperf", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "iperf3", "-s")
+	time.Sleep(300 * time.Millisecond)
+	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(90, 12), "-i", "0.1", "-J")
+	time.Sleep(3 * time.Second)
+	if r := push(t, tb, "b"); !r.OK {
+		t.Fatalf("push to b: %+v", r)
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("after push to b, web runs on %v", w)
+	}
+	time.Sleep(3 * time.Second)
+	if r := push(t, tb, "a"); !r.OK {
+		t.Fatalf("push back to a: %+v", r)
+	}
+	out, err := wait()
+	if err != nil {
+		t.Fatalf("iperf3 client: %v\n%s", err, out)
+	}
+	gap, sent, recv, err := testbed.IperfStream(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("iperf3: sent %d, received %d, largest gap %s", sent, recv, gap)
+	if sent == 0 || sent != recv {
+		t.Fatalf("bytes sent %d != received %d", sent, recv)
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after push back, web runs on %v", w)
+	}
+}
+
+// A sockperf ping-pong client runs through a move without error or reconnect.
+func TestPushSockperfPingPong(t *testing.T) {
+	tb := upAgents(t, "sockp", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
+	time.Sleep(300 * time.Millisecond)
+	logf := filepath.Join(t.TempDir(), "sockperf.csv")
+	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", "10", "--mps", "200", "--full-log", logf)
+	time.Sleep(3 * time.Second)
+	if r := push(t, tb, "b"); !r.OK {
+		t.Fatalf("push: %+v", r)
+	}
+	out, err := wait()
+	if err != nil || bytes.Contains(out, []byte("ERROR")) {
+		t.Fatalf("sockperf client: %v\n%s", err, out)
+	}
+	log, err := os.ReadFile(logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gap, rtt, n, err := testbed.SockperfGap(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s", n, gap, rtt)
+	if n < 500 {
+		t.Errorf("only %d replies in 10 s at 200/s", n)
+	}
+}
+
+// The target's agent dies mid-transfer: the container keeps running on the source with its
+// connection, and the target keeps nothing once its agent is back.
+func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
+	tb := upAgents(t, "kill", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	// 256 MiB of memory take about 20 s over the 100 Mbit/s link.
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
+		"sh", "-c", "memload -size 256 -rate 100 & exec iperf3 -s")
+	time.Sleep(2 * time.Second)
+	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 45), "-i", "0.5", "-J")
+	time.Sleep(2 * time.Second)
+
+	pushCmd := tb.Migrate(context.Background(), testbed.ClientName, "--json", "push", "web", "--to", "b")
+	var pout bytes.Buffer
+	pushCmd.Stdout, pushCmd.Stderr = &pout, &pout
+	if err := pushCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(6 * time.Second) // dump done, transfer under way
+	pid, err := tb.AgentPID("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	err = pushCmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 4 {
+		t.Fatalf("push should fail with exit code 4 (rolled back): %v\n%s", err, pout.String())
+	}
+	t.Logf("push: %s", lastLine(pout.String()))
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after the failed move web runs on %v, want a", w)
+	}
+	out, err := wait()
+	if err != nil {
+		t.Fatalf("the connection did not survive the failed move: %v\n%s", err, out)
+	}
+	gap, sent, recv, err := testbed.IperfStream(out)
+	if err != nil || sent == 0 || sent != recv {
+		t.Fatalf("stream after rollback: sent %d received %d err %v", sent, recv, err)
+	}
+	t.Logf("stream kept: %d bytes both ways, largest gap %s", sent, gap)
+
+	// b's agent comes back (as a supervisor would restart it) and undoes the half move.
+	if err := tb.StartAgent(context.Background(), "b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tb.WaitAgent(context.Background(), "b"); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if out, _ := tb.Run(ctx, "b", "podman", "ps", "-a", "--format", "{{.Names}}"); strings.TrimSpace(out) != "" {
+		t.Errorf("b holds containers: %q", out)
+	}
+	if out, _ := tb.Run(ctx, "b", "ip", "netns", "list"); strings.Contains(out, "mig-web") {
+		t.Errorf("b holds the endpoint namespace: %q", out)
+	}
+	if out, _ := tb.Run(ctx, "b", "ovs-vsctl", "list-ports", "br-int"); strings.Contains(out, "m-") {
+		t.Errorf("b holds the endpoint port: %q", out)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(testbed.StateRoot, "kill", "b", "agent", "incoming")); len(ents) > 0 {
+		t.Errorf("b's journal still holds %d moves", len(ents))
+	}
+}
+
+// A peer whose certificate the installation's authority did not issue is refused.
+func TestUnauthenticatedPeerRefused(t *testing.T) {
+	tb := upAgents(t, "auth", testbed.Link{})
+	dir := filepath.Join(testbed.StateRoot, "auth", "intruder")
+	if err := transfer.InitCA(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := transfer.Issue(dir, "operator", nil); err != nil {
+		t.Fatal(err)
+	}
+	out, errs, code := migrate(t, tb, "status", "--certs", dir)
+	if code == 0 || !strings.Contains(errs+out, "not authenticated") {
+		t.Fatalf("a foreign certificate was not refused (exit %d):\n%s%s", code, out, errs)
+	}
+	t.Logf("refused: %s", lastLine(errs))
+	// With the right certificate the same command works.
+	mustMigrate(t, tb, "status")
+}
+
+func lastLine(s string) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return l[len(l)-1]
+}
