@@ -84,17 +84,17 @@ func TestParseIperfGap(t *testing.T) {
 	 {"sum":{"start":0.3,"end":0.4,"bytes":5}},
 	 {"sum":{"start":0.4,"end":0.5,"bytes":0}}],
 	 "end":{"sum_sent":{"bytes":105},"sum_received":{"bytes":105}}}`
-	var d Demo
-	if err := d.parseIperf([]byte(js)); err != nil {
+	gap, sent, recv, err := IperfStream([]byte(js))
+	if err != nil {
 		t.Fatal(err)
 	}
-	if d.LargestGap < 199*time.Millisecond || d.LargestGap > 201*time.Millisecond {
-		t.Errorf("largest gap %v, want 200ms", d.LargestGap)
+	if gap < 199*time.Millisecond || gap > 201*time.Millisecond {
+		t.Errorf("largest gap %v, want 200ms", gap)
 	}
-	if d.SentBytes != 105 || d.ReceivedBytes != 105 {
-		t.Errorf("bytes %d/%d", d.SentBytes, d.ReceivedBytes)
+	if sent != 105 || recv != 105 {
+		t.Errorf("bytes %d/%d", sent, recv)
 	}
-	if err := d.parseIperf([]byte(`{"error":"unable to connect"}`)); err == nil {
+	if _, _, _, err := IperfStream([]byte(`{"error":"unable to connect"}`)); err == nil {
 		t.Error("iperf3's error must surface")
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
@@ -12,10 +13,11 @@ import (
 var demoCommand = &cli.Command{
 	Name:  "demo",
 	Usage: "move a container serving an iperf3 stream between two testbed hosts and report",
-	Description: `Builds a testbed (hosts a and b, a client), starts an iperf3 server in a container on a,
-streams from it to the client, moves the container to b mid-stream and prints the largest
-gap the client saw, the bytes moved, and whether the connection survived. The testbed is
-removed afterwards unless --keep.`,
+	Description: `Builds a testbed (hosts a and b, a client, agents on all three), starts an iperf3
+server in a container on the overlay on a (migrate run), streams from it to the client,
+moves the container to b mid-stream (migrate push) and prints the largest gap the client
+saw, the bytes on the wire, the total time and whether the connection survived. The
+testbed is removed afterwards unless --keep.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Value: "demo", Usage: "testbed name"},
 		&cli.Float64Flag{Name: "rate", Value: 100, Usage: "link rate in Mbit/s (0: unshaped)"},
@@ -29,7 +31,12 @@ removed afterwards unless --keep.`,
 			return notReadyError{err}
 		}
 		name := c.String("name")
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
 		tb, err := testbed.Up(c.Context, testbed.Config{
+			Agents:  exe,
 			Name:    name,
 			Link:    testbed.Link{RateMbit: c.Float64("rate"), Delay: c.Duration("delay")},
 			Memload: memloadPath(c.String("memload")),
@@ -50,10 +57,16 @@ removed afterwards unless --keep.`,
 			}
 		} else {
 			w := c.App.Writer
-			fmt.Fprintf(w, "moved container %q from host %s to host %s over a %s link\n", d.Container, d.From, d.To, d.Link)
+			fmt.Fprintf(w, "migrate push %s --to %s (from %s) over a %s link\n", d.Container, d.To, d.From, d.Link)
 			fmt.Fprintf(w, "  downtime (largest gap the client saw): %s\n", d.LargestGap.Round(time.Millisecond))
-			fmt.Fprintf(w, "  state moved:                           %.1f MB\n", float64(d.CheckpointB)/1e6)
-			fmt.Fprintf(w, "  move time (checkpoint to restored):    %s\n", d.MoveTime.Round(time.Millisecond))
+			if p := d.Push; p != nil {
+				fmt.Fprintf(w, "  bytes on the wire (checkpoint):        %.1f MB\n", float64(p.Bytes)/1e6)
+				fmt.Fprintf(w, "  total time of the push:                %s\n", p.Total.Round(time.Millisecond))
+				fmt.Fprintf(w, "  traffic held (freeze to re-point):     %s\n", p.Frozen.Round(time.Millisecond))
+				if !p.OK {
+					fmt.Fprintf(w, "  push FAILED: %s\n", p.Error)
+				}
+			}
 			fmt.Fprintf(w, "  stream: sent %d bytes, received %d bytes\n", d.SentBytes, d.ReceivedBytes)
 			if d.Survived {
 				fmt.Fprintln(w, "  connection survived: yes (one TCP connection, every byte arrived)")
