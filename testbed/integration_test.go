@@ -80,7 +80,7 @@ func snapshot(t *testing.T) machineState {
 		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
 		c := strings.TrimSpace(string(comm))
 		switch c {
-		case "podman", "conmon", "ovs-vswitchd", "ovsdb-server", "memload", "iperf3", "sockperf", "runc", "criu":
+		case "podman", "conmon", "ovs-vswitchd", "ovsdb-server", "memload", "iperf3", "sockperf", "runc", "criu", "migrate", "nc":
 			if len(f) > 0 && f[0] != "Z" {
 				s.procs = append(s.procs, e.Name()+":"+c)
 			}
@@ -113,7 +113,8 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 	testenv.Root(t, tools...)
 	before := snapshot(t)
 	ctx := context.Background()
-	tb, err := testbed.Up(ctx, testbed.Config{Name: "leak", Link: testbed.Link{RateMbit: 100, Delay: 2 * time.Millisecond}})
+	tb, err := testbed.Up(ctx, testbed.Config{Name: "leak", Link: testbed.Link{RateMbit: 100, Delay: 2 * time.Millisecond},
+		Agents: testenv.Migrate(t, t.TempDir())})
 	if err != nil {
 		testbed.Down(ctx, "leak")
 		t.Fatalf("up: %v", err)
@@ -143,7 +144,7 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 		p, _ := strconv.Atoi(string(pid))
 		syscall.Kill(p, syscall.SIGKILL)
 	}
-	if during := snapshot(t); len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 6 {
+	if during := snapshot(t); len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 12 {
 		t.Fatalf("the testbed did not start what it should: netns %v, processes %v",
 			added(before.netns, during.netns), added(before.procs, during.procs))
 	}

@@ -267,3 +267,50 @@ func lastLine(s string) string {
 	l := strings.Split(strings.TrimSpace(s), "\n")
 	return l[len(l)-1]
 }
+
+// Downtime at 100 Mbit/s as a sockperf ping-pong client sees it: `migrate push` and the
+// stock sequence, side by side on one testbed. Both must keep the connection; the figures
+// go to the log (and the issue note), not into a timed assertion.
+func TestDowntimePushVersusStock(t *testing.T) {
+	tb := upAgents(t, "stock", testbed.Link{RateMbit: 100})
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
+	time.Sleep(300 * time.Millisecond)
+	measure := func(label string, move func() string) {
+		logf := filepath.Join(t.TempDir(), "sockperf.csv")
+		wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", "9", "--mps", "200", "--full-log", logf)
+		time.Sleep(3 * time.Second)
+		detail := move()
+		out, err := wait()
+		if err != nil || bytes.Contains(out, []byte("ERROR")) {
+			t.Fatalf("%s: sockperf client: %v\n%s", label, err, out)
+		}
+		log, err := os.ReadFile(logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gap, rtt, n, err := testbed.SockperfGap(log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%-12s largest gap %7s  largest round trip %7s  replies %d  %s", label, gap.Round(time.Millisecond), rtt.Round(time.Millisecond), n, detail)
+	}
+	measure("migrate push", func() string {
+		r := push(t, tb, "b")
+		if !r.OK {
+			t.Fatalf("push: %+v", r)
+		}
+		return fmt.Sprintf("(bytes %d, total %s, held %s)", r.Bytes, r.Total.Round(time.Millisecond), r.Frozen.Round(time.Millisecond))
+	})
+	measure("stock", func() string {
+		r, err := tb.StockMove(context.Background(), "web", webIP+"/16", "b", "a")
+		if err != nil {
+			t.Fatalf("stock move: %v", err)
+		}
+		return fmt.Sprintf("(bytes %d, checkpoint %s, copy %s, restore %s, re-point %s, total %s)", r.Bytes,
+			r.Checkpoint.Round(time.Millisecond), r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond),
+			r.Repoint.Round(time.Millisecond), r.Total.Round(time.Millisecond))
+	})
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Errorf("after both moves web runs on %v, want a", w)
+	}
+}

@@ -81,6 +81,7 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			statusCommand,
 			serveCommand,
 			certsCommand,
+			overlayCommand,
 			testbedCommand,
 			demoCommand,
 		},

@@ -1,0 +1,82 @@
+package testbed
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// StockResult times the stock sequence.
+type StockResult struct {
+	Bytes      int64         `json:"bytes"`
+	Checkpoint time.Duration `json:"checkpoint_ns"`
+	Copy       time.Duration `json:"copy_ns"`
+	Restore    time.Duration `json:"restore_ns"`
+	Repoint    time.Duration `json:"repoint_ns"`
+	Total      time.Duration `json:"total_ns"`
+}
+
+// StockMove moves container name (on the overlay at ip) the stock way, for comparison with
+// `migrate push`: podman container checkpoint --tcp-established --export on from, the file
+// copied over the underlay with nc, podman container restore --tcp-established --import
+// on to, and the overlay re-pointed. The target's endpoint is plumbed beforehand, as push
+// does before it freezes anything.
+func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*StockResult, error) {
+	dst, err := tb.Host(to)
+	if err != nil {
+		return nil, err
+	}
+	if out, err := tb.Migrate(ctx, ClientName, "overlay", "prepare", "--from", from, "--to", to, name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("prepare the endpoint on %s: %v: %s", to, err, out)
+	}
+	dir := filepath.Join(dataDir(tb.Name), "stock")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	srcFile, dstFile := filepath.Join(dir, "from.tar"), filepath.Join(dir, "to.tar")
+	// The receiver listens first.
+	recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9000 > "+dstFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := recv.Start(); err != nil {
+		return nil, err
+	}
+	defer recv.Process.Kill()
+	time.Sleep(200 * time.Millisecond)
+
+	r := &StockResult{}
+	start := time.Now()
+	if _, err := tb.Run(ctx, from, "podman", "container", "checkpoint", "--tcp-established", "--export", srcFile, name); err != nil {
+		return nil, err
+	}
+	r.Checkpoint = time.Since(start)
+	t := time.Now()
+	if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9000 < "+srcFile); err != nil {
+		return nil, fmt.Errorf("copy: %w", err)
+	}
+	if err := recv.Wait(); err != nil {
+		return nil, fmt.Errorf("receive: %w", err)
+	}
+	r.Copy = time.Since(t)
+	if st, err := os.Stat(dstFile); err == nil {
+		r.Bytes = st.Size()
+	}
+	t = time.Now()
+	if _, err := tb.Run(ctx, to, "podman", "container", "restore", "--tcp-established", "--import", dstFile); err != nil {
+		return nil, err
+	}
+	r.Restore = time.Since(t)
+	t = time.Now()
+	if out, err := tb.Migrate(ctx, ClientName, "overlay", "locate", "--on", to, "--ip", ip, name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("re-point the overlay: %v: %s", err, out)
+	}
+	r.Repoint = time.Since(t)
+	r.Total = time.Since(start)
+	tb.Migrate(ctx, ClientName, "overlay", "commit", "--on", to, name).Run()
+	tb.Run(ctx, from, "podman", "rm", "-f", name)
+	return r, nil
+}
