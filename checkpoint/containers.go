@@ -18,6 +18,8 @@ type Container struct {
 	Image  string            `json:"image"`
 	State  string            `json:"state"`
 	Labels map[string]string `json:"labels,omitempty"`
+	// StaticDir holds the container's CRIU logs (dump.log, restore.log) on its host.
+	StaticDir string `json:"static_dir,omitempty"`
 }
 
 // Spec describes a container to create on a given network namespace.
@@ -57,7 +59,7 @@ func (p *Podman) Inspect(ctx context.Context, name string) (*Container, error) {
 	if err != nil {
 		return nil, p.apiError("inspect", name, err)
 	}
-	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels}, nil
+	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels, StaticDir: d.StaticDir}, nil
 }
 
 // List returns every container on the host.

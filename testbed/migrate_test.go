@@ -244,9 +244,62 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	}
 }
 
-// A peer whose certificate the installation's authority did not issue is refused.
-func TestUnauthenticatedPeerRefused(t *testing.T) {
+// Bad requests are refused with a message that says what is wrong, and nothing moves:
+// a peer with a foreign certificate, an unknown container or host, a container not on
+// the overlay, a name or address that the target already has.
+func TestRefusals(t *testing.T) {
 	tb := upAgents(t, "auth", testbed.Link{})
+	ctx := context.Background()
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sleep", "600")
+	if _, err := tb.Run(ctx, "a", "podman", "run", "-d", "--name", "plain", "--network", "none", testbed.ImageV1, "sleep", "600"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.Run(ctx, "b", "podman", "create", "--name", "web", "--network", "none", testbed.ImageV1, "true"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"push", "nosuch", "--to", "b"}, 1, "no host runs a container named nosuch"},
+		{[]string{"push", "web", "--to", "zz"}, 2, `unknown host "zz"`},
+		{[]string{"push", "plain", "--to", "b"}, 1, "not on the overlay"},
+		{[]string{"push", "web", "--to", "b", "--dry-run"}, 1, `name: source "web", target "taken"`},
+		{[]string{"push", "web", "--to", "b"}, 1, `name: source "web", target "taken"`},
+		{[]string{"push", "web", "--to", "a"}, 1, "already runs on a"},
+		{[]string{"run", "--on", "b", "--name", "web2", "--ip", webIP + "/16", testbed.ImageV1, "true"}, 1, "is taken by web on a"},
+		{[]string{"push"}, 2, "Required flag"},
+	} {
+		out, errs, code := migrate(t, tb, tc.args...)
+		if code != tc.code || !strings.Contains(out+errs, tc.want) {
+			t.Errorf("migrate %v: exit %d, want %d with %q:\n%s%s", tc.args, code, tc.code, tc.want, out, errs)
+		}
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Errorf("after refused pushes web runs on %v, want a", w)
+	}
+
+	// An intruder that trusts the installation's authority but whose own certificate
+	// another authority issued: the agents refuse it.
+	rogue := filepath.Join(testbed.StateRoot, "auth", "rogue")
+	if err := transfer.InitCA(rogue); err != nil {
+		t.Fatal(err)
+	}
+	if err := transfer.Issue(rogue, "operator", nil); err != nil {
+		t.Fatal(err)
+	}
+	realCA, err := os.ReadFile(filepath.Join(testbed.StateRoot, "auth", "certs", "ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(rogue, "ca.pem"), realCA, 0o644)
+	out, errs, code := migrate(t, tb, "status", "--certs", rogue)
+	if code == 0 || !strings.Contains(errs+out, "not authenticated") {
+		t.Fatalf("an agent accepted a certificate from a foreign authority (exit %d):\n%s%s", code, out, errs)
+	}
+	t.Logf("agent refused the rogue: %.200s", lastLine(errs))
+
 	dir := filepath.Join(testbed.StateRoot, "auth", "intruder")
 	if err := transfer.InitCA(dir); err != nil {
 		t.Fatal(err)
@@ -254,7 +307,8 @@ func TestUnauthenticatedPeerRefused(t *testing.T) {
 	if err := transfer.Issue(dir, "operator", nil); err != nil {
 		t.Fatal(err)
 	}
-	out, errs, code := migrate(t, tb, "status", "--certs", dir)
+	// A stranger altogether: its side refuses the agents' certificates.
+	out, errs, code = migrate(t, tb, "status", "--certs", dir)
 	if code == 0 || !strings.Contains(errs+out, "not authenticated") {
 		t.Fatalf("a foreign certificate was not refused (exit %d):\n%s%s", code, out, errs)
 	}

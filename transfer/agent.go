@@ -540,11 +540,17 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		err = vr.err
 	}
 	if err != nil {
-		// Nothing half-restored may stay: the source will take the container back.
-		if ok, _ := a.podman.Exists(context.WithoutCancel(r.Context()), name); ok {
-			a.podman.Remove(context.WithoutCancel(r.Context()), name)
+		// Nothing half-restored may stay: the source will take the container back. The
+		// CRIU log is kept first.
+		bctx := context.WithoutCancel(r.Context())
+		where := ""
+		if c, ierr := a.podman.Inspect(bctx, name); ierr == nil {
+			if dir := a.keepLogs(name, c.StaticDir, "restore.log"); dir != "" {
+				where = " (CRIU and runtime logs kept in " + a.cfg.Name + ":" + dir + ")"
+			}
+			a.podman.Remove(bctx, name)
 		}
-		return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)
 	return RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration, Received: time.Since(start)}, nil
@@ -590,6 +596,29 @@ func (a *Agent) undoIncoming(ctx context.Context, req AbortRequest) error {
 	}
 	slog.Info("incoming move undone", "container", req.Container, "source", req.Source)
 	return errors.Join(errs...)
+}
+
+// keepLogs copies a failed attempt's logs out of the container's directory, which podman
+// removes with the container, and returns where they are ("" if there were none).
+func (a *Agent) keepLogs(container, staticDir string, files ...string) string {
+	if staticDir == "" {
+		return ""
+	}
+	dir := filepath.Join(a.cfg.StateDir, "logs", container+"-"+time.Now().UTC().Format("20060102T150405"))
+	kept := false
+	for _, f := range files {
+		b, err := os.ReadFile(filepath.Join(staticDir, f))
+		if err != nil {
+			continue
+		}
+		if err := os.MkdirAll(dir, 0o755); err == nil && os.WriteFile(filepath.Join(dir, f), b, 0o644) == nil {
+			kept = true
+		}
+	}
+	if !kept {
+		return ""
+	}
+	return dir
 }
 
 // recover undoes incoming moves that a previous run of the agent left unfinished.

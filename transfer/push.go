@@ -194,6 +194,10 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	})
 	pr2.CloseWithError(errors.New("the target stopped reading"))
 	if err := <-expDone; err != nil {
+		if dir := a.keepLogs(c.Name, c.StaticDir, "dump.log"); dir != "" {
+			res.LogsDir = a.cfg.Name + ":" + dir
+			err = fmt.Errorf("%w (CRIU log kept in %s)", err, res.LogsDir)
+		}
 		return rollback(fmt.Errorf("checkpoint %s on %s: %w", c.Name, a.cfg.Name, err), true)
 	}
 	if rerr != nil {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/migrate-project/migrate/testbed"
@@ -39,6 +40,8 @@ func exitCode(err error) int {
 	switch {
 	case err == nil:
 		return exitOK
+	case strings.HasPrefix(err.Error(), "Required flag"): // urfave/cli's type for it is unexported
+		return exitUsage
 	case errors.As(err, &rb):
 		return exitRolledBack
 	case errors.As(err, &ue):
