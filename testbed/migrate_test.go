@@ -270,6 +270,7 @@ func TestRefusals(t *testing.T) {
 		{[]string{"push", "web", "--to", "a"}, 1, "already runs on a"},
 		{[]string{"run", "--on", "b", "--name", "web2", "--ip", webIP + "/16", testbed.ImageV1, "true"}, 1, "is taken by web on a"},
 		{[]string{"push"}, 2, "Required flag"},
+		{[]string{"push", "web", "--to", "client"}, 1, "runs no containers"},
 	} {
 		out, errs, code := migrate(t, tb, tc.args...)
 		if code != tc.code || !strings.Contains(out+errs, tc.want) {

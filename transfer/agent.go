@@ -451,6 +451,14 @@ func (a *Agent) prepare(r *http.Request) (any, error) {
 	add(Check{Property: "criu", Target: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem})
 	add(Check{Property: "oci runtime", Source: req.Runtime, Target: a.info.Runtime, OK: req.Runtime == a.info.Runtime})
 	add(Check{Property: "cgroups", Source: req.Cgroups, Target: a.info.Cgroups, OK: req.Cgroups == a.info.Cgroups})
+	if len(req.CPUInfo) > 0 {
+		err := cpuinfoCheck(ctx, req.CPUInfo)
+		c := Check{Property: "cpu features", Source: "criu cpuinfo of " + req.Source, Target: "compatible", OK: err == nil}
+		if err != nil {
+			c.Target, c.Detail = "incompatible", err.Error()
+		}
+		add(c)
+	}
 	has, err := a.podman.ImageExists(ctx, req.Image)
 	if err != nil {
 		return nil, err
@@ -596,6 +604,35 @@ func (a *Agent) undoIncoming(ctx context.Context, req AbortRequest) error {
 	}
 	slog.Info("incoming move undone", "container", req.Container, "source", req.Source)
 	return errors.Join(errs...)
+}
+
+// cpuinfoDump returns this host's `criu cpuinfo dump` image.
+func cpuinfoDump(ctx context.Context) ([]byte, error) {
+	d, err := os.MkdirTemp("", "migrate-cpuinfo-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(d)
+	if out, err := exec.CommandContext(ctx, "criu", "cpuinfo", "dump", "-D", d).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("criu cpuinfo dump: %w: %s", err, lastLine(string(out)))
+	}
+	return os.ReadFile(filepath.Join(d, "cpuinfo.img"))
+}
+
+// cpuinfoCheck runs `criu cpuinfo check` against another host's image.
+func cpuinfoCheck(ctx context.Context, img []byte) error {
+	d, err := os.MkdirTemp("", "migrate-cpuinfo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(d)
+	if err := os.WriteFile(filepath.Join(d, "cpuinfo.img"), img, 0o644); err != nil {
+		return err
+	}
+	if out, err := exec.CommandContext(ctx, "criu", "cpuinfo", "check", "-D", d).CombinedOutput(); err != nil {
+		return fmt.Errorf("criu cpuinfo check: %s", lastLine(string(out)))
+	}
+	return nil
 }
 
 // keepLogs copies a failed attempt's logs out of the container's directory, which podman

@@ -58,6 +58,9 @@ type PrepareRequest struct {
 	// Source's facts, compared by the target.
 	Runtime string `json:"oci_runtime"`
 	Cgroups string `json:"cgroups"`
+	// CPUInfo is the source's `criu cpuinfo dump` image: the target checks that its CPU
+	// offers what the container's processes may use.
+	CPUInfo []byte `json:"cpuinfo,omitempty"`
 	DryRun  bool   `json:"dry_run,omitempty"`
 }
 

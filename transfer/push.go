@@ -114,8 +114,12 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
+	cpu, err := cpuinfoDump(ctx)
+	if err != nil {
+		return fail(fmt.Errorf("pre-flight on %s: %w", a.cfg.Name, err))
+	}
 	prep := PrepareRequest{Container: c.Name, Image: c.Image, Source: a.cfg.Name, Endpoint: ep,
-		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, DryRun: req.DryRun}
+		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun}
 	var pr PrepareResponse
 	if err := target.Call(ctx, "/v1/prepare", prep, &pr); err != nil {
 		return fail(fmt.Errorf("pre-flight on %s: %w", req.To, err))
