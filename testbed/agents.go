@@ -85,8 +85,25 @@ func (tb *Testbed) startAgents(ctx context.Context) error {
 	return nil
 }
 
-// StartAgent starts (or restarts) the agent of host.
+// StartAgent starts the agent of host (after it stopped).
 func (tb *Testbed) StartAgent(ctx context.Context, host string) error {
+	return tb.StartAgentEnv(ctx, host, nil)
+}
+
+// RestartAgent stops host's agent and starts it again with extra environment (e.g. a
+// MIGRATE_FAULT for a test), waiting until it serves.
+func (tb *Testbed) RestartAgent(ctx context.Context, host string, env []string) error {
+	if pid, err := tb.AgentPID(host); err == nil {
+		terminate([]int{pid})
+	}
+	if err := tb.StartAgentEnv(ctx, host, env); err != nil {
+		return err
+	}
+	return tb.WaitAgent(ctx, host)
+}
+
+// StartAgentEnv starts the agent of host with extra environment.
+func (tb *Testbed) StartAgentEnv(ctx context.Context, host string, env []string) error {
 	h, err := tb.Host(host)
 	if err != nil {
 		return err
@@ -106,7 +123,7 @@ func (tb *Testbed) StartAgent(ctx context.Context, host string) error {
 		args = append(args, "--podman", h.PodmanURI)
 	}
 	cmd := exec.Command("nsenter", append(nsenterArgs(h), args...)...)
-	cmd.Env = append(baseEnv(), h.env()...)
+	cmd.Env = append(append(baseEnv(), h.env()...), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {

@@ -124,6 +124,9 @@ func (a *Agent) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST /v1/abort", a.handle(a.abort))
 	mux.HandleFunc("POST /v1/push", a.handlePush)
 	mux.HandleFunc("GET /v1/status", a.handle(a.status))
+	mux.HandleFunc("GET /v1/layers", a.handle(a.holdings))
+	mux.HandleFunc("POST /v1/layers/plan", a.handle(a.layerPlan))
+	mux.HandleFunc("POST /v1/image", a.handle(a.loadImage))
 	srv := &http.Server{
 		Handler:      mux,
 		TLSConfig:    a.tls,
@@ -500,7 +503,7 @@ func (a *Agent) prepare(r *http.Request) (any, error) {
 	return resp, nil
 }
 
-var errDigest = errors.New("checkpoint archive damaged in transit: digest mismatch")
+var errDigest = errors.New("archive damaged in transit: digest mismatch")
 
 // verifyingReader hashes the request body and turns its end into an error unless the
 // digest in the trailer matches: podman never sees a complete archive that is wrong.

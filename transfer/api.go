@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/migrate-project/migrate/layers"
 	"github.com/migrate-project/migrate/overlaynet"
 )
 
@@ -93,6 +94,25 @@ type RestoreResult struct {
 	Received time.Duration `json:"receive_ns"`
 }
 
+// ImageResult is the target's report of an image load.
+type ImageResult struct {
+	Bytes  int64    `json:"bytes"` // archive bytes received on the connection
+	Digest string   `json:"digest"`
+	Names  []string `json:"names"`
+}
+
+// Holdings is what layers a host holds (DiffIDs), and whether it has the image asked for.
+type Holdings struct {
+	Layers       []string `json:"layers"`
+	ImagePresent bool     `json:"image_present"`
+}
+
+// PlanRequest asks a source for the layer plan of moving a container to a target.
+type PlanRequest struct {
+	Container string `json:"container"`
+	To        string `json:"to"`
+}
+
 // PushRequest asks the source agent to move a container.
 type PushRequest struct {
 	Container string `json:"container"`
@@ -121,7 +141,9 @@ type PushResult struct {
 	RolledBack bool          `json:"rolled_back,omitempty"` // failed; the container runs on the source
 	Error      string        `json:"error,omitempty"`
 	Checks     []Check       `json:"checks,omitempty"`
-	Bytes      int64         `json:"bytes"`            // checkpoint bytes over the agent connection
+	Bytes      int64         `json:"bytes"`       // checkpoint bytes over the agent connection
+	ImageBytes int64         `json:"image_bytes"` // image archive bytes over the agent connection
+	Plan       *layers.Plan  `json:"layer_plan,omitempty"`
 	Total      time.Duration `json:"total_ns"`         // request to done
 	Frozen     time.Duration `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed
 	Phases     []Phase       `json:"phases,omitempty"` // how long each step took

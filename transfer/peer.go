@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 )
@@ -138,25 +139,54 @@ func (d *digestingReader) Read(b []byte) (int, error) {
 // Restore streams a checkpoint archive from r to the agent, which restores the container
 // only if the archive arrives whole and matches the digest. progress sees bytes sent.
 func (p *Peer) Restore(ctx context.Context, container string, r io.Reader, progress func(int64)) (*RestoreResult, error) {
+	var res RestoreResult
+	return &res, p.upload(ctx, "/v1/restore?container="+container, r, progress, &res)
+}
+
+// LoadImage streams an image archive to the agent, which loads it only if it arrives whole
+// and matches the digest.
+func (p *Peer) LoadImage(ctx context.Context, r io.Reader, progress func(int64)) (*ImageResult, error) {
+	var res ImageResult
+	return &res, p.upload(ctx, "/v1/image", r, progress, &res)
+}
+
+// upload posts r with its SHA-256 as a trailer and decodes the answer into out.
+func (p *Peer) upload(ctx context.Context, path string, r io.Reader, progress func(int64), out any) error {
 	trailer := http.Header{digestTrailer: nil}
-	dr := &digestingReader{r: r, h: sha256.New(), trailer: trailer, onRead: progress}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url("/v1/restore?container="+container), dr)
+	var body io.Reader = &digestingReader{r: r, h: sha256.New(), trailer: trailer, onRead: progress}
+	if os.Getenv("MIGRATE_FAULT") == "flip-image-byte" && path == "/v1/image" {
+		body = &flipReader{r: body, at: 4096} // damage in transit, after the digest
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url(path), body)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	req.ContentLength = -1
 	req.Trailer = trailer
 	req.Header.Set("Content-Type", "application/x-tar")
 	resp, err := p.hc.Do(req)
 	if err != nil {
-		return nil, p.classify(err)
+		return p.classify(err)
 	}
 	defer resp.Body.Close()
-	var res RestoreResult
-	if err := p.decode(resp, &res); err != nil {
-		return nil, err
+	return p.decode(resp, out)
+}
+
+// flipReader flips one bit of the byte at offset at: a test's stand-in for a link that
+// damages data (MIGRATE_FAULT=flip-image-byte).
+type flipReader struct {
+	r  io.Reader
+	n  int64
+	at int64
+}
+
+func (f *flipReader) Read(b []byte) (int, error) {
+	n, err := f.r.Read(b)
+	if f.at >= f.n && f.at < f.n+int64(n) {
+		b[f.at-f.n] ^= 0x01
 	}
-	return &res, nil
+	f.n += int64(n)
+	return n, err
 }
 
 // Push asks the agent (the container's source) to move it, calling onEvent for each event

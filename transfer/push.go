@@ -114,6 +114,22 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
+	// The image: only the layers the target lacks cross the link, before anything freezes.
+	plan, err := a.LayerPlan(ctx, c.Name, req.To)
+	if err != nil {
+		return fail(fmt.Errorf("layer plan: %w", err))
+	}
+	res.Plan = plan
+	if !plan.ImagePresent && !req.DryRun {
+		t1 := time.Now()
+		emit(Event{Kind: "phase", Phase: "image"})
+		ir, err := a.shipImage(ctx, plan, func(n int64) { res.ImageBytes = n })
+		if err != nil {
+			return fail(fmt.Errorf("%w (nothing was frozen: %s runs on %s)", err, c.Name, a.cfg.Name))
+		}
+		res.ImageBytes = ir.Bytes
+		phase("image", t1)
+	}
 	cpu, err := cpuinfoDump(ctx)
 	if err != nil {
 		return fail(fmt.Errorf("pre-flight on %s: %w", a.cfg.Name, err))
@@ -124,7 +140,12 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if err := target.Call(ctx, "/v1/prepare", prep, &pr); err != nil {
 		return fail(fmt.Errorf("pre-flight on %s: %w", req.To, err))
 	}
-	res.Checks = append(res.Checks, pr.Checks...)
+	for _, ch := range pr.Checks {
+		if ch.Property == "image" && !ch.OK && req.DryRun && !plan.ImagePresent {
+			ch.OK, ch.Target = true, fmt.Sprintf("missing: %d of %d layers to ship, %.1f MB", plan.MissingLayers, len(plan.Layers), float64(plan.MissingBytes)/1e6)
+		}
+		res.Checks = append(res.Checks, ch)
+	}
 	for i := range res.Checks {
 		if res.Checks[i].OK {
 			res.Checks[i].Detail = ""

@@ -87,6 +87,32 @@ func (op *operator) containers(ctx context.Context) ([]transfer.ContainerInfo, m
 	return all, errs
 }
 
+// locate returns the host that runs container name: from if given, else found by asking
+// every host.
+func (op *operator) locate(c *cli.Context, name, from string) (string, error) {
+	if from != "" {
+		return from, nil
+	}
+	all, errs := op.containers(c.Context)
+	var where []string
+	for _, ci := range all {
+		if ci.Name == name && ci.State == "running" {
+			where = append(where, ci.Host)
+		}
+	}
+	switch {
+	case len(where) == 1:
+		return where[0], nil
+	case len(where) > 1:
+		return "", fmt.Errorf("container %s runs on several hosts (%v): say which with --from", name, where)
+	}
+	msg := fmt.Sprintf("no host runs a container named %s", name)
+	for h, e := range errs {
+		msg += fmt.Sprintf("; %s did not answer: %v", h, e)
+	}
+	return "", errors.New(msg)
+}
+
 var certsCommand = &cli.Command{
 	Name:  "certs",
 	Usage: "make the certificates agents and operators authenticate each other with",
@@ -234,27 +260,9 @@ container resumes on the source with its connections, and push exits with code 4
 		if _, err := op.peer(c.String("to")); err != nil {
 			return err
 		}
-		from := c.String("from")
-		if from == "" {
-			all, errs := op.containers(c.Context)
-			var where []string
-			for _, ci := range all {
-				if ci.Name == name && ci.State == "running" {
-					where = append(where, ci.Host)
-				}
-			}
-			switch {
-			case len(where) == 1:
-				from = where[0]
-			case len(where) > 1:
-				return fmt.Errorf("container %s runs on several hosts (%v): say which with --from", name, where)
-			default:
-				msg := fmt.Sprintf("no host runs a container named %s", name)
-				for h, e := range errs {
-					msg += fmt.Sprintf("; %s did not answer: %v", h, e)
-				}
-				return errors.New(msg)
-			}
+		from, err := op.locate(c, name, c.String("from"))
+		if err != nil {
+			return err
 		}
 		src, err := op.peer(from)
 		if err != nil {
@@ -302,8 +310,12 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 	case r.OK && r.DryRun:
 		fmt.Fprintf(w, "%s can restore %s: `migrate push %s --to %s` would move it\n", r.To, r.Container, r.Container, r.To)
 	case r.OK:
-		fmt.Fprintf(w, "moved %s from %s to %s: %.1f MB in %s, traffic held %s\n", r.Container, r.From, r.To,
+		fmt.Fprintf(w, "moved %s from %s to %s: %.1f MB of checkpoint in %s, traffic held %s\n", r.Container, r.From, r.To,
 			float64(r.Bytes)/1e6, r.Total.Round(time.Millisecond), r.Frozen.Round(time.Millisecond))
+		if p := r.Plan; p != nil {
+			fmt.Fprintf(w, "  image %s: %d of %d layers shipped, %.1f MB on the wire (%.1f MB missing of %.1f MB)\n", p.Image,
+				p.MissingLayers, len(p.Layers), float64(r.ImageBytes)/1e6, float64(p.MissingBytes)/1e6, float64(p.TotalBytes)/1e6)
+		}
 		for _, p := range r.Phases {
 			fmt.Fprintf(w, "  %-28s %s\n", p.Name, p.Duration.Round(time.Millisecond))
 		}

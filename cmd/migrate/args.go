@@ -10,7 +10,7 @@ import (
 // (`migrate push web --to b`); urfave/cli stops at the first argument otherwise. Commands
 // whose trailing arguments are another program's command line (run, testbed exec) are
 // not listed.
-var interspersed = map[string]*cli.Command{"push": pushCommand}
+var interspersed = map[string]*cli.Command{"push": pushCommand, "diff": layersCommand.Subcommands[0]}
 
 // reorderArgs moves the flags of an interspersed command before its arguments.
 func reorderArgs(args []string) []string {
@@ -18,6 +18,9 @@ func reorderArgs(args []string) []string {
 		a := args[i]
 		if strings.HasPrefix(a, "-") {
 			continue // a global flag (global flags here take values only with '=' or are bools)
+		}
+		if a == "layers" { // a parent: its subcommand comes next
+			continue
 		}
 		cmd, ok := interspersed[a]
 		if !ok {

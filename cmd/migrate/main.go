@@ -85,6 +85,7 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			serveCommand,
 			certsCommand,
 			overlayCommand,
+			layersCommand,
 			testbedCommand,
 			demoCommand,
 		},

@@ -59,6 +59,7 @@ func TestReorderArgs(t *testing.T) {
 		{"migrate push web --to b", "migrate push --to b web"},
 		{"migrate --json push web --to=b --dry-run", "migrate --json push --to=b --dry-run web"},
 		{"migrate push --to b web", "migrate push --to b web"},
+		{"migrate layers diff web --to b", "migrate layers diff --to b web"},
 		{"migrate run --on a img sh -c x", "migrate run --on a img sh -c x"},
 		{"migrate testbed exec a -- ls -l", "migrate testbed exec a -- ls -l"},
 	} {

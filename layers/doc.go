@@ -1,2 +1,0 @@
-// Package layers will compute which image layers a target host lacks and ship only those.
-package layers

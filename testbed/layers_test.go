@@ -1,0 +1,167 @@
+package testbed_test
+
+import (
+	"archive/tar"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/testbed"
+)
+
+// layerSizes lists the layer blobs of image as podman on host saves them: DiffID -> bytes.
+func layerSizes(t *testing.T, tb *testbed.Testbed, host, image string) map[string]int64 {
+	t.Helper()
+	f := filepath.Join(testbed.DataRoot, tb.Name, "save-"+host+".tar")
+	defer os.Remove(f)
+	if _, err := tb.Run(context.Background(), host, "podman", "save", "--format", "docker-archive", "-o", f, image); err != nil {
+		t.Fatal(err)
+	}
+	in, err := os.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	sizes := map[string]int64{}
+	tr := tar.NewReader(in)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if base, ok := strings.CutSuffix(h.Name, ".tar"); ok && len(base) == 64 && h.Typeflag == tar.TypeReg {
+			sizes["sha256:"+base] = h.Size
+		}
+	}
+	return sizes
+}
+
+func imageLayers(t *testing.T, tb *testbed.Testbed, host, image string) []string {
+	t.Helper()
+	out, err := tb.Run(context.Background(), host, "podman", "image", "inspect", "--format", "{{range .RootFS.Layers}}{{.}} {{end}}", image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(out)
+}
+
+// The target holds image 1; a container of image 2 (same base layers) moves. Only the
+// missing layer crosses the agents' connection; a layer damaged on the way is refused and
+// the container stays on the source.
+func TestPushShipsOnlyMissingLayers(t *testing.T) {
+	tb := upAgents(t, "layers", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	ctx := context.Background()
+	if _, err := tb.Run(ctx, "b", "podman", "rmi", testbed.ImageV2); err != nil {
+		t.Fatal(err)
+	}
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV2, "iperf3", "-s")
+	time.Sleep(300 * time.Millisecond)
+
+	// What b lacks, measured on the images themselves rather than taken from the plan.
+	held := map[string]bool{}
+	for _, d := range imageLayers(t, tb, "b", testbed.ImageV1) {
+		held[d] = true
+	}
+	var missing, total int64
+	for d, n := range layerSizes(t, tb, "a", testbed.ImageV2) {
+		total += n
+		if !held[d] {
+			missing += n
+		}
+	}
+	if missing == 0 || missing == total {
+		t.Fatalf("test images must share some layers and differ in others (missing %d of %d)", missing, total)
+	}
+	out := mustMigrate(t, tb, "layers", "diff", "web", "--to", "b")
+	t.Logf("layers diff:\n%s", out)
+
+	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 15), "-i", "0.1", "-J")
+	time.Sleep(2 * time.Second)
+
+	// A byte flipped on the way: the target refuses the archive, nothing moves.
+	if err := tb.RestartAgent(ctx, "a", []string{"MIGRATE_FAULT=flip-image-byte"}); err != nil {
+		t.Fatal(err)
+	}
+	pout, perr, code := migrate(t, tb, "push", "web", "--to", "b")
+	if code == 0 || !strings.Contains(pout+perr, "digest mismatch") {
+		t.Fatalf("a damaged image archive was not refused (exit %d):\n%s%s", code, pout, perr)
+	}
+	t.Logf("damaged layer refused: %s", lastLine(perr))
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after the refused move web runs on %v, want a", w)
+	}
+	if _, err := tb.Run(ctx, "b", "podman", "image", "exists", testbed.ImageV2); err == nil {
+		t.Fatal("b holds the image after a damaged transfer")
+	}
+
+	if err := tb.RestartAgent(ctx, "a", nil); err != nil {
+		t.Fatal(err)
+	}
+	r := push(t, tb, "b")
+	if !r.OK {
+		t.Fatalf("push: %+v", r)
+	}
+	const overhead = 64 << 10 // manifest, config, tar headers, placeholders
+	t.Logf("image bytes on the connection %d; missing layers %d of %d (ratio %.4f)", r.ImageBytes, missing, total, float64(r.ImageBytes)/float64(missing))
+	if limit := missing*105/100 + overhead; r.ImageBytes > limit || r.ImageBytes < missing {
+		t.Errorf("%d image bytes crossed for %d bytes of missing layers (limit %d)", r.ImageBytes, missing, limit)
+	}
+	if got, want := imageID(t, tb, "b", testbed.ImageV2), imageID(t, tb, "a", testbed.ImageV2); got != want {
+		t.Errorf("image ID on b %s, on a %s", got, want)
+	}
+	cout, err := wait()
+	if err != nil {
+		t.Fatalf("iperf3: %v\n%s", err, cout)
+	}
+	if _, sent, recv, err := testbed.IperfStream(cout); err != nil || sent == 0 || sent != recv {
+		t.Fatalf("stream: sent %d received %d %v", sent, recv, err)
+	}
+}
+
+func imageID(t *testing.T, tb *testbed.Testbed, host, image string) string {
+	t.Helper()
+	out, err := tb.Run(context.Background(), host, "podman", "image", "inspect", "--format", "{{.ID}}", image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out)
+}
+
+// A target that holds no image at all receives the whole image; the container runs there
+// and keeps its connection.
+func TestPushToTargetWithoutImages(t *testing.T) {
+	tb := upAgents(t, "noimg", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	ctx := context.Background()
+	if _, err := tb.Run(ctx, "b", "podman", "rmi", "-a"); err != nil {
+		t.Fatal(err)
+	}
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "iperf3", "-s")
+	time.Sleep(300 * time.Millisecond)
+	var total int64
+	for _, n := range layerSizes(t, tb, "a", testbed.ImageV1) {
+		total += n
+	}
+	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 10), "-i", "0.1", "-J")
+	time.Sleep(2 * time.Second)
+	r := push(t, tb, "b")
+	if !r.OK || r.ImageBytes < total {
+		t.Fatalf("push: ok %v, %d image bytes for a %d-byte image: %+v", r.OK, r.ImageBytes, total, r)
+	}
+	cout, err := wait()
+	if err != nil {
+		t.Fatalf("iperf3: %v\n%s", err, cout)
+	}
+	if _, sent, recv, err := testbed.IperfStream(cout); err != nil || sent == 0 || sent != recv {
+		t.Fatalf("stream: sent %d received %d %v", sent, recv, err)
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("web runs on %v, want b", w)
+	}
+}
