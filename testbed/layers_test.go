@@ -3,6 +3,8 @@ package testbed_test
 import (
 	"archive/tar"
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
 )
 
 // layerSizes lists the layer blobs of image as podman on host saves them: DiffID -> bytes.
@@ -163,5 +166,56 @@ func TestPushToTargetWithoutImages(t *testing.T) {
 	}
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
 		t.Fatalf("web runs on %v, want b", w)
+	}
+}
+
+// Bytes and time of moving a container whose image the target partly or wholly lacks:
+// `migrate push` against the stock way (podman save | copy | podman load, then checkpoint
+// --export | copy | restore --import), at 100 Mbit/s. Figures are logged, not asserted.
+func TestBenchImageMoveVersusStock(t *testing.T) {
+	tb := upAgents(t, "bench", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	ctx := context.Background()
+	for i, sc := range []struct {
+		name  string
+		prune []string // what b forgets before each move
+	}{
+		{"target has base", []string{"rmi", "-f", testbed.ImageV2}},
+		{"target has nothing", []string{"rmi", "-a", "-f"}},
+	} {
+		reset := func() {
+			tb.Run(ctx, "b", "podman", "rm", "-a", "-f")
+			if _, err := tb.Run(ctx, "b", append([]string{"podman"}, sc.prune...)...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Names and addresses per scenario: the reset removes containers behind the agents'
+		// backs, leaving their endpoints plumbed.
+		ip := func(n int) string { return fmt.Sprintf("10.88.1.%d/16", 10*i+n) }
+		p, s := fmt.Sprint("p", i), fmt.Sprint("s", i)
+
+		reset()
+		mustMigrate(t, tb, "run", "--on", "a", "--name", p, "--ip", ip(1), testbed.ImageV2, "iperf3", "-s")
+		out := mustMigrate(t, tb, "--json", "push", p, "--to", "b")
+		var r transfer.PushResult
+		if err := json.Unmarshal([]byte(out), &r); err != nil || !r.OK {
+			t.Fatalf("push: %v %s", err, out)
+		}
+		pushBytes := r.ImageBytes + r.Bytes
+
+		reset()
+		mustMigrate(t, tb, "run", "--on", "a", "--name", s, "--ip", ip(2), testbed.ImageV2, "iperf3", "-s")
+		start := time.Now()
+		img, err := tb.StockImageCopy(ctx, testbed.ImageV2, "a", "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sr, err := tb.StockMove(ctx, s, ip(2), "a", "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		stockTime, stockBytes := time.Since(start), img+sr.Bytes
+		t.Logf("%-18s push: %6.1f MB %6s | stock: %6.1f MB %6s | ratio bytes %.2f, time %.2f",
+			sc.name, float64(pushBytes)/1e6, r.Total.Round(10*time.Millisecond), float64(stockBytes)/1e6,
+			stockTime.Round(10*time.Millisecond), float64(pushBytes)/float64(stockBytes), r.Total.Seconds()/stockTime.Seconds())
 	}
 }

@@ -80,3 +80,45 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 	tb.Run(ctx, from, "podman", "rm", "-f", name)
 	return r, nil
 }
+
+// StockImageCopy copies image from one host to another the stock way: podman save on the
+// source, the archive over the underlay with nc, podman load on the target. It returns the
+// archive's size.
+func (tb *Testbed) StockImageCopy(ctx context.Context, image, from, to string) (int64, error) {
+	dst, err := tb.Host(to)
+	if err != nil {
+		return 0, err
+	}
+	dir := filepath.Join(dataDir(tb.Name), "stock-image")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	srcFile, dstFile := filepath.Join(dir, "from.tar"), filepath.Join(dir, "to.tar")
+	recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9001 > "+dstFile)
+	if err != nil {
+		return 0, err
+	}
+	if err := recv.Start(); err != nil {
+		return 0, err
+	}
+	defer recv.Process.Kill()
+	time.Sleep(200 * time.Millisecond)
+	if _, err := tb.Run(ctx, from, "podman", "save", "-o", srcFile, image); err != nil {
+		return 0, err
+	}
+	if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9001 < "+srcFile); err != nil {
+		return 0, fmt.Errorf("copy image: %w", err)
+	}
+	if err := recv.Wait(); err != nil {
+		return 0, err
+	}
+	if _, err := tb.Run(ctx, to, "podman", "load", "-i", dstFile); err != nil {
+		return 0, err
+	}
+	st, err := os.Stat(dstFile)
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
