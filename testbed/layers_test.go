@@ -64,7 +64,8 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	if _, err := tb.Run(ctx, "b", "podman", "rmi", testbed.ImageV2); err != nil {
 		t.Fatal(err)
 	}
-	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV2, "iperf3", "-s")
+	cmd, n := serve(10, 25)
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV2, "sh", "-c", cmd)
 	time.Sleep(300 * time.Millisecond)
 
 	// What b lacks, measured on the images themselves rather than taken from the plan.
@@ -85,7 +86,7 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	out := mustMigrate(t, tb, "layers", "diff", "web", "--to", "b")
 	t.Logf("layers diff:\n%s", out)
 
-	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 15), "-i", "0.1", "-J")
+	tr := startTraffic(t, tb, 60, 15, n)
 	time.Sleep(2 * time.Second)
 
 	// A byte flipped on the way: the target refuses the archive, nothing moves.
@@ -119,13 +120,7 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	if got, want := imageID(t, tb, "b", testbed.ImageV2), imageID(t, tb, "a", testbed.ImageV2); got != want {
 		t.Errorf("image ID on b %s, on a %s", got, want)
 	}
-	cout, err := wait()
-	if err != nil {
-		t.Fatalf("iperf3: %v\n%s", err, cout)
-	}
-	if _, sent, recv, err := testbed.IperfStream(cout); err != nil || sent == 0 || sent != recv {
-		t.Fatalf("stream: sent %d received %d %v", sent, recv, err)
-	}
+	tr.check(t)
 }
 
 func imageID(t *testing.T, tb *testbed.Testbed, host, image string) string {
@@ -145,25 +140,20 @@ func TestPushToTargetWithoutImages(t *testing.T) {
 	if _, err := tb.Run(ctx, "b", "podman", "rmi", "-a"); err != nil {
 		t.Fatal(err)
 	}
-	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "iperf3", "-s")
+	cmd, n := serve(10, 14)
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sh", "-c", cmd)
 	time.Sleep(300 * time.Millisecond)
 	var total int64
 	for _, n := range layerSizes(t, tb, "a", testbed.ImageV1) {
 		total += n
 	}
-	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 10), "-i", "0.1", "-J")
+	tr := startTraffic(t, tb, 60, 10, n)
 	time.Sleep(2 * time.Second)
 	r := push(t, tb, "b")
 	if !r.OK || r.ImageBytes < total {
 		t.Fatalf("push: ok %v, %d image bytes for a %d-byte image: %+v", r.OK, r.ImageBytes, total, r)
 	}
-	cout, err := wait()
-	if err != nil {
-		t.Fatalf("iperf3: %v\n%s", err, cout)
-	}
-	if _, sent, recv, err := testbed.IperfStream(cout); err != nil || sent == 0 || sent != recv {
-		t.Fatalf("stream: sent %d received %d %v", sent, recv, err)
-	}
+	tr.check(t)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
 		t.Fatalf("web runs on %v, want b", w)
 	}

@@ -3,7 +3,10 @@ package testbed
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
+	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -49,4 +52,55 @@ func SockperfGap(log []byte) (gap, maxRTT time.Duration, n int, err error) {
 		return 0, 0, 0, fmt.Errorf("no replies in the sockperf log")
 	}
 	return gap, maxRTT, n, nil
+}
+
+// StreamPort is where memload's stream server listens in the test containers.
+const StreamPort = 7000
+
+// StreamServe is the shell command that serves both an iperf3 server and an exact byte
+// stream of n bytes paced at mbit Mbit/s (memload -stream-serve).
+func StreamServe(n int64, mbit float64) string {
+	return fmt.Sprintf("memload -stream-serve :%d -bytes %d -stream-rate %g & exec iperf3 -s", StreamPort, n, mbit)
+}
+
+// Stream is what memload -stream-connect reports.
+type Stream struct {
+	Expected   int64         `json:"expected"`
+	Received   int64         `json:"received"`
+	CorruptAt  int64         `json:"corrupt_at"`
+	LargestGap time.Duration `json:"largest_gap_ns"`
+	Duration   time.Duration `json:"duration_ns"`
+	Error      string        `json:"error,omitempty"`
+}
+
+// Intact reports whether every byte arrived once, in order, unchanged.
+func (s Stream) Intact() bool {
+	return s.Error == "" && s.CorruptAt < 0 && s.Expected > 0 && s.Received == s.Expected
+}
+
+// ParseStream reads memload -stream-connect's JSON line.
+func ParseStream(b []byte) (Stream, error) {
+	var s Stream
+	i := bytes.IndexByte(b, '{')
+	if i < 0 {
+		return s, fmt.Errorf("no stream result in %q", b)
+	}
+	if err := json.NewDecoder(bytes.NewReader(b[i:])).Decode(&s); err != nil {
+		return s, fmt.Errorf("stream result: %w", err)
+	}
+	return s, nil
+}
+
+// StreamClient starts memload -stream-connect on the client against addr.
+func (tb *Testbed) StreamClient(ctx context.Context, ip string, n int64) (*exec.Cmd, *bytes.Buffer, error) {
+	if tb.MemloadBin == "" {
+		return nil, nil, fmt.Errorf("testbed %s has no memload binary", tb.Name)
+	}
+	cmd, err := tb.Command(ctx, ClientName, tb.MemloadBin, "-stream-connect", fmt.Sprintf("%s:%d", ip, StreamPort), "-bytes", fmt.Sprint(n))
+	if err != nil {
+		return nil, nil, err
+	}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	return cmd, &out, cmd.Start()
 }

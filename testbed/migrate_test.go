@@ -117,12 +117,60 @@ func iperfBytes(mbit float64, seconds float64) string {
 	return fmt.Sprint(int64(mbit*1e6/8*seconds) / block * block)
 }
 
+// traffic is what a user sends through a move: an iperf3 stream (-R, a byte count) and an
+// exact byte stream whose every byte the client checks.
+type traffic struct {
+	iperf  func() ([]byte, error)
+	stream *exec.Cmd
+	out    *bytes.Buffer
+}
+
+// serve is the container command for traffic: the stream paced at streamMbit for seconds.
+func serve(streamMbit, seconds float64) (string, int64) {
+	n := int64(streamMbit * 1e6 / 8 * seconds)
+	return testbed.StreamServe(n, streamMbit), n
+}
+
+func startTraffic(t *testing.T, tb *testbed.Testbed, iperfMbit, seconds float64, streamBytes int64) *traffic {
+	t.Helper()
+	tr := &traffic{iperf: startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(iperfMbit, seconds), "-i", "0.1", "-J")}
+	var err error
+	tr.stream, tr.out, err = tb.StreamClient(context.Background(), webIP, streamBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.stream.Process.Kill() })
+	return tr
+}
+
+// check waits for both and fails the test unless iperf3 finished without error and the
+// exact stream arrived whole: every byte sent was received, once, unchanged.
+func (tr *traffic) check(t *testing.T) {
+	t.Helper()
+	out, err := tr.iperf()
+	if err != nil {
+		t.Fatalf("iperf3 client: %v\n%s", err, out)
+	}
+	gap, sent, recv, err := testbed.IperfStream(out)
+	if err != nil || recv == 0 {
+		t.Fatalf("iperf3: received %d: %v", recv, err)
+	}
+	serr := tr.stream.Wait()
+	st, perr := testbed.ParseStream(tr.out.Bytes())
+	if serr != nil || perr != nil || !st.Intact() {
+		t.Fatalf("the byte stream did not survive: %v %v %+v\n%s", serr, perr, st, tr.out.String())
+	}
+	t.Logf("iperf3: %d bytes sent, %d received, largest gap %s; exact stream: %d of %d bytes, all checked, largest gap %s",
+		sent, recv, gap, st.Received, st.Expected, st.LargestGap.Round(time.Millisecond))
+}
+
 // An iperf3 stream keeps its one connection through a -> b -> a.
 func TestPushIperfThereAndBack(t *testing.T) {
 	tb := upAgents(t, "iperf", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
-	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "iperf3", "-s")
+	cmd, n := serve(20, 14)
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sh", "-c", cmd)
 	time.Sleep(300 * time.Millisecond)
-	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(90, 12), "-i", "0.1", "-J")
+	tr := startTraffic(t, tb, 60, 12, n)
 	time.Sleep(3 * time.Second)
 	if r := push(t, tb, "b"); !r.OK {
 		t.Fatalf("push to b: %+v", r)
@@ -134,18 +182,7 @@ func TestPushIperfThereAndBack(t *testing.T) {
 	if r := push(t, tb, "a"); !r.OK {
 		t.Fatalf("push back to a: %+v", r)
 	}
-	out, err := wait()
-	if err != nil {
-		t.Fatalf("iperf3 client: %v\n%s", err, out)
-	}
-	gap, sent, recv, err := testbed.IperfStream(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("iperf3: sent %d, received %d, largest gap %s", sent, recv, gap)
-	if sent == 0 || sent != recv {
-		t.Fatalf("bytes sent %d != received %d", sent, recv)
-	}
+	tr.check(t)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after push back, web runs on %v", w)
 	}
@@ -185,10 +222,11 @@ func TestPushSockperfPingPong(t *testing.T) {
 func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	tb := upAgents(t, "kill", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
 	// 256 MiB of memory take about 20 s over the 100 Mbit/s link.
+	cmd, n := serve(10, 45)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
-		"sh", "-c", "memload -size 256 -rate 100 & exec iperf3 -s")
+		"sh", "-c", "memload -size 256 -rate 100 & "+cmd)
 	time.Sleep(2 * time.Second)
-	wait := startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(80, 45), "-i", "0.5", "-J")
+	tr := startTraffic(t, tb, 60, 40, n)
 	time.Sleep(2 * time.Second)
 
 	pushCmd := tb.Migrate(context.Background(), testbed.ClientName, "--json", "push", "web", "--to", "b")
@@ -212,15 +250,7 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after the failed move web runs on %v, want a", w)
 	}
-	out, err := wait()
-	if err != nil {
-		t.Fatalf("the connection did not survive the failed move: %v\n%s", err, out)
-	}
-	gap, sent, recv, err := testbed.IperfStream(out)
-	if err != nil || sent == 0 || sent != recv {
-		t.Fatalf("stream after rollback: sent %d received %d err %v", sent, recv, err)
-	}
-	t.Logf("stream kept: %d bytes both ways, largest gap %s", sent, gap)
+	tr.check(t)
 
 	// b's agent comes back (as a supervisor would restart it) and undoes the half move.
 	if err := tb.StartAgent(context.Background(), "b"); err != nil {
@@ -367,5 +397,57 @@ func TestDowntimePushVersusStock(t *testing.T) {
 	})
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Errorf("after both moves web runs on %v, want a", w)
+	}
+}
+
+// The link to the target is cut (every frame dropped, no reset) mid-transfer: push rolls
+// back when the transfer stalls, the container and its connection go on on the source, and
+// the target cleans up by itself once the link is back.
+func TestPushLinkCutMidTransfer(t *testing.T) {
+	link := testbed.Link{RateMbit: 100, Delay: time.Millisecond}
+	tb := upAgents(t, "cut", link)
+	ctx := context.Background()
+	cmd, n := serve(10, 50)
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
+		"sh", "-c", "memload -size 256 -rate 100 & "+cmd)
+	time.Sleep(2 * time.Second)
+	tr := startTraffic(t, tb, 50, 45, n)
+	time.Sleep(2 * time.Second)
+
+	pushCmd := tb.Migrate(ctx, testbed.ClientName, "--json", "push", "web", "--to", "b", "--stall-timeout", "5s")
+	var pout bytes.Buffer
+	pushCmd.Stdout, pushCmd.Stderr = &pout, &pout
+	if err := pushCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(6 * time.Second) // the transfer is under way
+	if err := tb.SetLink("b", testbed.Link{RateMbit: 100, Delay: time.Millisecond, Loss: 100}); err != nil {
+		t.Fatal(err)
+	}
+	err := pushCmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 4 {
+		t.Fatalf("push should roll back (exit 4) when the link is cut: %v\n%s", err, pout.String())
+	}
+	t.Logf("push: %s", lastLine(pout.String()))
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after the cut web runs on %v, want a", w)
+	}
+	if err := tb.SetLink("b", link); err != nil {
+		t.Fatal(err)
+	}
+	tr.check(t)
+	// b notices the dead transfer (keepalive) and undoes its half of the move.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ns, _ := tb.Run(ctx, "b", "ip", "netns", "list")
+		ps, _ := tb.Run(ctx, "b", "podman", "ps", "-a", "--format", "{{.Names}}")
+		if !strings.Contains(ns, "mig-web") && strings.TrimSpace(ps) == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("b still holds the half move: netns %q containers %q", ns, ps)
+		}
+		time.Sleep(2 * time.Second)
 	}
 }

@@ -108,6 +108,9 @@ type Testbed struct {
 	Hosts    []*Host `json:"hosts"` // migrate hosts, then the client
 	// MigrateBin is the migrate binary the agents run ("" without agents).
 	MigrateBin string `json:"migrate_bin,omitempty"`
+	// MemloadBin is the memload binary the test images were built with (the client runs
+	// its stream checker).
+	MemloadBin string `json:"memload_bin,omitempty"`
 }
 
 // Host returns the named host or the client.
@@ -231,7 +234,7 @@ func Up(ctx context.Context, cfg Config) (tb *Testbed, err error) {
 		}
 	}()
 
-	tb = &Testbed{Name: cfg.Name, Underlay: "/run/netns/" + netnsName(cfg.Name, "ul"), Subnet: "10.99.0.0/24"}
+	tb = &Testbed{Name: cfg.Name, Underlay: "/run/netns/" + netnsName(cfg.Name, "ul"), Subnet: "10.99.0.0/24", MemloadBin: cfg.Memload}
 	for i, name := range append(append([]string{}, cfg.Hosts...), ClientName) {
 		link := cfg.Link
 		if l, ok := cfg.Links[name]; ok {

@@ -561,6 +561,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			}
 			a.podman.Remove(bctx, name)
 		}
+		// The source cannot commit a failed restore: undo the prepared endpoint now rather
+		// than wait for an abort that a cut link may never deliver.
+		go a.undoIncoming(bctx, AbortRequest{Container: name, Source: prep.Source, Endpoint: prep.Endpoint})
 		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)

@@ -118,6 +118,9 @@ type PushRequest struct {
 	Container string `json:"container"`
 	To        string `json:"to"`
 	DryRun    bool   `json:"dry_run,omitempty"`
+	// StallTimeout rolls the move back when the transfer makes no progress for this long
+	// (a cut link that sends no reset). Default 60 s.
+	StallTimeout time.Duration `json:"stall_timeout_ns,omitempty"`
 }
 
 // Event is one line of a push's progress stream (newline-delimited JSON).

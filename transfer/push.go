@@ -41,6 +41,36 @@ func (a *Agent) handlePush(w http.ResponseWriter, r *http.Request) {
 	emit(Event{Kind: "result", Result: res})
 }
 
+// watchdog calls fire if kick is not called for d (until stopped).
+type watchdog struct {
+	t *time.Timer
+	d time.Duration
+}
+
+func newWatchdog(d time.Duration, fire func()) *watchdog {
+	return &watchdog{d: d, t: time.AfterFunc(d, fire)}
+}
+
+func (w *watchdog) kick() { w.t.Reset(w.d) }
+func (w *watchdog) stop() { w.t.Stop() }
+
+// eofReader calls onEOF once its reader is exhausted: the upload is complete and what
+// follows (the target's restore) is not a transfer to watch.
+type eofReader struct {
+	r     io.Reader
+	onEOF func()
+	done  bool
+}
+
+func (e *eofReader) Read(b []byte) (int, error) {
+	n, err := e.r.Read(b)
+	if err == io.EOF && !e.done {
+		e.done = true
+		e.onEOF()
+	}
+	return n, err
+}
+
 // Push moves a container from this host to req.To. It never loses the container: any
 // failure before the overlay points at the target rolls back, and the container runs here
 // again with its connections.
@@ -202,21 +232,36 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return rollback(err, false)
 	}
 	frozenAt := time.Now()
+	// A watchdog cancels the transfer if it stalls: a cut link may send no reset.
+	stall := req.StallTimeout
+	if stall <= 0 {
+		stall = 60 * time.Second
+	}
+	tctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	wd := newWatchdog(stall, func() {
+		cancel(fmt.Errorf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
+	})
+	defer wd.stop()
 	pr2, pw := io.Pipe()
 	expDone := make(chan error, 1)
 	go func() {
-		_, err := a.podman.Export(ctx, c.Name, pw, checkpoint.Options{TCPEstablished: true, Keep: true})
+		_, err := a.podman.Export(tctx, c.Name, pw, checkpoint.Options{TCPEstablished: true, Keep: true})
 		pw.CloseWithError(err)
 		expDone <- err
 	}()
 	var lastEmit time.Time
-	rr, rerr := target.Restore(ctx, c.Name, pr2, func(n int64) {
+	rr, rerr := target.Restore(tctx, c.Name, &eofReader{r: pr2, onEOF: wd.stop}, func(n int64) {
+		wd.kick()
 		res.Bytes = n
 		if time.Since(lastEmit) > 200*time.Millisecond {
 			lastEmit = time.Now()
 			emit(Event{Kind: "progress", Phase: "transfer", Bytes: n})
 		}
 	})
+	if cause := context.Cause(tctx); cause != nil && rerr != nil {
+		rerr = cause
+	}
 	pr2.CloseWithError(errors.New("the target stopped reading"))
 	if err := <-expDone; err != nil {
 		if dir := a.keepLogs(c.Name, c.StaticDir, "dump.log"); dir != "" {

@@ -247,6 +247,7 @@ container resumes on the source with its connections, and push exits with code 4
 		&cli.StringFlag{Name: "to", Required: true, Usage: "target host"},
 		&cli.StringFlag{Name: "from", Usage: "source host (default: found by asking every host)"},
 		&cli.BoolFlag{Name: "dry-run", Usage: "run the pre-flight gate only and print the plan"},
+		&cli.DurationFlag{Name: "stall-timeout", Value: 60 * time.Second, Usage: "roll back if the transfer makes no progress this long (a cut link)"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() != 1 {
@@ -269,7 +270,7 @@ container resumes on the source with its connections, and push exits with code 4
 			return err
 		}
 		prog := newProgress(c)
-		res, err := src.Push(c.Context, transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run")}, prog.event)
+		res, err := src.Push(c.Context, transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout")}, prog.event)
 		prog.done()
 		if err != nil {
 			return err

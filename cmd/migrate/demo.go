@@ -67,9 +67,11 @@ testbed is removed afterwards unless --keep.`,
 					fmt.Fprintf(w, "  push FAILED: %s\n", p.Error)
 				}
 			}
-			fmt.Fprintf(w, "  stream: sent %d bytes, received %d bytes\n", d.SentBytes, d.ReceivedBytes)
+			fmt.Fprintf(w, "  iperf3 stream: sent %d bytes, received %d bytes\n", d.SentBytes, d.ReceivedBytes)
+			fmt.Fprintf(w, "  checked stream: %d of %d bytes received, each one checked, largest gap %s\n",
+				d.Stream.Received, d.Stream.Expected, d.Stream.LargestGap.Round(time.Millisecond))
 			if d.Survived {
-				fmt.Fprintln(w, "  connection survived: yes (one TCP connection, every byte arrived)")
+				fmt.Fprintln(w, "  connections survived: yes (same TCP connections, every byte arrived)")
 			} else {
 				fmt.Fprintf(w, "  connection survived: NO (%s)\n", d.ClientError)
 			}

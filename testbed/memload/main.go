@@ -19,7 +19,6 @@ import (
 	"flag"
 	"fmt"
 	"hash/crc64"
-	"net"
 	"os"
 	"os/signal"
 	"sync"
@@ -82,7 +81,25 @@ func main() {
 	rate := flag.Int("rate", 100, "pages dirtied per second")
 	report := flag.Duration("report", 0, "print the status line at this interval (0: only at start and on SIGUSR1)")
 	listen := flag.String("listen", "", "answer TCP connections on this address with the status line")
+	streamServeAddr := flag.String("stream-serve", "", "instead: send -bytes bytes of a checkable pattern to every connection on this address")
+	streamConnectAddr := flag.String("stream-connect", "", "instead: receive a -stream-serve stream and check every byte")
+	streamBytes := flag.Int64("bytes", 100<<20, "stream length in bytes")
+	streamRate := flag.Float64("stream-rate", 0, "pace the stream to this many Mbit/s (0: as fast as the connection goes)")
 	flag.Parse()
+	if *streamServeAddr != "" {
+		if err := streamServe(*streamServeAddr, *streamBytes, *streamRate); err != nil {
+			fmt.Fprintln(os.Stderr, "memload:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if *streamConnectAddr != "" {
+		if err := streamConnect(*streamConnectAddr, *streamBytes); err != nil {
+			fmt.Fprintln(os.Stderr, "memload:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *size <= 0 || *rate < 0 {
 		fmt.Fprintln(os.Stderr, "memload: -size must be > 0 and -rate >= 0")
 		os.Exit(2)
@@ -95,7 +112,7 @@ func main() {
 	fmt.Println(w.status())
 
 	if *listen != "" {
-		ln, err := net.Listen("tcp", *listen)
+		ln, err := listenTCP(*listen)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "memload:", err)
 			os.Exit(1)

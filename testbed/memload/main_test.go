@@ -1,8 +1,10 @@
 package main
 
 import (
+	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 func newWorkload(pages uint64) *workload {
@@ -35,5 +37,28 @@ func TestChecksumCatchesCorruption(t *testing.T) {
 	w.counter-- // a counter that went back (a restart) no longer matches memory
 	if s := w.status(); !strings.Contains(s, "ok=false") {
 		t.Fatalf("counter mismatch not detected: %s", s)
+	}
+}
+
+func TestStreamCountsAndChecksEveryByte(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	go streamServe(addr, 1<<20+17, 0)
+	var err2 error
+	for i := 0; i < 50; i++ {
+		if err2 = streamConnect(addr, 1<<20+17); err2 == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err2 != nil {
+		t.Fatal(err2)
+	}
+	if err := streamConnect(addr, 1<<20+18); err == nil {
+		t.Fatal("a short stream must fail the check")
 	}
 }

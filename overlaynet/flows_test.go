@@ -1,0 +1,83 @@
+package overlaynet
+
+import (
+	"net/netip"
+	"sort"
+	"strings"
+	"testing"
+)
+
+func table(o *OVS) []string {
+	var out []string
+	for _, f := range o.flows() {
+		b, err := f.MarshalText()
+		if err != nil {
+			panic(err)
+		}
+		out = append(out, string(b))
+	}
+	sort.Strings(out)
+	return out
+}
+
+func has(t *testing.T, flows []string, parts ...string) {
+	t.Helper()
+	for _, f := range flows {
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(f, p)
+		}
+		if ok {
+			return
+		}
+	}
+	t.Errorf("no flow with %q in:\n%s", parts, strings.Join(flows, "\n"))
+}
+
+func TestFlowsFollowLocations(t *testing.T) {
+	o := NewOVS(Config{Host: "a"})
+	o.tunnels = map[string]int{"b": 5, "client": 6}
+	o.local = map[string]int{"02:4d:0a:58:00:0a": 3}
+	o.locs = map[string]Location{
+		"02:4d:0a:58:00:0a": {Name: "web", MAC: "02:4d:0a:58:00:0a", IP: netip.MustParseAddr("10.88.0.10"), Host: "a"},
+		"02:4d:0a:58:ff:01": {Name: "client", MAC: "02:4d:0a:58:ff:01", Host: "client"},
+	}
+	f := table(o)
+	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:00:0a", "actions=output:3")
+	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:ff:01", "actions=output:6")
+	// Broadcasts from a tunnel reach only local ports (no loops in the full mesh).
+	has(t, f, "priority=50", "in_port=5", "actions=output:3")
+	has(t, f, "priority=50", "in_port=6", "actions=output:3")
+	has(t, f, "priority=40", "actions=flood")
+	has(t, f, "priority=0", "actions=drop")
+
+	// Moved to b: the same MAC now goes into the tunnel to b.
+	l := o.locs["02:4d:0a:58:00:0a"]
+	l.Host = "b"
+	o.locs[l.MAC] = l
+	f = table(o)
+	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:00:0a", "actions=output:5")
+
+	// Frozen during a move: dropped above every other rule.
+	o.frozen["02:4d:0a:58:00:0a"] = true
+	has(t, table(o), "priority=200", "dl_dst=02:4d:0a:58:00:0a", "actions=drop")
+}
+
+func TestFlowsWithoutLocalPortsDropTunnelBroadcasts(t *testing.T) {
+	o := NewOVS(Config{Host: "a"})
+	o.tunnels = map[string]int{"b": 5}
+	has(t, table(o), "priority=50", "in_port=5", "actions=drop")
+}
+
+func TestEndpointNames(t *testing.T) {
+	e := NewEndpoint("web", netip.MustParsePrefix("10.88.0.10/16"))
+	if e.MAC != "02:4d:0a:58:00:0a" || e.NetNS != "mig-web" || e.NetNSPath() != "/run/netns/mig-web" {
+		t.Fatalf("%+v", e)
+	}
+	if p := e.Port(); len(p) > 15 || !strings.HasPrefix(p, "m-") {
+		t.Fatalf("port name %q must be a valid interface name", p)
+	}
+	if NewEndpoint("web2", e.Prefix).Port() == e.Port() {
+		t.Fatal("ports of different endpoints must differ")
+	}
+}

@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+)
+
+// The stream modes prove that a TCP connection survived a move without losing, repeating
+// or corrupting a byte: the server sends exactly -bytes bytes of a pattern that depends on
+// the position, and closes; the client checks every byte and the count, and measures the
+// longest time it waited for data.
+//
+//	memload -stream-serve :7000 -bytes N [-rate Mbit]
+//	memload -stream-connect 10.88.0.10:7000 -bytes N   (prints one JSON line)
+
+func patternByte(i int64) byte { return byte(i ^ i>>8 ^ i>>16) }
+
+// listenTCP listens without MPTCP: Go >= 1.24 uses MPTCP for listeners by default, and
+// CRIU cannot checkpoint MPTCP sockets ("Unsupported proto 262").
+func listenTCP(addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp", addr)
+}
+
+func streamServe(addr string, n int64, mbit float64) error {
+	ln, err := listenTCP(addr)
+	if err != nil {
+		return err
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func(c net.Conn) {
+			defer c.Close()
+			buf := make([]byte, 64<<10)
+			start := time.Now()
+			for off := int64(0); off < n; {
+				k := min(int64(len(buf)), n-off)
+				for j := int64(0); j < k; j++ {
+					buf[j] = patternByte(off + j)
+				}
+				w, err := c.Write(buf[:k])
+				off += int64(w)
+				if err != nil {
+					return
+				}
+				if mbit > 0 { // pace to the rate
+					if ahead := time.Duration(float64(off*8)/(mbit*1e6)*float64(time.Second)) - time.Since(start); ahead > 0 {
+						time.Sleep(ahead)
+					}
+				}
+			}
+		}(c)
+	}
+}
+
+type streamResult struct {
+	Expected   int64  `json:"expected"`
+	Received   int64  `json:"received"`
+	CorruptAt  int64  `json:"corrupt_at"` // -1: every byte right
+	LargestGap int64  `json:"largest_gap_ns"`
+	Duration   int64  `json:"duration_ns"`
+	Error      string `json:"error,omitempty"`
+}
+
+func streamConnect(addr string, n int64) error {
+	r := streamResult{Expected: n, CorruptAt: -1}
+	start := time.Now()
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		r.Error = err.Error()
+	} else {
+		defer c.Close()
+		buf := make([]byte, 64<<10)
+		last := time.Now()
+		for {
+			k, err := c.Read(buf)
+			now := time.Now()
+			if k > 0 {
+				if g := now.Sub(last); int64(g) > r.LargestGap {
+					r.LargestGap = int64(g)
+				}
+				last = now
+				for j := 0; j < k && r.CorruptAt < 0; j++ {
+					if buf[j] != patternByte(r.Received+int64(j)) {
+						r.CorruptAt = r.Received + int64(j)
+					}
+				}
+				r.Received += int64(k)
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				r.Error = err.Error()
+				break
+			}
+		}
+	}
+	r.Duration = int64(time.Since(start))
+	json.NewEncoder(os.Stdout).Encode(r)
+	if r.Error != "" || r.Received != n || r.CorruptAt >= 0 {
+		return fmt.Errorf("stream: received %d of %d bytes, corrupt at %d, error %q", r.Received, n, r.CorruptAt, r.Error)
+	}
+	return nil
+}
