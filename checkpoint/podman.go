@@ -72,12 +72,11 @@ type RestoreOptions struct {
 
 // Result describes a checkpoint or restore.
 type Result struct {
-	ID       string        `json:"id"`
-	Bytes    int64         `json:"bytes"`         // archive size
-	Duration time.Duration `json:"duration_ns"`   // wall time of the call
-	Runtime  time.Duration `json:"runtime_ns"`    // as podman measured the runtime's part
-	Frozen   time.Duration `json:"frozen_ns"`     // CRIU: how long the processes were frozen
-	Pages    uint64        `json:"pages_written"` // CRIU: memory pages written
+	ID          string        `json:"id"`
+	Bytes       int64         `json:"bytes"`           // archive size
+	Duration    time.Duration `json:"duration_ns"`     // wall time of the call
+	Runtime     time.Duration `json:"runtime_ns"`      // as podman measured the runtime's part
+	CRIURestore time.Duration `json:"criu_restore_ns"` // CRIU's own restore time
 }
 
 // Export checkpoints container name and streams the checkpoint archive into w. Unless
@@ -138,7 +137,7 @@ func (p *Podman) Import(ctx context.Context, r io.Reader, o RestoreOptions) (*Re
 	}
 	res := &Result{ID: rep.Id, Bytes: cr.n, Duration: time.Since(start), Runtime: time.Duration(rep.RuntimeDuration) * time.Microsecond}
 	if s := rep.CRIUStatistics; s != nil {
-		res.Frozen = time.Duration(s.RestoreTime) * time.Microsecond
+		res.CRIURestore = time.Duration(s.RestoreTime) * time.Microsecond
 	}
 	return res, nil
 }

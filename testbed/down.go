@@ -135,11 +135,8 @@ func terminate(pids []int) {
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGTERM)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	waitGone(pids, 5*time.Second)
 	for _, p := range pids {
-		for alive(p) && time.Now().Before(deadline) {
-			time.Sleep(50 * time.Millisecond)
-		}
 		if alive(p) {
 			syscall.Kill(p, syscall.SIGKILL)
 		}
@@ -200,7 +197,12 @@ func killIn(netID, mntID string) {
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGKILL)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	waitGone(pids, 5*time.Second)
+}
+
+// waitGone waits up to d for the processes to end.
+func waitGone(pids []int, d time.Duration) {
+	deadline := time.Now().Add(d)
 	for _, p := range pids {
 		for alive(p) && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/migrate-project/migrate/overlaynet"
 )
 
 // startHost gives h its mount namespace with a private podman store at the default paths,
@@ -123,15 +125,6 @@ func pingPodman(ctx context.Context, sock string) error {
 	return nil
 }
 
-// ovsDatapath is "system" where the kernel has the openvswitch module, else "netdev"
-// (the userspace datapath).
-func ovsDatapath() string {
-	if _, err := os.Stat("/sys/module/openvswitch"); err == nil {
-		return "system"
-	}
-	return "netdev"
-}
-
 func (tb *Testbed) startOVS(ctx context.Context, h *Host) error {
 	d := h.OVSDir
 	if err := os.MkdirAll(d, 0o755); err != nil {
@@ -150,14 +143,14 @@ func (tb *Testbed) startOVS(ctx context.Context, h *Host) error {
 		{"ovs-vswitchd", db, "--pidfile=" + filepath.Join(d, "ovs-vswitchd.pid"),
 			"--unixctl=" + filepath.Join(d, "ovs-vswitchd.ctl"), "--log-file=" + filepath.Join(d, "ovs-vswitchd.log"),
 			"--detach", "--no-chdir"},
-		{"ovs-vsctl", "--db=" + db, "--timeout=20", "add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=" + ovsDatapath()},
+		{"ovs-vsctl", "--db=" + db, "--timeout=20", "add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=" + overlaynet.Datapath()},
 	}
 	for _, s := range steps {
 		if _, err := tb.Run(ctx, h.Name, s...); err != nil {
 			return err
 		}
 	}
-	slog.Debug("ovs up", "host", h.Name, "datapath", ovsDatapath())
+	slog.Debug("ovs up", "host", h.Name, "datapath", overlaynet.Datapath())
 	return nil
 }
 

@@ -188,17 +188,15 @@ func TestPushIperfThereAndBack(t *testing.T) {
 	}
 }
 
-// A sockperf ping-pong client runs through a move without error or reconnect.
-func TestPushSockperfPingPong(t *testing.T) {
-	tb := upAgents(t, "sockp", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
-	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
-	time.Sleep(300 * time.Millisecond)
+// sockperfThrough runs a sockperf ping-pong client against web for seconds, calls move
+// after 3 s, and returns the largest gap and round trip the client saw and its replies.
+// The client must end without error: no reconnect, no reset.
+func sockperfThrough(t *testing.T, tb *testbed.Testbed, seconds int, move func()) (gap, rtt time.Duration, n int) {
+	t.Helper()
 	logf := filepath.Join(t.TempDir(), "sockperf.csv")
-	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", "10", "--mps", "200", "--full-log", logf)
+	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
 	time.Sleep(3 * time.Second)
-	if r := push(t, tb, "b"); !r.OK {
-		t.Fatalf("push: %+v", r)
-	}
+	move()
 	out, err := wait()
 	if err != nil || bytes.Contains(out, []byte("ERROR")) {
 		t.Fatalf("sockperf client: %v\n%s", err, out)
@@ -207,10 +205,23 @@ func TestPushSockperfPingPong(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gap, rtt, n, err := testbed.SockperfGap(log)
+	gap, rtt, n, err = testbed.SockperfGap(log)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return gap, rtt, n
+}
+
+// A sockperf ping-pong client runs through a move without error or reconnect.
+func TestPushSockperfPingPong(t *testing.T) {
+	tb := upAgents(t, "sockp", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
+	time.Sleep(300 * time.Millisecond)
+	gap, rtt, n := sockperfThrough(t, tb, 10, func() {
+		if r := push(t, tb, "b"); !r.OK {
+			t.Fatalf("push: %+v", r)
+		}
+	})
 	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s", n, gap, rtt)
 	if n < 500 {
 		t.Errorf("only %d replies in 10 s at 200/s", n)
@@ -361,22 +372,8 @@ func TestDowntimePushVersusStock(t *testing.T) {
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
 	time.Sleep(300 * time.Millisecond)
 	measure := func(label string, move func() string) {
-		logf := filepath.Join(t.TempDir(), "sockperf.csv")
-		wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", "9", "--mps", "200", "--full-log", logf)
-		time.Sleep(3 * time.Second)
-		detail := move()
-		out, err := wait()
-		if err != nil || bytes.Contains(out, []byte("ERROR")) {
-			t.Fatalf("%s: sockperf client: %v\n%s", label, err, out)
-		}
-		log, err := os.ReadFile(logf)
-		if err != nil {
-			t.Fatal(err)
-		}
-		gap, rtt, n, err := testbed.SockperfGap(log)
-		if err != nil {
-			t.Fatal(err)
-		}
+		var detail string
+		gap, rtt, n := sockperfThrough(t, tb, 9, func() { detail = move() })
 		t.Logf("%-12s largest gap %7s  largest round trip %7s  replies %d  %s", label, gap.Round(time.Millisecond), rtt.Round(time.Millisecond), n, detail)
 	}
 	measure("migrate push", func() string {

@@ -6,8 +6,8 @@
 // container checkpointed in one host's store really restores into another store at the
 // same paths, as between real machines. Each host runs its own podman API service and its
 // own Open vSwitch instance; the agent slot (address, directory) is reserved for
-// `migrate serve`. The hosts and the client hang off an underlay bridge in a namespace of
-// its own, each link shaped with tc netem (rate, delay, loss).
+// `migrate serve`. The hosts and the client hang off the underlay, a userspace switch (the
+// wire, see wire.go) in a namespace of its own that shapes each link (rate, delay, loss).
 //
 // Down finds everything by name, not from a state file, so it cleans up after a crashed or
 // killed run as well.
