@@ -33,7 +33,8 @@ func (tb *Testbed) OperatorEnv() []string {
 func (tb *Testbed) Migrate(ctx context.Context, host string, args ...string) *exec.Cmd {
 	cmd, err := tb.Command(ctx, host, append([]string{tb.MigrateBin}, args...)...)
 	if err != nil {
-		cmd = exec.CommandContext(ctx, "false")
+		cmd = exec.CommandContext(ctx, tb.MigrateBin)
+		cmd.Err = err // Start, Run and Output return it
 		return cmd
 	}
 	cmd.Env = append(cmd.Env, tb.OperatorEnv()...)

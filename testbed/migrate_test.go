@@ -85,6 +85,33 @@ func where(t *testing.T, tb *testbed.Testbed, name string) []string {
 	return hosts
 }
 
+// startPush starts `migrate ARGS` in the background; the returned function waits for it
+// and fails the test unless it exits with code.
+func startPush(t *testing.T, tb *testbed.Testbed, args ...string) func(code int) {
+	t.Helper()
+	cmd := tb.Migrate(context.Background(), testbed.ClientName, append([]string{"--json"}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return func(code int) {
+		t.Helper()
+		err := cmd.Wait()
+		got := 0
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			got = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("migrate %v: %v", args, err)
+		}
+		if got != code {
+			t.Fatalf("migrate %v: exit %d, want %d\n%s", args, got, code, out.String())
+		}
+		t.Logf("migrate %v: %s", args, lastLine(out.String()))
+	}
+}
+
 // startClient starts a command on the client and returns a function that waits for it.
 func startClient(t *testing.T, tb *testbed.Testbed, args ...string) func() ([]byte, error) {
 	t.Helper()
@@ -240,24 +267,14 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	tr := startTraffic(t, tb, 60, 40, n)
 	time.Sleep(2 * time.Second)
 
-	pushCmd := tb.Migrate(context.Background(), testbed.ClientName, "--json", "push", "web", "--to", "b")
-	var pout bytes.Buffer
-	pushCmd.Stdout, pushCmd.Stderr = &pout, &pout
-	if err := pushCmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	waitPush := startPush(t, tb, "push", "web", "--to", "b")
 	time.Sleep(6 * time.Second) // dump done, transfer under way
 	pid, err := tb.AgentPID("b")
 	if err != nil {
 		t.Fatal(err)
 	}
 	syscall.Kill(pid, syscall.SIGKILL)
-	err = pushCmd.Wait()
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.ExitCode() != 4 {
-		t.Fatalf("push should fail with exit code 4 (rolled back): %v\n%s", err, pout.String())
-	}
-	t.Logf("push: %s", lastLine(pout.String()))
+	waitPush(4)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after the failed move web runs on %v, want a", w)
 	}
@@ -411,22 +428,12 @@ func TestPushLinkCutMidTransfer(t *testing.T) {
 	tr := startTraffic(t, tb, 50, 45, n)
 	time.Sleep(2 * time.Second)
 
-	pushCmd := tb.Migrate(ctx, testbed.ClientName, "--json", "push", "web", "--to", "b", "--stall-timeout", "5s")
-	var pout bytes.Buffer
-	pushCmd.Stdout, pushCmd.Stderr = &pout, &pout
-	if err := pushCmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--stall-timeout", "5s")
 	time.Sleep(6 * time.Second) // the transfer is under way
 	if err := tb.SetLink("b", testbed.Link{RateMbit: 100, Delay: time.Millisecond, Loss: 100}); err != nil {
 		t.Fatal(err)
 	}
-	err := pushCmd.Wait()
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.ExitCode() != 4 {
-		t.Fatalf("push should roll back (exit 4) when the link is cut: %v\n%s", err, pout.String())
-	}
-	t.Logf("push: %s", lastLine(pout.String()))
+	waitPush(4)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after the cut web runs on %v, want a", w)
 	}

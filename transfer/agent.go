@@ -559,10 +559,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			if dir := a.keepLogs(name, c.StaticDir, "restore.log"); dir != "" {
 				where = " (CRIU and runtime logs kept in " + a.cfg.Name + ":" + dir + ")"
 			}
-			a.podman.Remove(bctx, name)
 		}
-		// The source cannot commit a failed restore: undo the prepared endpoint now rather
-		// than wait for an abort that a cut link may never deliver.
+		// The source cannot commit a failed restore: undo it (container, endpoint, journal)
+		// now rather than wait for an abort that a cut link may never deliver.
 		go a.undoIncoming(bctx, AbortRequest{Container: name, Source: prep.Source, Endpoint: prep.Endpoint})
 		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"sort"
 
+	"github.com/migrate-project/migrate/checkpoint"
 	"github.com/migrate-project/migrate/layers"
 )
 
@@ -45,6 +46,10 @@ func (a *Agent) LayerPlan(ctx context.Context, container, to string) (*layers.Pl
 	if err != nil {
 		return nil, err
 	}
+	return a.layerPlanOf(ctx, c, to)
+}
+
+func (a *Agent) layerPlanOf(ctx context.Context, c *checkpoint.Container, to string) (*layers.Plan, error) {
 	id, ls, err := a.podman.ImageLayers(ctx, c.Image)
 	if err != nil {
 		return nil, err
@@ -66,7 +71,7 @@ func (a *Agent) LayerPlan(ctx context.Context, container, to string) (*layers.Pl
 		in[i] = layers.Layer{DiffID: l.DiffID, Size: l.Size}
 	}
 	p := layers.NewPlan(c.Image, id, to, in, held, h.ImagePresent)
-	if n, err := a.podman.RootfsChanges(ctx, container); err == nil {
+	if n, err := a.podman.RootfsChanges(ctx, c.Name); err == nil {
 		p.RootfsChanges = n
 	}
 	return &p, nil

@@ -30,8 +30,6 @@ type Peer struct {
 	Name string
 	Addr string
 	hc   *http.Client
-	// Dial, if set, replaces the TCP dial (tests use it to count and tamper with bytes).
-	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // NewPeer returns a client for the agent at addr, authenticating with tlsConf.
@@ -43,12 +41,7 @@ func NewPeer(name, addr string, tlsConf *tls.Config) *Peer {
 		TLSClientConfig:     conf,
 		ForceAttemptHTTP2:   false,
 		TLSHandshakeTimeout: 10 * time.Second,
-		DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-			if p.Dial != nil {
-				return p.Dial(ctx, network, a)
-			}
-			return (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}).DialContext(ctx, network, a)
-		},
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
 	}
 	p.hc = &http.Client{Transport: tr}
 	return p

@@ -145,7 +145,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
 	// The image: only the layers the target lacks cross the link, before anything freezes.
-	plan, err := a.LayerPlan(ctx, c.Name, req.To)
+	plan, err := a.layerPlanOf(ctx, c, req.To)
 	if err != nil {
 		return fail(fmt.Errorf("layer plan: %w", err))
 	}

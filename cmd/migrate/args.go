@@ -10,21 +10,24 @@ import (
 // (`migrate push web --to b`); urfave/cli stops at the first argument otherwise. Commands
 // whose trailing arguments are another program's command line (run, testbed exec) are
 // not listed.
-var interspersed = map[string]*cli.Command{"push": pushCommand, "diff": layersCommand.Subcommands[0]}
+var interspersed = map[*cli.Command]bool{pushCommand: true, layersCommand.Subcommands[0]: true}
 
-// reorderArgs moves the flags of an interspersed command before its arguments.
-func reorderArgs(args []string) []string {
+// reorderArgs moves the flags of an interspersed command before its arguments. It walks
+// the command tree from the top (global flags here are bools or take '=' values), so a
+// subcommand anywhere in the tree is found the same way.
+func reorderArgs(cmds []*cli.Command, args []string) []string {
 	for i := 1; i < len(args); i++ {
 		a := args[i]
 		if strings.HasPrefix(a, "-") {
-			continue // a global flag (global flags here take values only with '=' or are bools)
-		}
-		if a == "layers" { // a parent: its subcommand comes next
 			continue
 		}
-		cmd, ok := interspersed[a]
-		if !ok {
+		cmd := findCommand(cmds, a)
+		if cmd == nil {
 			return args
+		}
+		if !interspersed[cmd] {
+			cmds = cmd.Subcommands // a parent: its subcommand comes next
+			continue
 		}
 		takesValue := map[string]bool{}
 		for _, f := range cmd.Flags {
@@ -52,8 +55,16 @@ func reorderArgs(args []string) []string {
 			}
 			pos = append(pos, t)
 		}
-		out := append(append(append([]string{}, args[:i+1]...), flags...), pos...)
-		return out
+		return append(append(append([]string{}, args[:i+1]...), flags...), pos...)
 	}
 	return args
+}
+
+func findCommand(cmds []*cli.Command, name string) *cli.Command {
+	for _, c := range cmds {
+		if c.HasName(name) {
+			return c
+		}
+	}
+	return nil
 }

@@ -108,7 +108,8 @@ func main() {
 	testbed.MaybeRunWire() // this process may be a testbed's wire
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := newApp(os.Stdout, os.Stderr).RunContext(ctx, reorderArgs(os.Args))
+	app := newApp(os.Stdout, os.Stderr)
+	err := app.RunContext(ctx, reorderArgs(app.Commands, os.Args))
 	var ec cli.ExitCoder
 	if errors.As(err, &ec) { // a command's own exit status, e.g. from `testbed exec`
 		if msg := err.Error(); msg != "" {

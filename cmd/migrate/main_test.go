@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"os"
 	"strings"
 	"testing"
@@ -62,8 +63,9 @@ func TestReorderArgs(t *testing.T) {
 		{"migrate layers diff web --to b", "migrate layers diff --to b web"},
 		{"migrate run --on a img sh -c x", "migrate run --on a img sh -c x"},
 		{"migrate testbed exec a -- ls -l", "migrate testbed exec a -- ls -l"},
+		{"migrate testbed exec a --name x", "migrate testbed exec a --name x"},
 	} {
-		if got := strings.Join(reorderArgs(strings.Fields(tc.in)), " "); got != tc.want {
+		if got := strings.Join(reorderArgs(newApp(io.Discard, io.Discard).Commands, strings.Fields(tc.in)), " "); got != tc.want {
 			t.Errorf("%q: got %q, want %q", tc.in, got, tc.want)
 		}
 	}
