@@ -20,6 +20,8 @@ type Container struct {
 	Labels map[string]string `json:"labels,omitempty"`
 	// StaticDir holds the container's CRIU logs (dump.log, restore.log) on its host.
 	StaticDir string `json:"static_dir,omitempty"`
+	// PID is the host PID of the container's first process (0 unless running).
+	PID int `json:"pid,omitempty"`
 }
 
 // Spec describes a container to create on a given network namespace.
@@ -59,7 +61,7 @@ func (p *Podman) Inspect(ctx context.Context, name string) (*Container, error) {
 	if err != nil {
 		return nil, p.apiError("inspect", name, err)
 	}
-	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels, StaticDir: d.StaticDir}, nil
+	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels, StaticDir: d.StaticDir, PID: d.State.Pid}, nil
 }
 
 // List returns every container on the host.

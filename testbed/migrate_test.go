@@ -267,7 +267,7 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	tr := startTraffic(t, tb, 60, 40, n)
 	time.Sleep(2 * time.Second)
 
-	waitPush := startPush(t, tb, "push", "web", "--to", "b")
+	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy")
 	time.Sleep(6 * time.Second) // dump done, transfer under way
 	pid, err := tb.AgentPID("b")
 	if err != nil {
@@ -428,7 +428,7 @@ func TestPushLinkCutMidTransfer(t *testing.T) {
 	tr := startTraffic(t, tb, 50, 45, n)
 	time.Sleep(2 * time.Second)
 
-	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--stall-timeout", "5s")
+	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy", "--stall-timeout", "5s")
 	time.Sleep(6 * time.Second) // the transfer is under way
 	if err := tb.SetLink("b", testbed.Link{RateMbit: 100, Delay: time.Millisecond, Loss: 100}); err != nil {
 		t.Fatal(err)

@@ -25,6 +25,7 @@ import (
 
 	"github.com/migrate-project/migrate/checkpoint"
 	"github.com/migrate-project/migrate/overlaynet"
+	"github.com/migrate-project/migrate/pages"
 )
 
 // AgentConfig configures `migrate serve`.
@@ -36,6 +37,8 @@ type AgentConfig struct {
 	Underlay  string       // the device holding the underlay address (default eth0)
 	StateDir  string       // journal of incoming moves, kept logs
 	Endpoint  netip.Prefix // optional: give this node itself an overlay address (a client)
+	// PageStoreBytes bounds the page store (StateDir/pages); default 2 GiB.
+	PageStoreBytes int64
 }
 
 // Agent is one host's `migrate serve`.
@@ -46,10 +49,12 @@ type Agent struct {
 	podman *checkpoint.Podman
 	ovs    *overlaynet.OVS
 	info   HostInfo
+	store  *pages.Store
 
 	mu       sync.Mutex
 	inflight map[string]bool
 	last     *PushResult
+	sessions map[string]*incoming // page sessions of incoming moves
 }
 
 // NewAgent checks the configuration, sets up the overlay node and recovers from moves
@@ -72,7 +77,13 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]bool{}}
+	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]bool{}, sessions: map[string]*incoming{}}
+	if cfg.PageStoreBytes == 0 {
+		cfg.PageStoreBytes = 2 << 30
+	}
+	if a.store, err = pages.OpenStore(filepath.Join(cfg.StateDir, "pages"), cfg.PageStoreBytes); err != nil {
+		return nil, err
+	}
 	if cfg.PodmanURI != "" {
 		if a.podman, err = checkpoint.Connect(ctx, cfg.PodmanURI); err != nil {
 			return nil, err
@@ -113,13 +124,20 @@ func (a *Agent) Serve(ctx context.Context) error {
 		return fmt.Errorf("listen on %s: %w", a.self.Agent, err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/info", a.handle(func(r *http.Request) (any, error) { return a.info, nil }))
+	mux.HandleFunc("GET /v1/info", a.handle(func(r *http.Request) (any, error) {
+		info := a.info
+		st := a.store.Stats()
+		info.PageStore = &st
+		return info, nil
+	}))
 	mux.HandleFunc("GET /v1/containers", a.handle(func(r *http.Request) (any, error) { return a.containers(r.Context()) }))
 	mux.HandleFunc("GET /v1/locations", a.handle(func(r *http.Request) (any, error) { return a.ovs.Locations(), nil }))
 	mux.HandleFunc("POST /v1/locate", a.handle(a.locate))
 	mux.HandleFunc("POST /v1/run", a.handle(a.run))
 	mux.HandleFunc("POST /v1/prepare", a.handle(a.prepare))
 	mux.HandleFunc("POST /v1/restore", a.handle(a.restore))
+	mux.HandleFunc("POST /v1/pages/announce", a.handle(a.announcePages))
+	mux.HandleFunc("POST /v1/pages/put", a.handle(a.putPages))
 	mux.HandleFunc("POST /v1/commit", a.handle(a.commit))
 	mux.HandleFunc("POST /v1/abort", a.handle(a.abort))
 	mux.HandleFunc("POST /v1/push", a.handlePush)
@@ -209,6 +227,9 @@ func (a *Agent) hostInfo(ctx context.Context) HostInfo {
 		if out, err := exec.CommandContext(ctx, "criu", "check").CombinedOutput(); err != nil {
 			info.CRIUProblem = "criu check fails: " + lastLine(string(out))
 		}
+		// Without soft-dirty bits CRIU cannot pre-dump; pre-copy then finds changed
+		// pages by their hashes.
+		info.DirtyTracking = exec.CommandContext(ctx, "criu", "check", "--feature", "mem_dirty_track").Run() == nil
 	}
 	if a.podman != nil {
 		rt, err := a.podman.Runtime(ctx)
@@ -500,6 +521,7 @@ func (a *Agent) prepare(r *http.Request) (any, error) {
 		os.Remove(a.journal(req.Container))
 		return nil, err
 	}
+	a.openSession(req.Container)
 	return resp, nil
 }
 
@@ -508,6 +530,7 @@ var errDigest = errors.New("archive damaged in transit: digest mismatch")
 // verifyingReader hashes the request body and turns its end into an error unless the
 // digest in the trailer matches: podman never sees a complete archive that is wrong.
 type verifyingReader struct {
+	src io.Reader // the archive: the request body, or what is rebuilt from it
 	r   *http.Request
 	h   hash.Hash
 	n   int64
@@ -515,7 +538,7 @@ type verifyingReader struct {
 }
 
 func (v *verifyingReader) Read(b []byte) (int, error) {
-	n, err := v.r.Body.Read(b)
+	n, err := v.src.Read(b)
 	v.h.Write(b[:n])
 	v.n += int64(n)
 	if err == io.EOF {
@@ -545,7 +568,19 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, err
 	}
 	start := time.Now()
-	vr := &verifyingReader{r: r, h: sha256.New()}
+	var src io.Reader = r.Body
+	var pst pages.Stats
+	encoded := r.URL.Query().Get("encoding") == "pages"
+	if encoded {
+		sess, err := a.session(name)
+		if err != nil {
+			return nil, err
+		}
+		if src, err = a.decodeArchive(r.Context(), r, sess, &pst); err != nil {
+			return nil, err
+		}
+	}
+	vr := &verifyingReader{src: src, r: r, h: sha256.New()}
 	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true})
 	if vr.err != nil {
 		err = vr.err
@@ -566,7 +601,12 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)
-	return RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration, Received: time.Since(start)}, nil
+	out := RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration,
+		Received: time.Since(start), CRIURestore: res.CRIURestore}
+	if encoded {
+		out.Pages = &pst
+	}
+	return out, nil
 }
 
 func (a *Agent) commit(r *http.Request) (any, error) {
@@ -574,6 +614,7 @@ func (a *Agent) commit(r *http.Request) (any, error) {
 	if err := decodeBody(r, &req); err != nil {
 		return nil, err
 	}
+	a.closeSession(req.Container)
 	return nil, os.Remove(a.journal(req.Container))
 }
 
@@ -588,6 +629,7 @@ func (a *Agent) abort(r *http.Request) (any, error) {
 // undoIncoming removes every trace of an incoming move: the restored container, the
 // endpoint, the journal; and points the endpoint's address back at the source.
 func (a *Agent) undoIncoming(ctx context.Context, req AbortRequest) error {
+	a.closeSession(req.Container)
 	var errs []error
 	if a.podman != nil {
 		if ok, _ := a.podman.Exists(ctx, req.Container); ok {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/migrate-project/migrate/layers"
 	"github.com/migrate-project/migrate/overlaynet"
+	"github.com/migrate-project/migrate/pages"
 )
 
 // Labels that put a container on the overlay; they travel with it in the checkpoint.
@@ -28,6 +29,9 @@ type HostInfo struct {
 	Cgroups     string `json:"cgroups"`
 	Datapath    string `json:"ovs_datapath"`
 	Podman      bool   `json:"podman"`
+	// DirtyTracking: the kernel tracks dirty pages for CRIU (soft-dirty).
+	DirtyTracking bool              `json:"dirty_tracking"`
+	PageStore     *pages.StoreStats `json:"page_store,omitempty"`
 }
 
 // ContainerInfo is a container as an agent reports it.
@@ -92,6 +96,9 @@ type RestoreResult struct {
 	Digest   string        `json:"digest"`
 	Restore  time.Duration `json:"restore_ns"`
 	Received time.Duration `json:"receive_ns"`
+	// CRIURestore is CRIU's own restore time as podman reports it.
+	CRIURestore time.Duration `json:"criu_restore_ns,omitempty"`
+	Pages       *pages.Stats  `json:"pages,omitempty"` // for an encoded archive
 }
 
 // ImageResult is the target's report of an image load.
@@ -121,16 +128,62 @@ type PushRequest struct {
 	// StallTimeout rolls the move back when the transfer makes no progress for this long
 	// (a cut link that sends no reset). Default 60 s.
 	StallTimeout time.Duration `json:"stall_timeout_ns,omitempty"`
+	// Mode is ModePrecopy (the default) or ModeStopCopy.
+	Mode string `json:"mode,omitempty"`
+	// MaxDowntime is pre-copy's goal: rounds stop once the final page copy is estimated
+	// to fit it. Default 200 ms.
+	MaxDowntime time.Duration `json:"max_downtime_ns,omitempty"`
+	// MaxRounds bounds the pre-copy rounds (default 8).
+	MaxRounds int `json:"max_rounds,omitempty"`
+	// Compress is "auto" (the default: zstd at a level fitted to the link), "none",
+	// "fastest", "default", "better" or "best".
+	Compress string `json:"compress,omitempty"`
+	// BWLimitMbit caps the rate of everything the move sends (0: no cap).
+	BWLimitMbit float64 `json:"bwlimit_mbit,omitempty"`
+}
+
+// Push modes.
+const (
+	ModePrecopy  = "precopy"   // copy memory in rounds while the container runs, then stop
+	ModeStopCopy = "stop-copy" // stop, then copy everything
+)
+
+// Round is one pre-copy round: every page of the container read and hashed while it
+// runs; pages with content the target was not told of yet are announced, and those it
+// does not hold are sent.
+type Round struct {
+	N            int           `json:"round"`
+	Scanned      int64         `json:"pages_scanned"`
+	Dirty        int64         `json:"pages_dirty"`        // content new to this migration (first round: all)
+	Sent         int64         `json:"pages_sent"`         // of those, the pages the target lacked
+	Deduplicated int64         `json:"pages_deduplicated"` // of those, the pages the target's store held already
+	WireBytes    int64         `json:"wire_bytes"`
+	Duration     time.Duration `json:"duration_ns"`
+	DirtyRate    float64       `json:"dirty_pages_per_s"`
+	Bandwidth    float64       `json:"bandwidth_mbit,omitempty"`
+	Estimate     time.Duration `json:"estimate_ns"` // estimated final page copy if stopping now
+}
+
+// PagesAnnounce is the target's answer to an announcement of page hashes.
+type PagesAnnounce struct {
+	Missing []byte `json:"missing"` // bit i set: the i-th page announced is not held
+	Held    int    `json:"held"`
+}
+
+// PagesPut is the target's answer to a batch of pages.
+type PagesPut struct {
+	Pages int `json:"pages"`
 }
 
 // Event is one line of a push's progress stream (newline-delimited JSON).
 type Event struct {
 	Time   time.Time   `json:"time"`
-	Kind   string      `json:"event"` // phase, check, progress, result, error
+	Kind   string      `json:"event"` // phase, check, round, progress, result, error
 	Phase  string      `json:"phase,omitempty"`
 	Check  *Check      `json:"check,omitempty"`
 	Bytes  int64       `json:"bytes,omitempty"`
 	Result *PushResult `json:"result,omitempty"`
+	Round  *Round      `json:"round,omitempty"`
 	Error  string      `json:"error,omitempty"`
 }
 
@@ -144,7 +197,14 @@ type PushResult struct {
 	RolledBack bool          `json:"rolled_back,omitempty"` // failed; the container runs on the source
 	Error      string        `json:"error,omitempty"`
 	Checks     []Check       `json:"checks,omitempty"`
-	Bytes      int64         `json:"bytes"`       // checkpoint bytes over the agent connection
+	Mode       string        `json:"mode,omitempty"`
+	Bytes      int64         `json:"bytes"`       // memory and checkpoint bytes over the agent connection (rounds + final)
+	RoundBytes int64         `json:"round_bytes"` // of those, sent while the container ran
+	Rounds     []Round       `json:"rounds,omitempty"`
+	StopReason string        `json:"stop_reason,omitempty"` // why pre-copy stopped iterating
+	Final      *pages.Stats  `json:"final,omitempty"`       // what the frozen phase's archive carried
+	Downtime   []Phase       `json:"downtime,omitempty"`    // the frozen phase, step by step
+	DirtyTrack string        `json:"dirty_tracking,omitempty"`
 	ImageBytes int64         `json:"image_bytes"` // image archive bytes over the agent connection
 	Plan       *layers.Plan  `json:"layer_plan,omitempty"`
 	Total      time.Duration `json:"total_ns"`         // request to done

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net"
 	"net/http"
@@ -107,24 +106,24 @@ func (p *Peer) decode(resp *http.Response, out any) error {
 // digestTrailer carries the archive's SHA-256, sent after the archive itself.
 const digestTrailer = "Migrate-Digest"
 
-// digestingReader hashes what it reads and, at the end, fills in the request's trailer.
-type digestingReader struct {
-	r       io.Reader
-	h       hash.Hash
-	n       int64
-	trailer http.Header
-	onRead  func(int64)
+// sendReader counts what is sent and, at the end, runs onEOF (which fills in the
+// request's trailer).
+type sendReader struct {
+	r      io.Reader
+	n      int64
+	onRead func(int64)
+	onEOF  func()
 }
 
-func (d *digestingReader) Read(b []byte) (int, error) {
+func (d *sendReader) Read(b []byte) (int, error) {
 	n, err := d.r.Read(b)
-	d.h.Write(b[:n])
 	d.n += int64(n)
 	if d.onRead != nil && n > 0 {
 		d.onRead(d.n)
 	}
-	if err == io.EOF {
-		d.trailer.Set(digestTrailer, "sha256:"+hex.EncodeToString(d.h.Sum(nil)))
+	if err == io.EOF && d.onEOF != nil {
+		d.onEOF()
+		d.onEOF = nil
 	}
 	return n, err
 }
@@ -145,18 +144,35 @@ func (p *Peer) LoadImage(ctx context.Context, r io.Reader, progress func(int64))
 
 // upload posts r with its SHA-256 as a trailer and decodes the answer into out.
 func (p *Peer) upload(ctx context.Context, path string, r io.Reader, progress func(int64), out any) error {
-	trailer := http.Header{digestTrailer: nil}
-	var body io.Reader = &digestingReader{r: r, h: sha256.New(), trailer: trailer, onRead: progress}
+	h := sha256.New()
+	body := io.TeeReader(r, h)
 	if os.Getenv("MIGRATE_FAULT") == "flip-image-byte" && path == "/v1/image" {
 		body = &flipReader{r: body, at: 4096} // damage in transit, after the digest
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url(path), body)
+	digest := func() string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
+	return p.send(ctx, path, body, http.Header{"Content-Type": {"application/x-tar"}}, digest, progress, out)
+}
+
+// send posts body with header; once body ends, digest (if any) fills in the digest
+// trailer. progress sees the bytes sent.
+func (p *Peer) send(ctx context.Context, path string, body io.Reader, header http.Header, digest func() string, progress func(int64), out any) error {
+	trailer := http.Header{}
+	sr := &sendReader{r: body, onRead: progress}
+	if digest != nil {
+		trailer[digestTrailer] = nil
+		sr.onEOF = func() { trailer.Set(digestTrailer, digest()) }
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url(path), sr)
 	if err != nil {
 		return err
 	}
 	req.ContentLength = -1
-	req.Trailer = trailer
-	req.Header.Set("Content-Type", "application/x-tar")
+	if digest != nil {
+		req.Trailer = trailer
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
 	resp, err := p.hc.Do(req)
 	if err != nil {
 		return p.classify(err)

@@ -5,14 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"sync"
 	"time"
 
-	"github.com/migrate-project/migrate/checkpoint"
 	"github.com/migrate-project/migrate/overlaynet"
+	"github.com/migrate-project/migrate/pages"
 )
 
 // handlePush runs a move and streams its events as newline-delimited JSON. The move goes
@@ -53,23 +52,6 @@ func newWatchdog(d time.Duration, fire func()) *watchdog {
 
 func (w *watchdog) kick() { w.t.Reset(w.d) }
 func (w *watchdog) stop() { w.t.Stop() }
-
-// eofReader calls onEOF once its reader is exhausted: the upload is complete and what
-// follows (the target's restore) is not a transfer to watch.
-type eofReader struct {
-	r     io.Reader
-	onEOF func()
-	done  bool
-}
-
-func (e *eofReader) Read(b []byte) (int, error) {
-	n, err := e.r.Read(b)
-	if err == io.EOF && !e.done {
-		e.done = true
-		e.onEOF()
-	}
-	return n, err
-}
 
 // Push moves a container from this host to req.To. It never loses the container: any
 // failure before the overlay points at the target rolls back, and the container runs here
@@ -223,9 +205,43 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return fail(cause)
 	}
 
-	// 3. Freeze and copy: traffic for the container is held here (dropped; the clients
-	// retransmit), CRIU dumps it with its TCP connections, the archive streams to the
-	// target which restores it into the prepared namespace.
+	// 3. Pre-copy: memory crosses the link while the container runs.
+	l, err := newLink(req.Compress, req.BWLimitMbit)
+	if err != nil {
+		return rollback(err, false)
+	}
+	res.Mode = req.Mode
+	if res.Mode == "" {
+		res.Mode = ModePrecopy
+	}
+	res.DirtyTrack = "unavailable (soft-dirty): changed pages found by hash"
+	if a.info.DirtyTracking {
+		res.DirtyTrack = "available; pages still found by hash"
+	}
+	sess := pages.NewSession()
+	switch res.Mode {
+	case ModePrecopy:
+		t0 = time.Now()
+		emit(Event{Kind: "phase", Phase: "precopy"})
+		rounds, why, err := a.precopy(ctx, target, c, req, l, sess, emit)
+		res.Rounds, res.StopReason = rounds, why
+		for _, r := range rounds {
+			res.RoundBytes += r.WireBytes
+		}
+		res.Bytes = res.RoundBytes
+		if err != nil {
+			return rollback(err, false)
+		}
+		phase("precopy", t0)
+	case ModeStopCopy:
+	default:
+		return rollback(fmt.Errorf("mode %q: want %s or %s", req.Mode, ModePrecopy, ModeStopCopy), false)
+	}
+
+	// 4. Freeze and copy the rest: traffic for the container is held here (dropped; the
+	// clients retransmit), CRIU dumps it with its TCP connections, and the archive streams
+	// to the target, pages it holds by reference, which restores it into the prepared
+	// namespace.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "checkpoint"})
 	if err := a.ovs.Freeze(ep.MAC, true); err != nil {
@@ -243,27 +259,22 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		cancel(fmt.Errorf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
 	})
 	defer wd.stop()
-	pr2, pw := io.Pipe()
-	expDone := make(chan error, 1)
-	go func() {
-		_, err := a.podman.Export(tctx, c.Name, pw, checkpoint.Options{TCPEstablished: true, Keep: true})
-		pw.CloseWithError(err)
-		expDone <- err
-	}()
 	var lastEmit time.Time
-	rr, rerr := target.Restore(tctx, c.Name, &eofReader{r: pr2, onEOF: wd.stop}, func(n int64) {
+	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, l, sess, func(n int64) {
 		wd.kick()
-		res.Bytes = n
+		res.Bytes = res.RoundBytes + n
 		if time.Since(lastEmit) > 200*time.Millisecond {
 			lastEmit = time.Now()
-			emit(Event{Kind: "progress", Phase: "transfer", Bytes: n})
+			emit(Event{Kind: "progress", Phase: "transfer", Bytes: res.Bytes})
 		}
-	})
+	}, wd.stop)
+	restoredAt := time.Now()
 	if cause := context.Cause(tctx); cause != nil && rerr != nil {
 		rerr = cause
 	}
-	pr2.CloseWithError(errors.New("the target stopped reading"))
-	if err := <-expDone; err != nil {
+	var ee exportError
+	if errors.As(rerr, &ee) {
+		err := ee.error
 		if dir := a.keepLogs(c.Name, c.StaticDir, "dump.log"); dir != "" {
 			res.LogsDir = a.cfg.Name + ":" + dir
 			err = fmt.Errorf("%w (CRIU log kept in %s)", err, res.LogsDir)
@@ -273,22 +284,31 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if rerr != nil {
 		return rollback(fmt.Errorf("move %s to %s: %w", c.Name, req.To, rerr), true)
 	}
-	res.Bytes = rr.Bytes
+	res.Final = fst
 	phase("checkpoint+transfer+restore", t0)
 
-	// 4. Commit: every node's rules point at the target.
+	// 5. Commit: every node's rules point at the target.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "commit"})
 	if failed := a.announce(ctx, ep.Location(req.To)); len(failed) > 0 {
 		slog.Warn("some nodes did not learn the new location yet", "hosts", failed)
 	}
 	res.Frozen = time.Since(frozenAt)
+	res.Downtime = []Phase{
+		{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)},
+		{Name: "stream (archive read, encoded, sent)", Duration: ft.lastByte.Sub(ft.firstByte)},
+		{Name: "restore (target: rebuild, podman import, CRIU)", Duration: restoredAt.Sub(ft.lastByte)},
+		{Name: "overlay switch", Duration: time.Since(restoredAt)},
+	}
+	if rr.CRIURestore > 0 {
+		res.Downtime = append(res.Downtime, Phase{Name: "  of restore: CRIU itself", Duration: rr.CRIURestore})
+	}
 	if err := target.Call(ctx, "/v1/commit", AbortRequest{Container: c.Name}, nil); err != nil {
 		slog.Warn("commit on target", "err", err)
 	}
 	phase("commit", t0)
 
-	// 5. The source lets go.
+	// 6. The source lets go.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "cleanup"})
 	if err := a.podman.Remove(ctx, c.Name); err != nil {

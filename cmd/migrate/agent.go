@@ -161,6 +161,7 @@ unfinished are undone at start.`,
 		&cli.StringFlag{Name: "underlay", Value: "eth0", Usage: "the device that holds this host's underlay address"},
 		&cli.StringFlag{Name: "state-dir", Value: "/var/lib/migrate", Usage: "journal of incoming moves"},
 		&cli.StringFlag{Name: "endpoint", Usage: "give this node itself an overlay address (e.g. a client: 10.88.255.1/16)"},
+		&cli.Int64Flag{Name: "page-store-mb", Value: 2048, Usage: "bound of the page store (STATE-DIR/pages): memory pages kept by hash, oldest evicted first"},
 	},
 	Action: func(c *cli.Context) error {
 		inv, err := transfer.LoadInventory(c.String("inventory"))
@@ -168,7 +169,7 @@ unfinished are undone at start.`,
 			return usageError{err}
 		}
 		cfg := transfer.AgentConfig{Name: c.String("name"), Inventory: inv, CertDir: c.String("certs"),
-			PodmanURI: c.String("podman"), Underlay: c.String("underlay"), StateDir: c.String("state-dir")}
+			PodmanURI: c.String("podman"), Underlay: c.String("underlay"), StateDir: c.String("state-dir"), PageStoreBytes: c.Int64("page-store-mb") << 20}
 		if e := c.String("endpoint"); e != "" {
 			if cfg.Endpoint, err = netip.ParsePrefix(e); err != nil {
 				return usageError{fmt.Errorf("--endpoint %q: want ADDRESS/PREFIX", e)}
@@ -238,16 +239,32 @@ var pushCommand = &cli.Command{
 	Description: `  migrate push web --to b
   migrate push web --to b --dry-run   # only the pre-flight gate: can b restore it?
 
-The source agent checks that the target can restore the container, freezes it, streams its
-checkpoint (verified by SHA-256) into a restore on the target, re-points the overlay and
-removes the source's copy. On any failure before the overlay points at the target the
-container resumes on the source with its connections, and push exits with code 4.`,
+  migrate push web --to b --max-downtime 100ms --bwlimit 50   # share the link
+  migrate push web --to b --mode stop-copy                     # no pre-copy rounds
+
+The source agent checks that the target can restore the container. Then (pre-copy, the
+default) it copies the container's memory while it runs, in rounds: every page is named by
+its SHA-256, and only pages the target's page store lacks cross the link, so a container
+returning to a host it left, or sharing pages with one already there, sends little. Rounds
+stop when the final copy is estimated to fit --max-downtime, when the dirty set stops
+shrinking, or after --max-rounds. Then it freezes the container's traffic, checkpoints it
+with CRIU (TCP connections included) and streams the archive, pages the target holds by
+reference, into a restore on the target; the target rebuilds the archive, checks its
+SHA-256, restores, and the overlay re-points to it. The source's copy is removed.
+
+On any failure before the overlay points at the target the container resumes on the
+source with its connections, and push exits with code 4.`,
 	Flags: []cli.Flag{
 		inventoryFlag, certsFlag, identityFlag,
 		&cli.StringFlag{Name: "to", Required: true, Usage: "target host"},
 		&cli.StringFlag{Name: "from", Usage: "source host (default: found by asking every host)"},
 		&cli.BoolFlag{Name: "dry-run", Usage: "run the pre-flight gate only and print the plan"},
 		&cli.DurationFlag{Name: "stall-timeout", Value: 60 * time.Second, Usage: "roll back if the transfer makes no progress this long (a cut link)"},
+		&cli.StringFlag{Name: "mode", Value: transfer.ModePrecopy, Usage: "precopy (copy memory while it runs, then stop) or stop-copy"},
+		&cli.DurationFlag{Name: "max-downtime", Value: 200 * time.Millisecond, Usage: "pre-copy goal: stop iterating once the final page copy is estimated to fit this"},
+		&cli.IntFlag{Name: "max-rounds", Value: 8, Usage: "at most this many pre-copy rounds"},
+		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd level: auto (fitted to the measured link), none, fastest, default, better, best"},
+		&cli.Float64Flag{Name: "bwlimit", Usage: "cap what the move sends to this many Mbit/s (0: no cap)"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() != 1 {
@@ -270,7 +287,15 @@ container resumes on the source with its connections, and push exits with code 4
 			return err
 		}
 		prog := newProgress(c)
-		res, err := src.Push(c.Context, transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout")}, prog.event)
+		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
+			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit")}
+		if req.Mode != transfer.ModePrecopy && req.Mode != transfer.ModeStopCopy {
+			return usageError{fmt.Errorf("--mode %q: want %s or %s", req.Mode, transfer.ModePrecopy, transfer.ModeStopCopy)}
+		}
+		if req.BWLimitMbit < 0 || req.MaxRounds < 1 || req.MaxDowntime <= 0 {
+			return usageError{errors.New("--bwlimit must be >= 0, --max-rounds >= 1, --max-downtime > 0")}
+		}
+		res, err := src.Push(c.Context, req, prog.event)
 		prog.done()
 		if err != nil {
 			return err
@@ -317,8 +342,20 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 			fmt.Fprintf(w, "  image %s: %d of %d layers shipped, %.1f MB on the wire (%.1f MB missing of %.1f MB)\n", p.Image,
 				p.MissingLayers, len(p.Layers), float64(r.ImageBytes)/1e6, float64(p.MissingBytes)/1e6, float64(p.TotalBytes)/1e6)
 		}
+		if len(r.Rounds) > 0 {
+			fmt.Fprintf(w, "  pre-copy: %d rounds, %.1f MB while running; %s\n", len(r.Rounds), float64(r.RoundBytes)/1e6, r.StopReason)
+		}
+		if f := r.Final; f != nil {
+			fmt.Fprintf(w, "  frozen phase: %d pages sent, %d referenced, %.1f MB of other images\n", f.PagesSent, f.PagesCopied, float64(f.RawBytes)/1e6)
+		}
 		for _, p := range r.Phases {
 			fmt.Fprintf(w, "  %-28s %s\n", p.Name, p.Duration.Round(time.Millisecond))
+		}
+		if len(r.Downtime) > 0 {
+			fmt.Fprintf(w, "  traffic held %s:\n", r.Frozen.Round(time.Millisecond))
+			for _, p := range r.Downtime {
+				fmt.Fprintf(w, "    %-46s %s\n", p.Name, p.Duration.Round(time.Millisecond))
+			}
 		}
 	}
 }
@@ -413,9 +450,22 @@ func (p *progress) event(ev transfer.Event) {
 		if p.tty {
 			fmt.Fprintf(w, "\r  %8.1f MB sent", float64(ev.Bytes)/1e6)
 		}
+	case "round":
+		if r := ev.Round; r != nil {
+			if p.tty && p.last > 0 {
+				fmt.Fprintln(w)
+				p.last = 0
+			}
+			fmt.Fprintln(w, "  "+roundLine(r))
+		}
 	case "error":
 		fmt.Fprintf(w, "error: %s\n", ev.Error)
 	}
+}
+
+func roundLine(r *transfer.Round) string {
+	return fmt.Sprintf("round %d: %d pages read, %d dirty, %d sent, %d already there, %.1f MB on the wire in %s; final copy estimated %s",
+		r.N, r.Scanned, r.Dirty, r.Sent, r.Deduplicated, float64(r.WireBytes)/1e6, r.Duration.Round(time.Millisecond), r.Estimate.Round(time.Millisecond))
 }
 
 func (p *progress) done() {

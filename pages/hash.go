@@ -1,0 +1,53 @@
+// Package pages moves memory by content: every 4 KiB page is named by its SHA-256, a
+// page store keeps pages by that name (deduplicated across rounds, containers and
+// migrations), a scanner reads a running container's memory without dirty tracking, and a
+// codec sends a CRIU checkpoint archive as references to pages the receiver already holds
+// plus the pages it lacks.
+package pages
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"runtime"
+	"sync"
+)
+
+// Size is the page size CRIU's page images are made of.
+const Size = 4096
+
+// Hash names a page by its content.
+type Hash [sha256.Size]byte
+
+func (h Hash) String() string { return hex.EncodeToString(h[:8]) }
+
+// Sum returns the name of one page.
+func Sum(page []byte) Hash { return sha256.Sum256(page) }
+
+// SumAll fills out[i] with the hash of the i-th page of buf, on all CPUs when buf is large
+// enough to pay for it. len(buf) must be len(out)*Size.
+func SumAll(buf []byte, out []Hash) {
+	n := len(out)
+	workers := runtime.GOMAXPROCS(0)
+	if n < 64 || workers == 1 {
+		for i := range out {
+			out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
+		}
+		return
+	}
+	if workers > n/32 {
+		workers = n / 32
+	}
+	var wg sync.WaitGroup
+	per := (n + workers - 1) / workers
+	for lo := 0; lo < n; lo += per {
+		hi := min(lo+per, n)
+		wg.Add(1)
+		go func(lo, hi int) {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
+			}
+		}(lo, hi)
+	}
+	wg.Wait()
+}

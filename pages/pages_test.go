@@ -1,0 +1,238 @@
+package pages
+
+import (
+	"archive/tar"
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func randomPages(t testing.TB, n int) []byte {
+	b := make([]byte, n*Size)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestStoreKeepsPagesByContentAndSurvivesReopen(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenStore(dir, 4*packPages*Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := randomPages(t, 10)
+	copy(buf[3*Size:4*Size], buf[0:Size]) // a duplicate is stored once
+	hs, err := s.Add(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.Pages != 9 || st.Bytes != 9*Size {
+		t.Fatalf("stats %+v, want 9 pages stored once each", st)
+	}
+	got := make([]byte, len(buf))
+	if err := s.Read(hs, got); err != nil || !bytes.Equal(got, buf) {
+		t.Fatalf("read back: %v, equal %t", err, bytes.Equal(got, buf))
+	}
+	var unknown Hash
+	if err := s.Read([]Hash{unknown}, got[:Size]); !errors.Is(err, ErrMissing) {
+		t.Fatalf("read unknown page: %v, want ErrMissing", err)
+	}
+	s.Close()
+
+	// A damaged page on disk is found on reopen: it no longer answers to its name.
+	p := filepath.Join(dir, "pack-00000000")
+	f, _ := os.OpenFile(p, os.O_RDWR, 0)
+	f.WriteAt([]byte{buf[5*Size] ^ 0xff}, 5*Size-Size) // page 4 in the pack is buf's page 5
+	f.Close()
+	s, err = OpenStore(dir, 4*packPages*Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	has := s.Has(hs)
+	for i, ok := range has {
+		if want := i != 5; ok != want {
+			t.Errorf("after reopen page %d held=%t, want %t", i, ok, want)
+		}
+	}
+}
+
+func TestStoreEvictsOldestPacksUnlessPinned(t *testing.T) {
+	s, err := OpenStore(t.TempDir(), 2*packPages*Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	unpin := s.Pin()
+	var first []Hash
+	for i := 0; i < 3; i++ {
+		hs, err := s.Add(randomPages(t, packPages))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = hs
+		}
+	}
+	if st := s.Stats(); st.Pages != 3*packPages {
+		t.Fatalf("pinned store evicted: %+v", st)
+	}
+	unpin()
+	st := s.Stats()
+	if st.Bytes > 2*packPages*Size || st.Evicted != packPages {
+		t.Fatalf("after unpin: %+v, want at most 2 packs and one evicted", st)
+	}
+	if s.Has(first[:1])[0] {
+		t.Fatal("the oldest pack's pages are still indexed")
+	}
+}
+
+// tarOf builds a podman-like checkpoint archive.
+func tarOf(t testing.TB, files map[string][]byte, order []string) []byte {
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, name := range order {
+		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(files[name])), Typeflag: tar.TypeReg})
+		tw.Write(files[name])
+	}
+	tw.Close()
+	return b.Bytes()
+}
+
+func TestEncodeDecodeRebuildsTheArchiveAndSendsOnlyUnknownPages(t *testing.T) {
+	mem := randomPages(t, 600)
+	zero := make([]byte, 20*Size)
+	pagesImg := append(append([]byte{}, mem...), zero...)
+	files := map[string][]byte{
+		"config.dump":              []byte(`{"id":"x"}`),
+		"checkpoint/pagemap-1.img": []byte("pagemap"),
+		"checkpoint/pages-1.img":   pagesImg,
+		"checkpoint/core-1.img":    []byte("core"),
+	}
+	archive := tarOf(t, files, []string{"config.dump", "checkpoint/pagemap-1.img", "checkpoint/pages-1.img", "checkpoint/core-1.img"})
+
+	// The target received the first 500 pages in pre-copy rounds; pages 100..109 changed
+	// since (they will be sent).
+	src, dst := NewSession(), NewSession()
+	store, err := OpenStore(t.TempDir(), 4*packPages*Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	hs := make([]Hash, 500)
+	SumAll(mem[:500*Size], hs)
+	src.Append(hs...)
+	dst.Append(hs...)
+	if err := store.AddTrusted(hs, mem[:500*Size]); err != nil {
+		t.Fatal(err)
+	}
+	for i := 100; i < 110; i++ {
+		mem[i*Size] ^= 1
+	}
+	copy(pagesImg, mem)
+	archive = tarOf(t, files, []string{"config.dump", "checkpoint/pagemap-1.img", "checkpoint/pages-1.img", "checkpoint/core-1.img"})
+
+	var enc bytes.Buffer
+	est, err := Encode(bytes.NewReader(archive), &enc, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sent: 10 changed + 100 never seen + one zero page (the other 19 are references).
+	if est.PagesSent != 111 || est.PagesCopied != 490+19 || est.ArchiveBytes != int64(len(archive)) {
+		t.Fatalf("encode stats %+v", est)
+	}
+	if enc.Len() > 112*Size+4096 {
+		t.Fatalf("encoded %d bytes for %d sent pages", enc.Len(), est.PagesSent)
+	}
+	var out bytes.Buffer
+	before := store.Stats().Pages
+	dstats, err := Decode(&enc, &out, dst, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), archive) {
+		t.Fatal("the rebuilt archive differs from the original")
+	}
+	if kept := store.Stats().Pages - before; kept != 111 || dstats.PagesCopied != est.PagesCopied {
+		t.Fatalf("decode stored %d new pages, stats %+v", kept, dstats)
+	}
+	if src.Len() != dst.Len() {
+		t.Fatalf("sessions diverged: %d vs %d", src.Len(), dst.Len())
+	}
+}
+
+func TestDecodeFailsOnTruncatedOrUnknownReferences(t *testing.T) {
+	store, _ := OpenStore(t.TempDir(), packPages*Size)
+	defer store.Close()
+	archive := tarOf(t, map[string][]byte{"checkpoint/pages-1.img": randomPages(t, 4)}, []string{"checkpoint/pages-1.img"})
+	var enc bytes.Buffer
+	if _, err := Encode(bytes.NewReader(archive), &enc, NewSession(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Decode(bytes.NewReader(enc.Bytes()[:enc.Len()-1]), io.Discard, NewSession(), store); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("truncated: %v", err)
+	}
+	// A reference to a place the receiver's session does not have.
+	if _, err := Decode(bytes.NewReader([]byte{opCopy, 5, 1, opEnd}), io.Discard, NewSession(), store); err == nil {
+		t.Fatal("a dangling reference was accepted")
+	}
+}
+
+func BenchmarkSumAll(b *testing.B) {
+	buf := randomPages(b, 4096)
+	hs := make([]Hash, 4096)
+	b.SetBytes(int64(len(buf)))
+	for b.Loop() {
+		SumAll(buf, hs)
+	}
+}
+
+func BenchmarkStoreRead(b *testing.B) {
+	s, _ := OpenStore(b.TempDir(), 4*packPages*Size)
+	defer s.Close()
+	buf := randomPages(b, 4096)
+	hs, _ := s.Add(buf)
+	b.SetBytes(int64(len(buf)))
+	for b.Loop() {
+		if err := s.Read(hs, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// Baseline for the two above: copying the same bytes.
+func BenchmarkMemcpy(b *testing.B) {
+	src := randomPages(b, 4096)
+	dst := make([]byte, len(src))
+	b.SetBytes(int64(len(src)))
+	for b.Loop() {
+		copy(dst, src)
+	}
+}
+
+func BenchmarkEncodeDecode(b *testing.B) {
+	mem := randomPages(b, 4096)
+	archive := tarOf(b, map[string][]byte{"checkpoint/pages-1.img": mem}, []string{"checkpoint/pages-1.img"})
+	store, _ := OpenStore(b.TempDir(), 4*packPages*Size)
+	defer store.Close()
+	hs, _ := store.Add(mem)
+	src, dst := NewSession(), NewSession()
+	src.Append(hs...)
+	dst.Append(hs...)
+	b.SetBytes(int64(len(archive)))
+	var enc bytes.Buffer
+	for b.Loop() {
+		enc.Reset()
+		if _, err := Encode(bytes.NewReader(archive), &enc, src, nil); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := Decode(&enc, io.Discard, dst, store); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,97 @@
+package testbed_test
+
+import (
+	"context"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
+)
+
+// memOverNet asks memload (listening on :7001 in web) for its status over the overlay.
+func memOverNet(t *testing.T, tb *testbed.Testbed) memStatus {
+	t.Helper()
+	out, err := tb.Run(context.Background(), testbed.ClientName, "nc", "-w", "3", webIP, "7001")
+	if err != nil {
+		t.Fatalf("memload status: %v %s", err, out)
+	}
+	m := statusRE.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("memload status: %.200q", out)
+	}
+	c, _ := strconv.ParseUint(m[1], 10, 64)
+	return memStatus{counter: c, sum: m[2], expect: m[3]}
+}
+
+func logRounds(t *testing.T, r *transfer.PushResult) {
+	t.Helper()
+	for _, x := range r.Rounds {
+		t.Logf("  round %d: scanned %d dirty %d sent %d dedup %d wire %d in %s, estimate %s", x.N, x.Scanned, x.Dirty, x.Sent,
+			x.Deduplicated, x.WireBytes, x.Duration.Round(time.Millisecond), x.Estimate.Round(time.Millisecond))
+	}
+	t.Logf("  %s; frozen phase %+v; held %s: %v", r.StopReason, r.Final, r.Frozen.Round(time.Millisecond), r.Downtime)
+}
+
+// Pre-copy a -> b keeps memory and the connection, and most pages cross while the
+// container runs; the move back b -> a finds most pages in a's store (they left from
+// there) and sends a fraction of the bytes.
+func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
+	tb := upAgents(t, "precopy", testbed.Link{RateMbit: 200, Delay: time.Millisecond})
+	cmd, n := serve(2, 60)
+	// 128 MiB, of which about 30 pages a second change: most memory is stable, as in
+	// most services.
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
+		"sh", "-c", "memload -size 128 -rate 30 -listen :7001 & "+cmd)
+	time.Sleep(2 * time.Second)
+	stream, out, err := tb.StreamClient(context.Background(), webIP, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stream.Process.Kill() })
+	before := memOverNet(t, tb)
+	if before.sum != before.expect {
+		t.Fatalf("memload inconsistent before the move: %+v", before)
+	}
+
+	r1 := push(t, tb, "b")
+	logRounds(t, r1)
+	if !r1.OK || r1.Mode != transfer.ModePrecopy || len(r1.Rounds) < 2 || r1.Final == nil {
+		t.Fatalf("pre-copy push: %+v", r1)
+	}
+	if r1.RoundBytes < 128<<20 {
+		t.Errorf("only %d bytes crossed while running; 128 MiB of memory should", r1.RoundBytes)
+	}
+	if f := r1.Final; f.PagesCopied < 20*f.PagesSent {
+		t.Errorf("frozen phase sent %d pages and referenced %d: pre-copy did not carry the memory", f.PagesSent, f.PagesCopied)
+	}
+	mid := memOverNet(t, tb)
+	if mid.sum != mid.expect || mid.counter <= before.counter {
+		t.Fatalf("memory after a -> b: %+v (before %+v)", mid, before)
+	}
+
+	r2 := push(t, tb, "a")
+	logRounds(t, r2)
+	if !r2.OK {
+		t.Fatalf("push back: %+v", r2)
+	}
+	ratio := float64(r2.Bytes) / float64(r1.Bytes)
+	t.Logf("bytes on the wire: a -> b %d, b -> a %d, ratio %.3f", r1.Bytes, r2.Bytes, ratio)
+	if ratio > 0.25 {
+		t.Errorf("moving back sent %.0f%% of the first move's bytes; the pages a kept should have spared most", 100*ratio)
+	}
+	after := memOverNet(t, tb)
+	if after.sum != after.expect || after.counter <= mid.counter {
+		t.Fatalf("memory after b -> a: %+v (before %+v)", after, mid)
+	}
+	if err := stream.Wait(); err != nil {
+		t.Fatalf("stream client: %v\n%s", err, out)
+	}
+	st, err := testbed.ParseStream(out.Bytes())
+	if err != nil || !st.Intact() {
+		t.Fatalf("the connection did not survive both moves: %v %+v", err, st)
+	}
+	t.Logf("memload counter %d -> %d -> %d, checksums intact; stream %d of %d bytes, largest gap %s",
+		before.counter, mid.counter, after.counter, st.Received, st.Expected, st.LargestGap.Round(time.Millisecond))
+}

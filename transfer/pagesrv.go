@@ -1,0 +1,163 @@
+package transfer
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/migrate-project/migrate/pages"
+)
+
+// incoming is the target's side of one migration's page session.
+type incoming struct {
+	sess  *pages.Session
+	unpin func()
+}
+
+// openSession starts a fresh page session for an incoming container; the store keeps
+// every page until the session ends.
+func (a *Agent) openSession(name string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if old := a.sessions[name]; old != nil {
+		old.unpin()
+	}
+	a.sessions[name] = &incoming{sess: pages.NewSession(), unpin: a.store.Pin()}
+}
+
+func (a *Agent) closeSession(name string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if s := a.sessions[name]; s != nil {
+		s.unpin()
+		delete(a.sessions, name)
+	}
+}
+
+func (a *Agent) session(name string) (*pages.Session, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.sessions[name]
+	if s == nil {
+		return nil, badRequest{fmt.Errorf("no move of %q is being prepared on %s", name, a.cfg.Name)}
+	}
+	return s.sess, nil
+}
+
+// maxAnnounce bounds one announcement (2 GiB of pages).
+const maxAnnounce = 1 << 19
+
+// announcePages: the source names pages (their hashes, 32 bytes each) that this migration
+// will refer to; they join the session, and the answer says which the store lacks.
+func (a *Agent) announcePages(r *http.Request) (any, error) {
+	sess, err := a.session(r.URL.Query().Get("container"))
+	if err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxAnnounce*32+1))
+	if err != nil {
+		return nil, fmt.Errorf("receive page hashes: %w", err)
+	}
+	if len(b)%32 != 0 || len(b) > maxAnnounce*32 {
+		return nil, badRequest{fmt.Errorf("announcement of %d bytes is not a list of at most %d SHA-256 hashes", len(b), maxAnnounce)}
+	}
+	hs := make([]pages.Hash, len(b)/32)
+	for i := range hs {
+		copy(hs[i][:], b[i*32:])
+	}
+	sess.Append(hs...)
+	held := a.store.Has(hs)
+	out := PagesAnnounce{Missing: make([]byte, (len(hs)+7)/8)}
+	for i, ok := range held {
+		if ok {
+			out.Held++
+		} else {
+			out.Missing[i/8] |= 1 << (i % 8)
+		}
+	}
+	return out, nil
+}
+
+// bodyReader undoes the request's Content-Encoding (zstd or none).
+func bodyReader(r *http.Request) (io.Reader, func(), error) {
+	switch enc := r.Header.Get("Content-Encoding"); enc {
+	case "", "identity":
+		return r.Body, func() {}, nil
+	case "zstd":
+		zr, err := zstd.NewReader(r.Body, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, nil, err
+		}
+		return zr, zr.Close, nil
+	default:
+		return nil, nil, badRequest{fmt.Errorf("unknown Content-Encoding %q", enc)}
+	}
+}
+
+// putPages stores pages the source sends in a pre-copy round. Each must be one it
+// announced: a page whose content does not match any announced hash was damaged.
+func (a *Agent) putPages(r *http.Request) (any, error) {
+	sess, err := a.session(r.URL.Query().Get("container"))
+	if err != nil {
+		return nil, err
+	}
+	body, done, err := bodyReader(r)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	buf := make([]byte, 256*pages.Size)
+	hs := make([]pages.Hash, 256)
+	var res PagesPut
+	for {
+		n, err := io.ReadFull(body, buf)
+		if n%pages.Size != 0 {
+			return nil, fmt.Errorf("pages: %d bytes after %d pages is not a whole page", n%pages.Size, res.Pages)
+		}
+		k := n / pages.Size
+		pages.SumAll(buf[:n], hs[:k])
+		for i := 0; i < k; i++ {
+			if _, ok := sess.Index(hs[i]); !ok {
+				return nil, fmt.Errorf("page %d of the batch was damaged in transit: its content matches no announced hash", res.Pages+i)
+			}
+		}
+		if err := a.store.AddTrusted(hs[:k], buf[:n]); err != nil {
+			return nil, err
+		}
+		res.Pages += k
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return res, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("receive pages after %d: %w", res.Pages, err)
+		}
+	}
+}
+
+// decodeArchive rebuilds an encoded checkpoint archive from the request into a pipe the
+// restore reads. The request is read to its end, so its trailer (the digest of the
+// archive as the source read it) is there when the pipe ends.
+func (a *Agent) decodeArchive(ctx context.Context, r *http.Request, sess *pages.Session, stats *pages.Stats) (io.Reader, error) {
+	body, done, err := bodyReader(r)
+	if err != nil {
+		return nil, err
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		defer done()
+		st, err := pages.Decode(body, pw, sess, a.store)
+		*stats = st
+		if err == nil {
+			_, err = io.Copy(io.Discard, r.Body)
+		}
+		if err == nil {
+			err = io.EOF
+		}
+		pw.CloseWithError(err)
+	}()
+	context.AfterFunc(ctx, func() { pr.CloseWithError(ctx.Err()) })
+	return pr, nil
+}

@@ -1,0 +1,350 @@
+package transfer
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/time/rate"
+
+	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/pages"
+)
+
+// link is how a move sends: compression and a rate cap, with the bandwidth it measures.
+type link struct {
+	compress string        // auto, none, fastest, default, better, best
+	limiter  *rate.Limiter // nil: no cap
+	sent     int64         // wire bytes of timed sends
+	took     time.Duration // their duration
+}
+
+func newLink(compress string, mbit float64) (*link, error) {
+	if compress == "" {
+		compress = "auto"
+	}
+	if _, _, err := zstdLevel(compress, 0); err != nil {
+		return nil, err
+	}
+	l := &link{compress: compress}
+	if mbit > 0 {
+		bps := mbit * 1e6 / 8
+		l.limiter = rate.NewLimiter(rate.Limit(bps), 256<<10)
+	}
+	return l, nil
+}
+
+// zstdLevel maps --compress to a zstd level; auto fits it to the measured bandwidth:
+// on a slow link the better ratio pays, on a fast one only the fastest level keeps up.
+func zstdLevel(name string, mbit float64) (zstd.EncoderLevel, bool, error) {
+	switch name {
+	case "none":
+		return 0, false, nil
+	case "fastest":
+		return zstd.SpeedFastest, true, nil
+	case "default":
+		return zstd.SpeedDefault, true, nil
+	case "better":
+		return zstd.SpeedBetterCompression, true, nil
+	case "best":
+		return zstd.SpeedBestCompression, true, nil
+	case "auto":
+		if mbit > 1000 {
+			return zstd.SpeedFastest, true, nil
+		}
+		return zstd.SpeedDefault, true, nil
+	}
+	return 0, false, fmt.Errorf("--compress %q: want auto, none, fastest, default, better or best", name)
+}
+
+// Mbit is the bandwidth measured so far (0: not yet).
+func (l *link) Mbit() float64 {
+	if l.took < 10*time.Millisecond || l.sent < 64<<10 {
+		return 0
+	}
+	return float64(l.sent) * 8 / l.took.Seconds() / 1e6
+}
+
+// limitedReader paces reads to the link's cap.
+type limitedReader struct {
+	ctx context.Context
+	r   io.Reader
+	l   *rate.Limiter
+}
+
+func (lr *limitedReader) Read(b []byte) (int, error) {
+	if len(b) > lr.l.Burst() {
+		b = b[:lr.l.Burst()]
+	}
+	n, err := lr.r.Read(b)
+	if n > 0 {
+		if werr := lr.l.WaitN(lr.ctx, n); werr != nil {
+			return n, werr
+		}
+	}
+	return n, err
+}
+
+// body turns a producer into a request body: produce writes into a (compressed) pipe in
+// its own goroutine. It returns the body, the Content-Encoding and a wait for produce.
+func (l *link) body(ctx context.Context, produce func(io.Writer) error) (io.Reader, string, func() error) {
+	level, compress, _ := zstdLevel(l.compress, l.Mbit())
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		var w io.Writer = pw
+		var zw *zstd.Encoder
+		if compress {
+			zw, _ = zstd.NewWriter(pw, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+			w = zw
+		}
+		err := produce(w)
+		if zw != nil {
+			if cerr := zw.Close(); err == nil {
+				err = cerr
+			}
+		}
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	var r io.Reader = pr
+	if l.limiter != nil {
+		r = &limitedReader{ctx: ctx, r: pr, l: l.limiter}
+	}
+	enc := ""
+	if compress {
+		enc = "zstd"
+	}
+	return r, enc, func() error { pr.CloseWithError(io.ErrClosedPipe); return <-done }
+}
+
+func encodingHeader(enc string) http.Header {
+	h := http.Header{"Content-Type": {"application/octet-stream"}}
+	if enc != "" {
+		h.Set("Content-Encoding", enc)
+	}
+	return h
+}
+
+// Announce names pages to the target and returns which it lacks.
+func (p *Peer) Announce(ctx context.Context, container string, hs []pages.Hash) ([]bool, int64, error) {
+	b := make([]byte, 0, len(hs)*32)
+	for _, h := range hs {
+		b = append(b, h[:]...)
+	}
+	var res PagesAnnounce
+	if err := p.send(ctx, "/v1/pages/announce?container="+url.QueryEscape(container), bytes.NewReader(b), encodingHeader(""), nil, nil, &res); err != nil {
+		return nil, 0, err
+	}
+	missing := make([]bool, len(hs))
+	for i := range hs {
+		if i/8 < len(res.Missing) {
+			missing[i] = res.Missing[i/8]&(1<<(i%8)) != 0
+		}
+	}
+	return missing, int64(len(b)), nil
+}
+
+// PutPages sends pages (announced before) to the target's store and returns the bytes
+// that crossed the link.
+func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []byte) (int64, error) {
+	t0 := time.Now()
+	body, enc, wait := l.body(ctx, func(w io.Writer) error { _, err := w.Write(buf); return err })
+	var wire int64
+	err := p.send(ctx, "/v1/pages/put?container="+url.QueryEscape(container), body, encodingHeader(enc), nil, func(n int64) { wire = n }, &PagesPut{})
+	if werr := wait(); err == nil && werr != nil && werr != io.ErrClosedPipe {
+		err = werr
+	}
+	if err != nil {
+		return wire, fmt.Errorf("send pages to %s: %w", p.Name, err)
+	}
+	if wire >= 256<<10 {
+		l.sent += wire
+		l.took += time.Since(t0)
+	}
+	return wire, nil
+}
+
+// precopy copies the container's memory to the target in rounds while it runs, until the
+// final copy is estimated to fit maxDowntime, the dirty set stops shrinking, or the round
+// limit. Every page joins the session; the final archive refers to them.
+func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, l *link, sess *pages.Session, emit func(Event)) ([]Round, string, error) {
+	maxDown := req.MaxDowntime
+	if maxDown <= 0 {
+		maxDown = 200 * time.Millisecond
+	}
+	maxRounds := req.MaxRounds
+	if maxRounds <= 0 {
+		maxRounds = 8
+	}
+	var rounds []Round
+	for n := 1; ; n++ {
+		pids, err := pages.Processes(c.PID)
+		if err != nil {
+			return rounds, "", err
+		}
+		r := Round{N: n}
+		t0 := time.Now()
+		var batchH []pages.Hash
+		var batchP []byte
+		inBatch := map[pages.Hash]bool{}
+		flush := func() error {
+			if len(batchH) == 0 {
+				return nil
+			}
+			missing, wire, err := target.Announce(ctx, c.Name, batchH)
+			if err != nil {
+				return fmt.Errorf("announce pages to %s: %w", target.Name, err)
+			}
+			sess.Append(batchH...)
+			r.WireBytes += wire
+			// This host keeps what it sends too: if the container comes back, little has
+			// to cross the link.
+			if err := a.store.AddTrusted(batchH, batchP); err != nil {
+				slog.Warn("page store", "err", err)
+			}
+			var send []byte
+			for i, m := range missing {
+				if m {
+					send = append(send, batchP[i*pages.Size:(i+1)*pages.Size]...)
+				}
+			}
+			k := int64(len(send) / pages.Size)
+			r.Sent += k
+			r.Deduplicated += int64(len(batchH)) - k
+			if len(send) > 0 {
+				w, err := l.PutPages(ctx, target, c.Name, send)
+				r.WireBytes += w
+				if err != nil {
+					return err
+				}
+			}
+			batchH, batchP = batchH[:0], batchP[:0]
+			clear(inBatch)
+			return nil
+		}
+		hs := make([]pages.Hash, 256)
+		err = pages.Scan(pids, 256, func(ch pages.Chunk) error {
+			k := len(ch.Addrs)
+			pages.SumAll(ch.Data, hs[:k])
+			r.Scanned += int64(k)
+			for i, h := range hs[:k] {
+				if inBatch[h] {
+					continue
+				}
+				if _, ok := sess.Index(h); ok {
+					continue
+				}
+				inBatch[h] = true
+				batchH = append(batchH, h)
+				batchP = append(batchP, ch.Data[i*pages.Size:(i+1)*pages.Size]...)
+				r.Dirty++
+			}
+			if len(batchH) >= 2048 {
+				return flush()
+			}
+			return ctx.Err()
+		})
+		if err == nil {
+			err = flush()
+		}
+		if err != nil {
+			return rounds, "", fmt.Errorf("pre-copy round %d: %w", n, err)
+		}
+		r.Duration = time.Since(t0)
+		if n > 1 {
+			r.DirtyRate = float64(r.Dirty) / r.Duration.Seconds()
+		}
+		r.Bandwidth = l.Mbit()
+		if r.Bandwidth > 0 {
+			r.Estimate = time.Duration(float64(r.Dirty*pages.Size*8) / (r.Bandwidth * 1e6) * float64(time.Second))
+		}
+		rounds = append(rounds, r)
+		emit(Event{Kind: "round", Round: &r})
+		slog.Info("pre-copy round", "container", c.Name, "round", n, "scanned", r.Scanned, "dirty", r.Dirty, "sent", r.Sent,
+			"dedup", r.Deduplicated, "wire", r.WireBytes, "took", r.Duration, "estimate", r.Estimate)
+		switch {
+		case n > 1 && r.Estimate <= maxDown:
+			return rounds, fmt.Sprintf("converged: final copy estimated %s, goal %s", r.Estimate.Round(time.Millisecond), maxDown), nil
+		case n == 1 && r.Dirty == r.Deduplicated:
+			// The target held everything already: one more round catches what changed.
+		case n > 1 && float64(r.Dirty) >= 0.9*float64(rounds[n-2].Dirty):
+			return rounds, fmt.Sprintf("dirty set stopped shrinking (%d pages, %d before)", r.Dirty, rounds[n-2].Dirty), nil
+		}
+		if n >= maxRounds {
+			return rounds, fmt.Sprintf("round limit %d; final copy estimated %s", maxRounds, r.Estimate.Round(time.Millisecond)), nil
+		}
+	}
+}
+
+// finalCopy streams the frozen container's checkpoint archive to the target, encoded
+// against the session: pages the target holds go as references. It returns when the
+// target has restored it, with the times at which the archive started and ended.
+type finalTimes struct{ firstByte, lastByte time.Time }
+
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, l *link, sess *pages.Session,
+	progress func(int64), sent func()) (*RestoreResult, *pages.Stats, finalTimes, error) {
+	var ft finalTimes
+	exp, expW := io.Pipe()
+	expDone := make(chan error, 1)
+	go func() {
+		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
+		expW.CloseWithError(err)
+		expDone <- err
+	}()
+	h := sha256.New()
+	src := &firstByteReader{r: io.TeeReader(exp, h), at: &ft.firstByte}
+	var st pages.Stats
+	body, enc, wait := l.body(ctx, func(w io.Writer) error {
+		var err error
+		st, err = pages.Encode(src, w, sess, nil)
+		return err
+	})
+	// At the end of the body: what follows (the target's restore) is not a transfer for
+	// the stall watchdog to watch.
+	digest := func() string {
+		ft.lastByte = time.Now()
+		sent()
+		return "sha256:" + hex.EncodeToString(h.Sum(nil))
+	}
+	var rr RestoreResult
+	rerr := target.send(ctx, "/v1/restore?encoding=pages&container="+url.QueryEscape(c.Name), body, encodingHeader(enc), digest, progress, &rr)
+	encErr := wait()
+	exp.CloseWithError(fmt.Errorf("the target stopped reading"))
+	if err := <-expDone; err != nil {
+		return nil, nil, ft, exportError{err}
+	}
+	if rerr != nil {
+		return nil, nil, ft, rerr
+	}
+	if encErr != nil && encErr != io.ErrClosedPipe {
+		return nil, nil, ft, encErr
+	}
+	return &rr, &st, ft, nil
+}
+
+// exportError is a failure of the checkpoint itself (as opposed to the transfer).
+type exportError struct{ error }
+
+func (e exportError) Unwrap() error { return e.error }
+
+type firstByteReader struct {
+	r  io.Reader
+	at *time.Time
+}
+
+func (f *firstByteReader) Read(b []byte) (int, error) {
+	n, err := f.r.Read(b)
+	if n > 0 && f.at.IsZero() {
+		*f.at = time.Now()
+	}
+	return n, err
+}
