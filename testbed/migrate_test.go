@@ -60,12 +60,18 @@ func mustMigrate(t *testing.T, tb *testbed.Testbed, args ...string) string {
 // push moves web and returns the result (--json).
 func push(t *testing.T, tb *testbed.Testbed, to string) *transfer.PushResult {
 	t.Helper()
-	out := mustMigrate(t, tb, "--json", "push", "web", "--to", to)
+	return pushArgs(t, tb, "web", "--to", to)
+}
+
+// pushArgs runs `migrate --json push ARGS` and returns the result.
+func pushArgs(t *testing.T, tb *testbed.Testbed, args ...string) *transfer.PushResult {
+	t.Helper()
+	out := mustMigrate(t, tb, append([]string{"--json", "push"}, args...)...)
 	var r transfer.PushResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("push output: %v\n%s", err, out)
 	}
-	t.Logf("push to %s: %d bytes, total %s, traffic held %s, phases %v", to, r.Bytes, r.Total, r.Frozen, r.Phases)
+	t.Logf("push %v: %d bytes, total %s, traffic held %s, phases %v", args, r.Bytes, r.Total, r.Frozen, r.Phases)
 	return &r
 }
 
@@ -220,8 +226,15 @@ func TestPushIperfThereAndBack(t *testing.T) {
 // The client must end without error: no reconnect, no reset.
 func sockperfThrough(t *testing.T, tb *testbed.Testbed, seconds int, move func()) (gap, rtt time.Duration, n int) {
 	t.Helper()
+	return sockperfAt(t, tb, webIP, seconds, move)
+}
+
+// sockperfAt runs a sockperf ping-pong client against ip:11111 for seconds, with move
+// happening 3 s in, and returns the largest gap between replies.
+func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move func()) (gap, rtt time.Duration, n int) {
+	t.Helper()
 	logf := filepath.Join(t.TempDir(), "sockperf.csv")
-	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", webIP, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
+	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", ip, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
 	time.Sleep(3 * time.Second)
 	move()
 	out, err := wait()

@@ -13,7 +13,12 @@ import (
 // memOverNet asks memload (listening on :7001 in web) for its status over the overlay.
 func memOverNet(t *testing.T, tb *testbed.Testbed) memStatus {
 	t.Helper()
-	out, err := tb.Run(context.Background(), testbed.ClientName, "nc", "-w", "3", webIP, "7001")
+	return memAt(t, tb, webIP)
+}
+
+func memAt(t *testing.T, tb *testbed.Testbed, ip string) memStatus {
+	t.Helper()
+	out, err := tb.Run(context.Background(), testbed.ClientName, "nc", "-w", "3", ip, "7001")
 	if err != nil {
 		t.Fatalf("memload status: %v %s", err, out)
 	}

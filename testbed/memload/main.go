@@ -30,6 +30,10 @@ const pageSize = 4096
 
 var table = crc64.MakeTable(crc64.ECMA)
 
+// seed varies the memory's content between runs: two memloads with different seeds share
+// no page (a page store cannot carry one's pages over to the other).
+var seed uint64
+
 type workload struct {
 	mu      sync.Mutex
 	mem     []byte
@@ -38,7 +42,7 @@ type workload struct {
 }
 
 func fillPage(p []byte, i uint64) {
-	x := i*0x9E3779B97F4A7C15 + 1
+	x := (i+seed<<40)*0x9E3779B97F4A7C15 + 1
 	for off := 0; off < len(p); off += 8 {
 		x ^= x << 13
 		x ^= x >> 7
@@ -84,6 +88,7 @@ func main() {
 	streamServeAddr := flag.String("stream-serve", "", "instead: send -bytes bytes of a checkable pattern to every connection on this address")
 	streamConnectAddr := flag.String("stream-connect", "", "instead: receive a -stream-serve stream and check every byte")
 	streamBytes := flag.Int64("bytes", 100<<20, "stream length in bytes")
+	flag.Uint64Var(&seed, "seed", 0, "vary the memory content (runs with different seeds share no page)")
 	streamRate := flag.Float64("stream-rate", 0, "pace the stream to this many Mbit/s (0: as fast as the connection goes)")
 	flag.Parse()
 	if *streamServeAddr != "" {

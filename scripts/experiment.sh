@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The downtime experiment: on a testbed whose links are shaped to 100 Mbit/s and 10 ms RTT,
+# memory workloads of 64, 256 and 1024 MiB dirtying 1% and 10% of their memory a second,
+# each serving a sockperf ping-pong client, are moved (a) the stock way (podman checkpoint
+# --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
+# `migrate push` (pre-copy). Writes results/experiment/experiment.{csv,svg} and prints one
+# ratio line per configuration (pre-copy / stock). Takes about 25 minutes. Run as root.
+#
+#   SIZES=64,256 DIRTY=1 scripts/experiment.sh     # a smaller matrix
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+[ "$(id -u)" = 0 ] || { echo "experiment.sh: run as root (it builds namespaces and runs podman)" >&2; exit 1; }
+"$REPO/scripts/install.sh"
+build_binaries
+out="${OUT:-$REPO/results/experiment}"
+mkdir -p "$out"
+cd "$REPO"
+MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload" \
+MIGRATE_EXPERIMENT_SIZES="${SIZES:-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
+	go test -tags "$GO_TAGS" -count=1 -timeout 120m -run '^TestExperimentDowntime$' -v ./testbed/ 2>&1 |
+	grep -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|pre-copy / stock|results in|FAIL|PASS|ok '
+echo "CSV: $out/experiment.csv  plot: $out/experiment.svg  log: $out/experiment.log"

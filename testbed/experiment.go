@@ -1,0 +1,143 @@
+package testbed
+
+import (
+	"encoding/csv"
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Cases of the downtime experiment.
+const (
+	CaseStock    = "stock"     // podman checkpoint --export, copy, podman restore --import
+	CaseStopCopy = "stop-copy" // migrate push --mode stop-copy
+	CasePrecopy  = "precopy"   // migrate push (pre-copy)
+)
+
+// ExpRow is one move of the experiment.
+type ExpRow struct {
+	SizeMiB  int           `json:"size_mib"`
+	DirtyPct float64       `json:"dirty_pct_per_s"`
+	Case     string        `json:"case"`
+	Gap      time.Duration `json:"downtime_ns"` // largest gap the sockperf client saw
+	Held     time.Duration `json:"held_ns"`     // traffic held (push) or checkpoint..re-point (stock)
+	Total    time.Duration `json:"total_ns"`
+	Bytes    int64         `json:"wire_bytes"`
+	Rounds   int           `json:"rounds"`
+	Replies  int           `json:"replies"`
+	Phases   string        `json:"phases"` // the frozen phase, step by step
+}
+
+func (r ExpRow) key() string { return fmt.Sprintf("%d MiB %g%%/s", r.SizeMiB, r.DirtyPct) }
+
+// WriteCSV writes the rows with a header.
+func WriteCSV(w io.Writer, rows []ExpRow) error {
+	cw := csv.NewWriter(w)
+	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases"})
+	ms := func(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
+	for _, r := range rows {
+		cw.Write([]string{strconv.Itoa(r.SizeMiB), strconv.FormatFloat(r.DirtyPct, 'g', -1, 64), r.Case, ms(r.Gap), ms(r.Held), ms(r.Total),
+			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases})
+	}
+	cw.Flush()
+	return cw.Error()
+}
+
+// Ratios returns one line per configuration: pre-copy against the stock sequence.
+func Ratios(rows []ExpRow) []string {
+	by := map[string]map[string]ExpRow{}
+	var keys []string
+	for _, r := range rows {
+		if by[r.key()] == nil {
+			by[r.key()] = map[string]ExpRow{}
+			keys = append(keys, r.key())
+		}
+		by[r.key()][r.Case] = r
+	}
+	var out []string
+	for _, k := range keys {
+		p, okp := by[k][CasePrecopy]
+		s, oks := by[k][CaseStock]
+		if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
+			continue
+		}
+		out = append(out, fmt.Sprintf("%-16s pre-copy / stock: downtime %.3f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
+			k, float64(p.Gap)/float64(s.Gap), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
+			float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
+			float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
+	}
+	return out
+}
+
+// WriteSVG draws two bar charts, downtime and bytes on the wire, one group of bars per
+// configuration and one bar per case, on a log scale.
+func WriteSVG(w io.Writer, rows []ExpRow) error {
+	var keys []string
+	seen := map[string]bool{}
+	cases := []string{CaseStock, CaseStopCopy, CasePrecopy}
+	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopy: "#2070c0"}
+	val := map[string]ExpRow{}
+	for _, r := range rows {
+		if !seen[r.key()] {
+			seen[r.key()] = true
+			keys = append(keys, r.key())
+		}
+		val[r.key()+"/"+r.Case] = r
+	}
+	const bw, gap, left, panelH, top = 18, 24, 70, 220, 40
+	groupW := len(cases)*bw + gap
+	width := left + len(keys)*groupW + 160
+	height := 2*(panelH+top+40) + 20
+	var b strings.Builder
+	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="11">`+"\n", width, height)
+	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
+	panel := func(y0 int, title, unit string, get func(ExpRow) float64) {
+		max, min := 0.0, math.Inf(1)
+		for _, r := range val {
+			if v := get(r); v > 0 {
+				max, min = math.Max(max, v), math.Min(min, v)
+			}
+		}
+		if max == 0 {
+			return
+		}
+		lo := math.Floor(math.Log10(min))
+		hi := math.Ceil(math.Log10(max))
+		if hi == lo {
+			hi++
+		}
+		yOf := func(v float64) float64 {
+			return float64(y0+top+panelH) - (math.Log10(v)-lo)/(hi-lo)*panelH
+		}
+		fmt.Fprintf(&b, `<text x="%d" y="%d" font-size="13" font-weight="bold">%s</text>`+"\n", left, y0+20, title)
+		for e := lo; e <= hi; e++ {
+			y := yOf(math.Pow(10, e))
+			fmt.Fprintf(&b, `<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#ddd"/><text x="%d" y="%.1f" text-anchor="end">%g %s</text>`+"\n",
+				left, width-150, y, y, left-4, y+4, math.Pow(10, e), unit)
+		}
+		for i, k := range keys {
+			x0 := left + i*groupW + gap/2
+			for j, c := range cases {
+				r, ok := val[k+"/"+c]
+				if !ok || get(r) <= 0 {
+					continue
+				}
+				y := yOf(get(r))
+				fmt.Fprintf(&b, `<rect x="%d" y="%.1f" width="%d" height="%.1f" fill="%s"><title>%s %s: %.3g %s</title></rect>`+"\n",
+					x0+j*bw, y, bw-2, float64(y0+top+panelH)-y, colors[c], k, c, get(r), unit)
+			}
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", x0+len(cases)*bw/2, y0+top+panelH+14, k)
+		}
+	}
+	panel(0, "Downtime: largest gap seen by a sockperf client (100 Mbit/s, 10 ms RTT)", "s", func(r ExpRow) float64 { return r.Gap.Seconds() })
+	panel(panelH+top+40, "Bytes on the wire", "MB", func(r ExpRow) float64 { return float64(r.Bytes) / 1e6 })
+	for j, c := range cases {
+		fmt.Fprintf(&b, `<rect x="%d" y="%d" width="12" height="12" fill="%s"/><text x="%d" y="%d">%s</text>`+"\n", width-140, top+j*18, colors[c], width-122, top+j*18+10, c)
+	}
+	b.WriteString("</svg>\n")
+	_, err := io.WriteString(w, b.String())
+	return err
+}

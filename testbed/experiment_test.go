@@ -1,0 +1,141 @@
+package testbed_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/testbed"
+)
+
+// envList reads a comma-separated list of numbers, or def.
+func envList(name string, def []float64) []float64 {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	var out []float64
+	for _, f := range strings.Split(v, ",") {
+		if x, err := strconv.ParseFloat(strings.TrimSpace(f), 64); err == nil {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// The downtime experiment (scripts/experiment.sh): a memory workload serving a sockperf
+// client is moved over a 100 Mbit/s, 10 ms RTT link (a) the stock way, (b) by push
+// stop-and-copy, (c) by push pre-copy; downtime, total time and bytes are written as CSV
+// and SVG, with one ratio line per configuration. In CI it runs one small configuration
+// (64 MiB, 1 %/s) so the harness itself is tested; MIGRATE_EXPERIMENT_SIZES and
+// MIGRATE_EXPERIMENT_DIRTY widen it.
+func TestExperimentDowntime(t *testing.T) {
+	sizes := envList("MIGRATE_EXPERIMENT_SIZES", []float64{64})
+	dirty := envList("MIGRATE_EXPERIMENT_DIRTY", []float64{1})
+	out := os.Getenv("MIGRATE_EXPERIMENT_OUT")
+	if out == "" {
+		out = t.TempDir()
+	}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// 2.5 ms each way on each link: client -> host -> client crosses two links twice.
+	tb := upAgents(t, "exp", testbed.Link{RateMbit: 100, Delay: 2500 * time.Microsecond})
+	ctx := context.Background()
+	var rows []testbed.ExpRow
+	seed := 0
+	for _, size := range sizes {
+		for _, pct := range dirty {
+			rate := int(size * 256 * pct / 100) // pages per second
+			transfer := size * 1.05 * 8 / 92    // seconds for the memory at the link's rate
+			for _, c := range []string{testbed.CaseStock, testbed.CaseStopCopy, testbed.CasePrecopy} {
+				seed++
+				row := testbed.ExpRow{SizeMiB: int(size), DirtyPct: pct, Case: c}
+				// A name and address per move: each starts from nothing.
+				name, ip := fmt.Sprintf("mem%d", seed), fmt.Sprintf("10.88.1.%d", seed)
+				cmd := fmt.Sprintf("memload -size %d -rate %d -seed %d -listen :7001 & exec sockperf server --tcp -p 11111", int(size), rate, seed)
+				mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", cmd)
+				waitMemload(t, tb, ip)
+				// sockperf runs for a fixed time that must cover the move.
+				seconds := 12 + int(transfer*1.3)
+				if c == testbed.CasePrecopy {
+					seconds = 12 + int(transfer*3.3) // rounds, then the frozen copy
+				}
+				t0 := time.Now()
+				gap, _, n := sockperfAt(t, tb, ip, seconds, func() {
+					switch c {
+					case testbed.CaseStock:
+						r, err := tb.StockMove(ctx, name, ip+"/16", "a", "b")
+						if err != nil {
+							t.Fatalf("stock move: %v", err)
+						}
+						row.Held, row.Total, row.Bytes = r.Checkpoint+r.Copy+r.Restore+r.Repoint, r.Total, r.Bytes
+						row.Phases = fmt.Sprintf("checkpoint %s; copy %s; restore %s; re-point %s", r.Checkpoint.Round(time.Millisecond),
+							r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond), r.Repoint.Round(time.Millisecond))
+					default:
+						mode := map[string]string{testbed.CaseStopCopy: "stop-copy", testbed.CasePrecopy: "precopy"}[c]
+						r := pushArgs(t, tb, name, "--to", "b", "--mode", mode)
+						if !r.OK {
+							t.Fatalf("push %s: %s", mode, r.Error)
+						}
+						row.Held, row.Total, row.Bytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
+						var ph []string
+						for _, p := range r.Downtime {
+							ph = append(ph, fmt.Sprintf("%s %s", p.Name, p.Duration.Round(time.Millisecond)))
+						}
+						row.Phases = strings.Join(ph, "; ")
+						logRounds(t, r)
+					}
+					if left := time.Duration(seconds)*time.Second - time.Since(t0); left < 2*time.Second {
+						t.Errorf("%s %s: the move outlasted the sockperf run; its gap is not measured", row.Case, row.Phases)
+					}
+				})
+				row.Gap, row.Replies = gap, n
+				rows = append(rows, row)
+				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d | %s", row.SizeMiB, row.DirtyPct, row.Case,
+					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds, row.Phases)
+				if after := memAt(t, tb, ip); after.sum != after.expect {
+					t.Fatalf("%s: memory corrupted: %+v", c, after)
+				}
+				if _, err := tb.Run(ctx, "b", "podman", "rm", "-f", name); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	write := func(name string, f func(*os.File) error) {
+		fh, err := os.Create(filepath.Join(out, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fh.Close()
+		if err := f(fh); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("experiment.csv", func(f *os.File) error { return testbed.WriteCSV(f, rows) })
+	write("experiment.svg", func(f *os.File) error { return testbed.WriteSVG(f, rows) })
+	for _, l := range testbed.Ratios(rows) {
+		t.Log(l)
+	}
+	t.Logf("results in %s", out)
+}
+
+// waitMemload waits until memload at ip answers (its memory is filled).
+func waitMemload(t *testing.T, tb *testbed.Testbed, ip string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		out, err := tb.Run(context.Background(), testbed.ClientName, "nc", "-w", "2", ip, "7001")
+		if err == nil && statusRE.MatchString(out) {
+			return
+		}
+		time.Sleep(time.Second)
+	}
+	t.Fatal("memload did not come up in 2 minutes")
+}
