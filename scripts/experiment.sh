@@ -18,5 +18,5 @@ cd "$REPO"
 MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload" \
 MIGRATE_EXPERIMENT_SIZES="${SIZES:-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
 	go test -tags "$GO_TAGS" -count=1 -timeout 120m -run '^TestExperimentDowntime$' -v ./testbed/ 2>&1 |
-	grep -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|pre-copy / stock|results in|FAIL|PASS|ok '
+	grep --line-buffered -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|pre-copy / stock|results in|FAIL|PASS|ok '
 echo "CSV: $out/experiment.csv  plot: $out/experiment.svg  log: $out/experiment.log"

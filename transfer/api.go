@@ -5,6 +5,8 @@
 package transfer
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -140,6 +142,22 @@ type PushRequest struct {
 	Compress string `json:"compress,omitempty"`
 	// BWLimitMbit caps the rate of everything the move sends (0: no cap).
 	BWLimitMbit float64 `json:"bwlimit_mbit,omitempty"`
+}
+
+// Validate checks the options a user gives.
+func (r PushRequest) Validate() error {
+	if r.Mode != "" && r.Mode != ModePrecopy && r.Mode != ModeStopCopy {
+		return fmt.Errorf("--mode %q: want %s or %s", r.Mode, ModePrecopy, ModeStopCopy)
+	}
+	if r.BWLimitMbit < 0 || r.MaxRounds < 0 || r.MaxDowntime < 0 {
+		return errors.New("--bwlimit, --max-rounds and --max-downtime must not be negative")
+	}
+	if r.Compress != "" {
+		if _, _, err := zstdLevel(r.Compress, 0); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Push modes.

@@ -25,6 +25,13 @@ type link struct {
 	limiter  *rate.Limiter // nil: no cap
 	sent     int64         // wire bytes of timed sends
 	took     time.Duration // their duration
+	progress func()        // called as bytes go out (a stall watchdog's kick)
+}
+
+func (l *link) kick() {
+	if l.progress != nil {
+		l.progress()
+	}
 }
 
 func newLink(compress string, mbit float64) (*link, error) {
@@ -159,7 +166,7 @@ func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []by
 	t0 := time.Now()
 	body, enc, wait := l.body(ctx, func(w io.Writer) error { _, err := w.Write(buf); return err })
 	var wire int64
-	err := p.send(ctx, "/v1/pages/put?container="+url.QueryEscape(container), body, encodingHeader(enc), nil, func(n int64) { wire = n }, &PagesPut{})
+	err := p.send(ctx, "/v1/pages/put?container="+url.QueryEscape(container), body, encodingHeader(enc), nil, func(n int64) { wire = n; l.kick() }, &PagesPut{})
 	if werr := wait(); err == nil && werr != nil && werr != io.ErrClosedPipe {
 		err = werr
 	}
@@ -205,6 +212,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 				return fmt.Errorf("announce pages to %s: %w", target.Name, err)
 			}
 			sess.Append(batchH...)
+			l.kick()
 			r.WireBytes += wire
 			// This host keeps what it sends too: if the container comes back, little has
 			// to cross the link.

@@ -53,6 +53,13 @@ func newWatchdog(d time.Duration, fire func()) *watchdog {
 func (w *watchdog) kick() { w.t.Reset(w.d) }
 func (w *watchdog) stop() { w.t.Stop() }
 
+func stallTimeout(req PushRequest) time.Duration {
+	if req.StallTimeout <= 0 {
+		return 60 * time.Second
+	}
+	return req.StallTimeout
+}
+
 // Push moves a container from this host to req.To. It never loses the container: any
 // failure before the overlay points at the target rolls back, and the container runs here
 // again with its connections.
@@ -223,7 +230,19 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	case ModePrecopy:
 		t0 = time.Now()
 		emit(Event{Kind: "phase", Phase: "precopy"})
-		rounds, why, err := a.precopy(ctx, target, c, req, l, sess, emit)
+		// Rounds are under a stall watchdog too: a cut link may send no reset.
+		pctx, pcancel := context.WithCancelCause(ctx)
+		pwd := newWatchdog(stallTimeout(req), func() {
+			pcancel(fmt.Errorf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		})
+		l.progress = pwd.kick
+		rounds, why, err := a.precopy(pctx, target, c, req, l, sess, emit)
+		pwd.stop()
+		l.progress = nil
+		if cause := context.Cause(pctx); cause != nil && err != nil {
+			err = cause
+		}
+		pcancel(nil)
 		res.Rounds, res.StopReason = rounds, why
 		for _, r := range rounds {
 			res.RoundBytes += r.WireBytes
@@ -249,10 +268,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	frozenAt := time.Now()
 	// A watchdog cancels the transfer if it stalls: a cut link may send no reset.
-	stall := req.StallTimeout
-	if stall <= 0 {
-		stall = 60 * time.Second
-	}
+	stall := stallTimeout(req)
 	tctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wd := newWatchdog(stall, func() {

@@ -153,7 +153,11 @@ var serveCommand = &cli.Command{
 	Description: `The agent sets up this host's node of the overlay (an Open vSwitch bridge, VXLAN tunnels
 to every host in the inventory), answers peers and operators over mutual TLS, restores
 containers moved here and moves containers away on request. Moves that a previous run left
-unfinished are undone at start.`,
+unfinished are undone at start.
+
+Memory pages of containers moved here or away are kept by SHA-256 in a page store under
+--state-dir (bounded by --page-store-mb, oldest first out), so later moves send only pages
+the other side lacks.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "name", Required: true, Usage: "this host's name in the inventory", EnvVars: []string{"MIGRATE_HOST"}},
 		inventoryFlag, certsFlag,
@@ -271,6 +275,11 @@ source with its connections, and push exits with code 4.`,
 			return usageError{errors.New("usage: migrate push CONTAINER --to HOST")}
 		}
 		name := c.Args().First()
+		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
+			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit")}
+		if err := req.Validate(); err != nil {
+			return usageError{err}
+		}
 		op, err := newOperator(c)
 		if err != nil {
 			return err
@@ -287,14 +296,6 @@ source with its connections, and push exits with code 4.`,
 			return err
 		}
 		prog := newProgress(c)
-		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
-			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit")}
-		if req.Mode != transfer.ModePrecopy && req.Mode != transfer.ModeStopCopy {
-			return usageError{fmt.Errorf("--mode %q: want %s or %s", req.Mode, transfer.ModePrecopy, transfer.ModeStopCopy)}
-		}
-		if req.BWLimitMbit < 0 || req.MaxRounds < 1 || req.MaxDowntime <= 0 {
-			return usageError{errors.New("--bwlimit must be >= 0, --max-rounds >= 1, --max-downtime > 0")}
-		}
 		res, err := src.Push(c.Context, req, prog.event)
 		prog.done()
 		if err != nil {

@@ -49,6 +49,11 @@ func TestBadInput(t *testing.T) {
 	if _, _, err := run("testbed", "up", "--nosuchflag"); exitCode(err) != exitUsage {
 		t.Errorf("unknown flag: %v", err)
 	}
+	for _, bad := range [][]string{{"--mode", "fast"}, {"--compress", "zip"}, {"--bwlimit", "-1"}} {
+		if _, _, err := run(append([]string{"push", "web", "--to", "b"}, bad...)...); exitCode(err) != exitUsage {
+			t.Errorf("push %v: %v (code %d), want a usage error", bad, err, exitCode(err))
+		}
+	}
 	_, _, err := run("testbed", "status", "--name", "nosuch")
 	if err == nil || !strings.Contains(err.Error(), "is not up") {
 		t.Errorf("status of a testbed that is not up: %v", err)
