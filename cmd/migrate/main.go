@@ -37,6 +37,7 @@ func exitCode(err error) int {
 	var ue usageError
 	var nr notReadyError
 	var rb rolledBackError
+	var be busyError
 	switch {
 	case err == nil:
 		return exitOK
@@ -44,6 +45,8 @@ func exitCode(err error) int {
 		return exitUsage
 	case errors.As(err, &rb):
 		return exitRolledBack
+	case errors.As(err, &be):
+		return exitBusy
 	case errors.As(err, &ue):
 		return exitUsage
 	case errors.As(err, &nr):
@@ -80,6 +83,8 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 		},
 		Commands: []*cli.Command{
 			pushCommand,
+			planCommand,
+			autoCommand,
 			runCommand,
 			statusCommand,
 			serveCommand,

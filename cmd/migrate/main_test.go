@@ -32,6 +32,8 @@ func TestExitCodes(t *testing.T) {
 		{errors.New("x"), exitFailure},
 		{usageError{errors.New("x")}, exitUsage},
 		{notReadyError{errors.New("x")}, exitNotReady},
+		{rolledBackError{errors.New("x")}, exitRolledBack},
+		{busyError{errors.New("x")}, exitBusy},
 	} {
 		if got := exitCode(tc.err); got != tc.code {
 			t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.code)
@@ -52,6 +54,19 @@ func TestBadInput(t *testing.T) {
 	for _, bad := range [][]string{{"--mode", "fast"}, {"--compress", "zip"}, {"--bwlimit", "-1"}} {
 		if _, _, err := run(append([]string{"push", "web", "--to", "b"}, bad...)...); exitCode(err) != exitUsage {
 			t.Errorf("push %v: %v (code %d), want a usage error", bad, err, exitCode(err))
+		}
+	}
+	for _, bad := range [][]string{
+		{"auto", "web", "--mode", "sideways"},
+		{"auto", "web", "--mode", "passive"},                         // no --user
+		{"auto", "web", "--mode", "passive", "--user", "edge-user"},  // not an address
+		{"auto", "web", "--mode", "proactive", "--trace", "/nosuch"}, // no trace
+		{"auto", "web", "--mode", "passive", "--user", "10.0.0.1", "--hysteresis", "1.5"},
+		{"plan", "web"},                      // no --user
+		{"plan", "web", "--user", "nowhere"}, // not an address
+	} {
+		if _, _, err := run(bad...); exitCode(err) != exitUsage {
+			t.Errorf("%v: %v (code %d), want a usage error", bad, err, exitCode(err))
 		}
 	}
 	_, _, err := run("testbed", "status", "--name", "nosuch")
