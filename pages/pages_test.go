@@ -236,3 +236,38 @@ func BenchmarkEncodeDecode(b *testing.B) {
 		}
 	}
 }
+
+func TestRecordsCarryDeltasAgainstEarlierPages(t *testing.T) {
+	store, _ := OpenStore(t.TempDir(), packPages*Size)
+	defer store.Close()
+	old := randomPages(t, 2)
+	hs, _ := store.Add(old)
+	sess := NewSession()
+	sess.Append(hs...)
+	changed := append([]byte{}, old[Size:]...)
+	changed[100] ^= 0xff // page 1 changed in one byte
+	fresh := randomPages(t, 1)
+	var rec []byte
+	rec = AppendDelta(rec, 1, changed, old[Size:])
+	rec = AppendLiteral(rec, fresh)
+	var got [][]byte
+	var names []Hash
+	n, err := DecodeRecords(bytes.NewReader(rec), sess, store, func(h []Hash, buf []byte) error {
+		for i := range h {
+			got = append(got, append([]byte{}, buf[i*Size:(i+1)*Size]...))
+			names = append(names, h[i])
+		}
+		return nil
+	})
+	if err != nil || n != 2 {
+		t.Fatalf("decoded %d: %v", n, err)
+	}
+	if !bytes.Equal(got[0], changed) || !bytes.Equal(got[1], fresh) || names[0] != Sum(changed) {
+		t.Fatal("pages not rebuilt")
+	}
+	// A delta against a place the session does not have is refused.
+	bad := AppendDelta(nil, 9, changed, old[Size:])
+	if _, err := DecodeRecords(bytes.NewReader(bad), sess, store, func([]Hash, []byte) error { return nil }); err == nil {
+		t.Fatal("a delta against an unknown base was accepted")
+	}
+}

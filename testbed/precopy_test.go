@@ -33,8 +33,8 @@ func memAt(t *testing.T, tb *testbed.Testbed, ip string) memStatus {
 func logRounds(t *testing.T, r *transfer.PushResult) {
 	t.Helper()
 	for _, x := range r.Rounds {
-		t.Logf("  round %d: scanned %d dirty %d sent %d dedup %d wire %d in %s, estimate %s", x.N, x.Scanned, x.Dirty, x.Sent,
-			x.Deduplicated, x.WireBytes, x.Duration.Round(time.Millisecond), x.Estimate.Round(time.Millisecond))
+		t.Logf("  round %d: scanned %d dirty %d sent %d (deltas %d) dedup %d wire %d in %s, estimate %s", x.N, x.Scanned, x.Dirty, x.Sent,
+			x.Deltas, x.Deduplicated, x.WireBytes, x.Duration.Round(time.Millisecond), x.Estimate.Round(time.Millisecond))
 	}
 	t.Logf("  %s; frozen phase %+v; held %s: %v", r.StopReason, r.Final, r.Frozen.Round(time.Millisecond), r.Downtime)
 }

@@ -175,6 +175,7 @@ type Round struct {
 	Dirty        int64         `json:"pages_dirty"`        // content new to this migration (first round: all)
 	Sent         int64         `json:"pages_sent"`         // of those, the pages the target lacked
 	Deduplicated int64         `json:"pages_deduplicated"` // of those, the pages the target's store held already
+	Deltas       int64         `json:"pages_as_delta"`     // sent pages that went as a delta against their previous content
 	WireBytes    int64         `json:"wire_bytes"`
 	Duration     time.Duration `json:"duration_ns"`
 	DirtyRate    float64       `json:"dirty_pages_per_s"`

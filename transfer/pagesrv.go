@@ -97,8 +97,9 @@ func bodyReader(r *http.Request) (io.Reader, func(), error) {
 	}
 }
 
-// putPages stores pages the source sends in a pre-copy round. Each must be one it
-// announced: a page whose content does not match any announced hash was damaged.
+// putPages stores pages the source sends in a pre-copy round, as records (literal pages,
+// or deltas against pages of the session). Each must be one it announced: a page whose
+// content does not match any announced hash was damaged.
 func (a *Agent) putPages(r *http.Request) (any, error) {
 	sess, err := a.session(r.URL.Query().Get("container"))
 	if err != nil {
@@ -109,32 +110,20 @@ func (a *Agent) putPages(r *http.Request) (any, error) {
 		return nil, err
 	}
 	defer done()
-	buf := make([]byte, 256*pages.Size)
-	hs := make([]pages.Hash, 256)
 	var res PagesPut
-	for {
-		n, err := io.ReadFull(body, buf)
-		if n%pages.Size != 0 {
-			return nil, fmt.Errorf("pages: %d bytes after %d pages is not a whole page", n%pages.Size, res.Pages)
-		}
-		k := n / pages.Size
-		pages.SumAll(buf[:n], hs[:k])
-		for i := 0; i < k; i++ {
-			if _, ok := sess.Index(hs[i]); !ok {
-				return nil, fmt.Errorf("page %d of the batch was damaged in transit: its content matches no announced hash", res.Pages+i)
+	n, err := pages.DecodeRecords(body, sess, a.store, func(hs []pages.Hash, buf []byte) error {
+		for i, h := range hs {
+			if _, ok := sess.Index(h); !ok {
+				return fmt.Errorf("page %d of the batch was damaged in transit: its content matches no announced hash", res.Pages+i)
 			}
 		}
-		if err := a.store.AddTrusted(hs[:k], buf[:n]); err != nil {
-			return nil, err
-		}
-		res.Pages += k
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return res, nil
-		}
-		if err != nil {
-			return nil, fmt.Errorf("receive pages after %d: %w", res.Pages, err)
-		}
+		res.Pages += len(hs)
+		return a.store.AddTrusted(hs, buf)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("receive pages after %d: %w", n, err)
 	}
+	return res, nil
 }
 
 // decodeArchive rebuilds an encoded checkpoint archive from the request into a pipe the

@@ -160,8 +160,8 @@ func (p *Peer) Announce(ctx context.Context, container string, hs []pages.Hash) 
 	return missing, int64(len(b)), nil
 }
 
-// PutPages sends pages (announced before) to the target's store and returns the bytes
-// that crossed the link.
+// PutPages sends page records (pages announced before, literal or as deltas) to the
+// target's store and returns the bytes that crossed the link.
 func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []byte) (int64, error) {
 	t0 := time.Now()
 	body, enc, wait := l.body(ctx, func(w io.Writer) error { _, err := w.Write(buf); return err })
@@ -193,6 +193,14 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		maxRounds = 8
 	}
 	var rounds []Round
+	// The content last seen at each address: a page that changed since is sent as a
+	// delta against it.
+	type addr struct {
+		pid int
+		at  uint64
+	}
+	prev := map[addr]pages.Hash{}
+	base := make([]byte, pages.Size)
 	for n := 1; ; n++ {
 		pids, err := pages.Processes(c.PID)
 		if err != nil {
@@ -202,6 +210,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		t0 := time.Now()
 		var batchH []pages.Hash
 		var batchP []byte
+		var batchB []pages.Hash // each page's previous content at its address (zero: none)
 		inBatch := map[pages.Hash]bool{}
 		flush := func() error {
 			if len(batchH) == 0 {
@@ -220,12 +229,22 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 				slog.Warn("page store", "err", err)
 			}
 			var send []byte
+			var k int64
 			for i, m := range missing {
-				if m {
-					send = append(send, batchP[i*pages.Size:(i+1)*pages.Size]...)
+				if !m {
+					continue
 				}
+				k++
+				page := batchP[i*pages.Size : (i+1)*pages.Size]
+				if b := batchB[i]; b != (pages.Hash{}) {
+					if place, ok := sess.Index(b); ok && a.store.Read([]pages.Hash{b}, base) == nil {
+						send = pages.AppendDelta(send, place, page, base)
+						r.Deltas++
+						continue
+					}
+				}
+				send = pages.AppendLiteral(send, page)
 			}
-			k := int64(len(send) / pages.Size)
 			r.Sent += k
 			r.Deduplicated += int64(len(batchH)) - k
 			if len(send) > 0 {
@@ -235,7 +254,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 					return err
 				}
 			}
-			batchH, batchP = batchH[:0], batchP[:0]
+			batchH, batchP, batchB = batchH[:0], batchP[:0], batchB[:0]
 			clear(inBatch)
 			return nil
 		}
@@ -245,6 +264,9 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			pages.SumAll(ch.Data, hs[:k])
 			r.Scanned += int64(k)
 			for i, h := range hs[:k] {
+				key := addr{ch.PID, ch.Addrs[i]}
+				old := prev[key]
+				prev[key] = h
 				if inBatch[h] {
 					continue
 				}
@@ -254,6 +276,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 				inBatch[h] = true
 				batchH = append(batchH, h)
 				batchP = append(batchP, ch.Data[i*pages.Size:(i+1)*pages.Size]...)
+				batchB = append(batchB, old)
 				r.Dirty++
 			}
 			if len(batchH) >= 2048 {

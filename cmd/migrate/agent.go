@@ -465,8 +465,8 @@ func (p *progress) event(ev transfer.Event) {
 }
 
 func roundLine(r *transfer.Round) string {
-	return fmt.Sprintf("round %d: %d pages read, %d dirty, %d sent, %d already there, %.1f MB on the wire in %s; final copy estimated %s",
-		r.N, r.Scanned, r.Dirty, r.Sent, r.Deduplicated, float64(r.WireBytes)/1e6, r.Duration.Round(time.Millisecond), r.Estimate.Round(time.Millisecond))
+	return fmt.Sprintf("round %d: %d pages read, %d dirty, %d sent (%d as deltas), %d already there, %.1f MB on the wire in %s; final copy estimated %s",
+		r.N, r.Scanned, r.Dirty, r.Sent, r.Deltas, r.Deduplicated, float64(r.WireBytes)/1e6, r.Duration.Round(time.Millisecond), r.Estimate.Round(time.Millisecond))
 }
 
 func (p *progress) done() {
