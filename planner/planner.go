@@ -6,7 +6,6 @@ package planner
 
 import (
 	"fmt"
-	"math"
 	"sort"
 	"time"
 )
@@ -76,7 +75,6 @@ func Rank(cands []Candidate, p Params) (*Plan, error) {
 		s := Score{Candidate: c}
 		switch {
 		case c.Problem != "":
-			s.Total = math.Inf(1)
 		case c.Current || curRTT < 0:
 			s.Latency = p.Rate * p.Horizon.Seconds() * c.RTT.Seconds()
 		default:
@@ -84,7 +82,6 @@ func Rank(cands []Candidate, p Params) (*Plan, error) {
 				s.Transfer = time.Duration(float64(c.Layers+c.Memory) * 8 / (c.Mbit * 1e6) * float64(time.Second))
 			} else if c.Layers+c.Memory > 0 {
 				s.Problem = "no bandwidth measured to it"
-				s.Total = math.Inf(1)
 				break
 			}
 			moving := min(s.Transfer+p.Downtime, p.Horizon).Seconds()
@@ -96,7 +93,11 @@ func Rank(cands []Candidate, p Params) (*Plan, error) {
 		}
 		scores = append(scores, s)
 	}
+	// Hosts with a problem go last and are never chosen.
 	sort.SliceStable(scores, func(i, j int) bool {
+		if pi, pj := scores[i].Problem != "", scores[j].Problem != ""; pi != pj {
+			return pj
+		}
 		if scores[i].Total != scores[j].Total {
 			return scores[i].Total < scores[j].Total
 		}
@@ -107,7 +108,7 @@ func Rank(cands []Candidate, p Params) (*Plan, error) {
 			cur = &scores[i]
 		}
 	}
-	if len(scores) == 0 || math.IsInf(scores[0].Total, 1) {
+	if len(scores) == 0 || scores[0].Problem != "" {
 		return nil, fmt.Errorf("no host can take the container")
 	}
 	best := scores[0]

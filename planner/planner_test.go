@@ -1,6 +1,7 @@
 package planner
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -131,5 +132,18 @@ func TestProactiveMovesAheadOnceAndNotBack(t *testing.T) {
 	want := []string{"b@30s", "a@1m0s", "b@1m22s", "a@1m52s"}
 	if strings.Join(moves, " ") != strings.Join(want, " ") {
 		t.Fatalf("moves %v, want %v", moves, want)
+	}
+}
+
+func TestPlanEncodesAsJSON(t *testing.T) {
+	pl, err := Rank([]Candidate{{Host: "a", Current: true, RTT: ms}, {Host: "c", Problem: "runs no podman"}}, DefaultParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := json.Marshal(pl); err != nil {
+		t.Fatalf("a plan with an unusable host does not encode: %v", err)
+	}
+	if pl.Scores[1].Host != "c" || pl.Best != "a" {
+		t.Fatalf("%+v", pl)
 	}
 }

@@ -20,7 +20,7 @@ import (
 
 // The user's trace: where they are, by simulated second. Each place is a host's
 // neighbourhood: near the host the user sees a 1 ms link, the other host is 15 ms away.
-const userTrace = "0 a\n30 b\n60 a\n90 b\n120 a\n150 a\n"
+const userTrace = "0 a\n30 b\n60 a\n90 b\n120 a\n150 b\n"
 
 const traceStep = 5 * time.Second
 
@@ -56,6 +56,7 @@ type replay struct {
 	policy string
 	rtts   []time.Duration
 	moves  []string // "HOST@trace second"
+	log    []string // every decision
 	bytes  int64
 }
 
@@ -105,6 +106,7 @@ func replayTrace(t *testing.T, tb *testbed.Testbed, policy, name, ip string, tra
 		if code != 0 || json.Unmarshal([]byte(out), &rec) != nil {
 			t.Fatalf("%s at %s: exit %d\n%s%s", policy, at, code, out, errs)
 		}
+		r.log = append(r.log, fmt.Sprintf("%3ds on %s: %s", int(at.Seconds()), rec.Host, rec.Decision.Reason))
 		if rec.Decision.Move {
 			if rec.Result == nil || !rec.Result.OK {
 				t.Fatalf("%s at %s: the move failed: %s", policy, at, out)
@@ -150,7 +152,7 @@ func TestAutoFollowsTheUser(t *testing.T) {
 		// Each policy starts from the same place: its own container on a, the user at a.
 		name, ip := "svc-"+policy, fmt.Sprintf("10.88.2.%d", i+1)
 		placeUser(t, tb, "a")
-		mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", "memload -size 16 -rate 10 & exec sockperf server --tcp -p 11111")
+		mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", fmt.Sprintf("memload -size 16 -rate 10 -seed %d & exec sockperf server --tcp -p 11111", 100+i))
 		waitPing(t, tb, ip)
 		results[policy] = replayTrace(t, tb, policy, name, ip, trace)
 		for _, h := range []string{"a", "b"} {
@@ -164,9 +166,9 @@ func TestAutoFollowsTheUser(t *testing.T) {
 		t.Errorf("passive moves %q, want %q", got, want)
 	}
 	// Proactive learns the 30 s pattern from the first visits and then moves ahead: to b
-	// before the user gets there at 90 s, to a before 120 s.
-	if got, want := strings.Join(results["proactive"].moves, " "), "b@30 a@60 b@85 a@115"; got != want {
-		t.Errorf("proactive moves %q, want %q", got, want)
+	// before the user gets there at 90 s, to a before 120 s, to b before 150 s.
+	if got, want := strings.Join(results["proactive"].moves, " "), "b@30 a@60 b@85 a@115 b@145"; got != want {
+		t.Errorf("proactive moves %q, want %q; decisions:\n%s", got, want, strings.Join(results["proactive"].log, "\n"))
 	}
 	nm, np95 := results["never"].stats()
 	pm, _ := results["passive"].stats()

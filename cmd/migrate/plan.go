@@ -163,6 +163,9 @@ type autoResult struct {
 type autoState struct {
 	Host     string    `json:"host"`
 	LastMove time.Time `json:"last_move"`
+	// TraceAt is the trace time of the last proactive move: a replay (--trace-at) runs
+	// faster than the wall clock, so its dwell is counted in trace time.
+	TraceAt *time.Duration `json:"trace_at_ns,omitempty"`
 }
 
 var autoCommand = &cli.Command{
@@ -270,7 +273,10 @@ func runAuto(c *cli.Context) error {
 		if err != nil && rec.Error == "" {
 			rec.Error = err.Error()
 		}
-		b, _ := json.Marshal(rec)
+		b, merr := json.Marshal(rec)
+		if merr != nil {
+			b, _ = json.Marshal(map[string]string{"container": name, "error": "encode decision: " + merr.Error()})
+		}
 		fmt.Fprintln(c.App.Writer, string(b))
 		return err
 	}
@@ -285,7 +291,10 @@ func runAuto(c *cli.Context) error {
 		json.Unmarshal(b, &st)
 	}
 	since := time.Duration(-1)
-	if !st.LastMove.IsZero() {
+	switch {
+	case mode == "proactive" && st.TraceAt != nil:
+		since = at - *st.TraceAt
+	case !st.LastMove.IsZero():
 		since = time.Since(st.LastMove)
 	}
 	switch mode {
@@ -312,7 +321,11 @@ func runAuto(c *cli.Context) error {
 	}
 	rec.Result = &autoResult{OK: res.OK, RolledBack: res.RolledBack, Bytes: res.Bytes, Frozen: res.Frozen, Total: res.Total, Error: res.Error}
 	if res.OK {
-		b, _ := json.Marshal(autoState{Host: res.To, LastMove: time.Now().UTC()})
+		ns := autoState{Host: res.To, LastMove: time.Now().UTC()}
+		if mode == "proactive" {
+			ns.TraceAt = &at
+		}
+		b, _ := json.Marshal(ns)
 		if err := os.WriteFile(statePath, b, 0o644); err != nil {
 			return emit(err)
 		}
