@@ -58,9 +58,12 @@ func TestFlowsFollowLocations(t *testing.T) {
 	f = table(o)
 	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:00:0a", "actions=output:5")
 
-	// Frozen during a move: dropped above every other rule.
+	// Frozen during a move: dropped above every other rule, or, with a hold port, kept
+	// there until the container runs again.
 	o.frozen["02:4d:0a:58:00:0a"] = true
 	has(t, table(o), "priority=200", "dl_dst=02:4d:0a:58:00:0a", "actions=drop")
+	o.hold = 9
+	has(t, table(o), "priority=200", "dl_dst=02:4d:0a:58:00:0a", "actions=output:9")
 }
 
 func TestFlowsWithoutLocalPortsDropTunnelBroadcasts(t *testing.T) {

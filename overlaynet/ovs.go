@@ -38,6 +38,7 @@ type Config struct {
 	Peers    map[string]netip.Addr // every other node: name -> underlay address
 	Bridge   string                // default br-int
 	VNI      int                   // default 4242
+	NoHold   bool                  // no hold port (a node that never freezes containers)
 }
 
 // Location says where an endpoint (a container, or a client's port) runs.
@@ -58,7 +59,8 @@ type OVS struct {
 	tunnels map[string]int      // peer -> ofport
 	local   map[string]int      // MAC -> ofport of a local endpoint
 	locs    map[string]Location // MAC -> where it runs (all endpoints, local and remote)
-	frozen  map[string]bool     // MACs whose traffic is dropped here during a move
+	frozen  map[string]bool     // MACs whose traffic is held (or dropped) here during a move
+	hold    int                 // the hold port's OpenFlow port (0: none, frozen traffic is dropped)
 }
 
 // NewOVS returns the driver; Setup makes the node ready.
@@ -132,6 +134,11 @@ func (o *OVS) Setup(ctx context.Context) error {
 			return err
 		}
 		o.tunnels[peer] = ofport
+	}
+	if !o.cfg.NoHold {
+		if o.hold, err = o.setupHold(ctx); err != nil {
+			return err
+		}
 	}
 	return o.programLocked()
 }
@@ -261,9 +268,10 @@ func (o *OVS) Forget(mac string) error {
 	return o.programLocked()
 }
 
-// Freeze drops (or, with false, passes again) traffic to an endpoint at this node: during a
-// move, frames for a container that is being checkpointed are dropped here instead of
-// meeting a namespace whose sockets are gone (which would reset the connection).
+// Freeze holds (or, with false, passes again) traffic to an endpoint at this node: during a
+// move, frames for a container that is being checkpointed go to the hold port (or are
+// dropped, without one) instead of meeting a namespace whose sockets are gone (which would
+// reset the connection).
 func (o *OVS) Freeze(mac string, on bool) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -318,8 +326,12 @@ func (o *OVS) flows() []*ovs.Flow {
 			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{ovs.Output(out)}})
 	}
 	for mac := range o.frozen {
+		act := ovs.Drop()
+		if o.hold > 0 {
+			act = ovs.Output(o.hold)
+		}
 		fl = append(fl, &ovs.Flow{Priority: 200, Cookie: cookie,
-			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{ovs.Drop()}})
+			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{act}})
 	}
 	// Broadcast and multicast (ARP): from a tunnel only to local ports (split horizon, no
 	// loops in the full mesh); from a local port to every other port.

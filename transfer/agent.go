@@ -50,6 +50,7 @@ type Agent struct {
 	ovs    *overlaynet.OVS
 	info   HostInfo
 	store  *pages.Store
+	holder *overlaynet.Holder // keeps frames for frozen containers (nil: they are dropped)
 
 	mu       sync.Mutex
 	inflight map[string]bool
@@ -96,9 +97,14 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 			peers[h.Name] = h.Underlay()
 		}
 	}
-	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers})
+	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers, NoHold: a.podman == nil})
 	if err := a.ovs.Setup(ctx); err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
+	}
+	if a.podman != nil {
+		if a.holder, err = overlaynet.OpenHolder(64 << 20); err != nil {
+			return nil, fmt.Errorf("overlay: %w", err)
+		}
 	}
 	if err := a.adoptLocal(ctx); err != nil {
 		return nil, err

@@ -224,7 +224,9 @@ type PushResult struct {
 	Final      *pages.Stats  `json:"final,omitempty"`       // what the frozen phase's archive carried
 	Downtime   []Phase       `json:"downtime,omitempty"`    // the frozen phase, step by step
 	DirtyTrack string        `json:"dirty_tracking,omitempty"`
-	ImageBytes int64         `json:"image_bytes"` // image archive bytes over the agent connection
+	HeldFrames int           `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
+	LostFrames int           `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
+	ImageBytes int64         `json:"image_bytes"`           // image archive bytes over the agent connection
 	Plan       *layers.Plan  `json:"layer_plan,omitempty"`
 	Total      time.Duration `json:"total_ns"`         // request to done
 	Frozen     time.Duration `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed

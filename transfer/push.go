@@ -53,6 +53,19 @@ func newWatchdog(d time.Duration, fire func()) *watchdog {
 func (w *watchdog) kick() { w.t.Reset(w.d) }
 func (w *watchdog) stop() { w.t.Stop() }
 
+// release puts the frames held for a container back on the bridge, which sends them
+// wherever the container now runs.
+func (a *Agent) release(mac string, res *PushResult) {
+	if a.holder == nil {
+		return
+	}
+	n, lost, err := a.holder.Release(mac)
+	res.HeldFrames, res.LostFrames = n, lost
+	if err != nil {
+		slog.Warn("held frames", "err", err)
+	}
+}
+
 func stallTimeout(req PushRequest) time.Duration {
 	if req.StallTimeout <= 0 {
 		return 60 * time.Second
@@ -203,6 +216,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		if err := a.ovs.Freeze(ep.MAC, false); err != nil {
 			errs = append(errs, err)
 		}
+		a.release(ep.MAC, res)
 		res.RolledBack = len(errs) == 0
 		if len(errs) > 0 {
 			cause = fmt.Errorf("%w; ROLLBACK INCOMPLETE: %w", cause, errors.Join(errs...))
@@ -263,6 +277,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// namespace.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "checkpoint"})
+	if a.holder != nil {
+		a.holder.Hold(ep.MAC)
+	}
 	if err := a.ovs.Freeze(ep.MAC, true); err != nil {
 		return rollback(err, false)
 	}
@@ -309,6 +326,11 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if failed := a.announce(ctx, ep.Location(req.To)); len(failed) > 0 {
 		slog.Warn("some nodes did not learn the new location yet", "hosts", failed)
 	}
+	// The frames held here during the freeze follow the container to the target.
+	if err := a.ovs.Freeze(ep.MAC, false); err != nil {
+		slog.Warn("unfreeze", "err", err)
+	}
+	a.release(ep.MAC, res)
 	res.Frozen = time.Since(frozenAt)
 	res.Downtime = []Phase{
 		{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)},
