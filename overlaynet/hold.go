@@ -79,7 +79,6 @@ func OpenHolder(max int) (*Holder, error) {
 	return h, nil
 }
 
-
 func (h *Holder) read() {
 	buf := make([]byte, 65536)
 	for {
