@@ -97,6 +97,7 @@ func TestExperimentDowntime(t *testing.T) {
 				})
 				row.Gap, row.Replies = gap, n
 				rows = append(rows, row)
+				writeResults(t, out, rows) // after every move: a cut-short run keeps what it measured
 				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d | %s", row.SizeMiB, row.DirtyPct, row.Case,
 					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds, row.Phases)
 				if after := memAt(t, tb, ip); after.sum != after.expect {
@@ -108,8 +109,17 @@ func TestExperimentDowntime(t *testing.T) {
 			}
 		}
 	}
+	for _, l := range testbed.Ratios(rows) {
+		t.Log(l)
+	}
+	t.Logf("results in %s", out)
+}
+
+// writeResults writes the rows as CSV and SVG into dir.
+func writeResults(t *testing.T, dir string, rows []testbed.ExpRow) {
+	t.Helper()
 	write := func(name string, f func(*os.File) error) {
-		fh, err := os.Create(filepath.Join(out, name))
+		fh, err := os.Create(filepath.Join(dir, name))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,10 +130,6 @@ func TestExperimentDowntime(t *testing.T) {
 	}
 	write("experiment.csv", func(f *os.File) error { return testbed.WriteCSV(f, rows) })
 	write("experiment.svg", func(f *os.File) error { return testbed.WriteSVG(f, rows) })
-	for _, l := range testbed.Ratios(rows) {
-		t.Log(l)
-	}
-	t.Logf("results in %s", out)
 }
 
 // waitMemload waits until memload at ip answers (its memory is filled).

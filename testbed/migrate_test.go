@@ -32,7 +32,13 @@ func upAgents(t *testing.T, name string, link testbed.Link) *testbed.Testbed {
 // migrate runs the CLI as the operator on the client and returns stdout, stderr, exit code.
 func migrate(t *testing.T, tb *testbed.Testbed, args ...string) (string, string, int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	return migrateWithin(t, tb, 3*time.Minute, args...)
+}
+
+// migrateWithin is migrate with a time limit of its own (a move of a large container).
+func migrateWithin(t *testing.T, tb *testbed.Testbed, limit time.Duration, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := tb.Migrate(ctx, testbed.ClientName, args...)
 	var out, errb bytes.Buffer
@@ -66,7 +72,11 @@ func push(t *testing.T, tb *testbed.Testbed, to string) *transfer.PushResult {
 // pushArgs runs `migrate --json push ARGS` and returns the result.
 func pushArgs(t *testing.T, tb *testbed.Testbed, args ...string) *transfer.PushResult {
 	t.Helper()
-	out := mustMigrate(t, tb, append([]string{"--json", "push"}, args...)...)
+	full := append([]string{"--json", "push"}, args...)
+	out, errs, code := migrateWithin(t, tb, 20*time.Minute, full...)
+	if code != 0 {
+		t.Fatalf("migrate %v: exit %d\n%s%s", full, code, out, errs)
+	}
 	var r transfer.PushResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("push output: %v\n%s", err, out)
