@@ -547,6 +547,12 @@ type verifyingReader struct {
 	err error
 }
 
+// newVerifyingReader checks src (the archive: the request body, or what is rebuilt from
+// it) against the digest in r's trailer.
+func newVerifyingReader(src io.Reader, r *http.Request) *verifyingReader {
+	return &verifyingReader{src: src, r: r, h: sha256.New()}
+}
+
 func (v *verifyingReader) Read(b []byte) (int, error) {
 	n, err := v.src.Read(b)
 	v.h.Write(b[:n])
@@ -590,7 +596,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			return nil, err
 		}
 	}
-	vr := &verifyingReader{src: src, r: r, h: sha256.New()}
+	vr := newVerifyingReader(src, r)
 	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true})
 	if vr.err != nil {
 		err = vr.err

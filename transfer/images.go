@@ -2,7 +2,6 @@ package transfer
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -120,7 +119,7 @@ func (a *Agent) loadImage(r *http.Request) (any, error) {
 	if err := a.needPodman(); err != nil {
 		return nil, err
 	}
-	vr := &verifyingReader{r: r, h: sha256.New()}
+	vr := newVerifyingReader(r.Body, r)
 	names, err := a.podman.LoadImage(r.Context(), vr)
 	if vr.err != nil {
 		err = vr.err
