@@ -98,3 +98,26 @@ func TestParseIperfGap(t *testing.T) {
 		t.Error("iperf3's error must surface")
 	}
 }
+
+func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
+	rows := []ExpRow{
+		{SizeMiB: 256, DirtyPct: 1, Case: CaseStock, Gap: 28 * time.Second, Total: 28 * time.Second, Bytes: 268e6},
+		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second, Total: 38 * time.Second, Bytes: 272e6, Rounds: 3, Phases: "a; b, c"},
+	}
+	var b strings.Builder
+	if err := WriteCSV(&b, rows); err != nil {
+		t.Fatal(err)
+	}
+	back, err := ReadCSV(strings.NewReader(b.String()))
+	if err != nil || len(back) != 2 || back[1] != rows[1] {
+		t.Fatalf("read back %+v, %v", back, err)
+	}
+	r := Ratios(back)
+	if len(r) != 1 || !strings.Contains(r[0], "downtime 0.250") {
+		t.Fatalf("ratios %q", r)
+	}
+	var svg strings.Builder
+	if err := WriteSVG(&svg, back); err != nil || !strings.Contains(svg.String(), "<svg") || strings.Count(svg.String(), "<rect") < 5 {
+		t.Fatalf("svg: %v\n%s", err, svg.String())
+	}
+}
