@@ -21,6 +21,7 @@ import (
 const (
 	HoldPort  = "mig-hold"  // the bridge's end
 	holdQueue = "mig-holdq" // the agent's end
+	holdBytes = 64 << 20    // at most this much is held; beyond, frames are dropped
 )
 
 // setupHold creates the hold port's veth pair (idempotent) and returns its OpenFlow port.

@@ -61,6 +61,7 @@ type OVS struct {
 	locs    map[string]Location // MAC -> where it runs (all endpoints, local and remote)
 	frozen  map[string]bool     // MACs whose traffic is held (or dropped) here during a move
 	hold    int                 // the hold port's OpenFlow port (0: none, frozen traffic is dropped)
+	holder  *Holder             // keeps what the hold port receives
 }
 
 // NewOVS returns the driver; Setup makes the node ready.
@@ -138,6 +139,11 @@ func (o *OVS) Setup(ctx context.Context) error {
 	if !o.cfg.NoHold {
 		if o.hold, err = o.setupHold(ctx); err != nil {
 			return err
+		}
+		if o.holder == nil {
+			if o.holder, err = OpenHolder(holdBytes); err != nil {
+				return err
+			}
 		}
 	}
 	return o.programLocked()
@@ -268,19 +274,36 @@ func (o *OVS) Forget(mac string) error {
 	return o.programLocked()
 }
 
-// Freeze holds (or, with false, passes again) traffic to an endpoint at this node: during a
-// move, frames for a container that is being checkpointed go to the hold port (or are
-// dropped, without one) instead of meeting a namespace whose sockets are gone (which would
-// reset the connection).
-func (o *OVS) Freeze(mac string, on bool) error {
+// Freeze holds traffic to an endpoint at this node: during a move, frames for a container
+// that is being checkpointed go to the hold port (or are dropped, without one) instead of
+// meeting a namespace whose sockets are gone (which would reset the connection).
+func (o *OVS) Freeze(mac string) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if on {
-		o.frozen[mac] = true
-	} else {
-		delete(o.frozen, mac)
+	if o.holder != nil {
+		o.holder.Hold(mac)
 	}
+	o.frozen[mac] = true
 	return o.programLocked()
+}
+
+// Thaw passes traffic to an endpoint again, wherever the rules now send it, and puts
+// the frames held for it back on the bridge to follow them. It returns how many frames
+// were delivered and how many the hold's bound lost.
+func (o *OVS) Thaw(mac string) (held, lost int, err error) {
+	o.mu.Lock()
+	delete(o.frozen, mac)
+	err = o.programLocked()
+	o.mu.Unlock()
+	if o.holder == nil {
+		return 0, 0, err
+	}
+	held, lost, herr := o.holder.Release(mac)
+	if herr != nil {
+		// Frames not put back are as if dropped: the clients retransmit.
+		slog.Warn("held frames", "mac", mac, "err", herr)
+	}
+	return held, lost, err
 }
 
 // Locations lists every endpoint this node knows, local ones first.

@@ -8,6 +8,7 @@ package pages
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"runtime"
 	"sync"
 )
@@ -50,4 +51,24 @@ func SumAll(buf []byte, out []Hash) {
 		}(lo, hi)
 	}
 	wg.Wait()
+}
+
+// AppendHashes appends hs as a list of hashes on the wire (32 bytes each).
+func AppendHashes(dst []byte, hs []Hash) []byte {
+	for _, h := range hs {
+		dst = append(dst, h[:]...)
+	}
+	return dst
+}
+
+// ParseHashes reads a list AppendHashes wrote.
+func ParseHashes(b []byte) ([]Hash, error) {
+	if len(b)%len(Hash{}) != 0 {
+		return nil, fmt.Errorf("%d bytes is not a list of SHA-256 hashes", len(b))
+	}
+	hs := make([]Hash, len(b)/len(Hash{}))
+	for i := range hs {
+		copy(hs[i][:], b[i*len(Hash{}):])
+	}
+	return hs, nil
 }

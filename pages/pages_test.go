@@ -271,3 +271,16 @@ func TestRecordsCarryDeltasAgainstEarlierPages(t *testing.T) {
 		t.Fatal("a delta against an unknown base was accepted")
 	}
 }
+
+func TestHashListsOnTheWire(t *testing.T) {
+	hs := make([]Hash, 3)
+	SumAll(randomPages(t, 3), hs)
+	b := AppendHashes(nil, hs)
+	back, err := ParseHashes(b)
+	if err != nil || len(back) != 3 || back[2] != hs[2] {
+		t.Fatalf("round trip: %v %v", back, err)
+	}
+	if _, err := ParseHashes(b[:len(b)-1]); err == nil {
+		t.Fatal("a truncated list was accepted")
+	}
+}

@@ -37,9 +37,10 @@ func Processes(init int) ([]int, error) {
 
 // Chunk is a run of present pages of one process, read while it runs.
 type Chunk struct {
-	PID   int
-	Addrs []uint64 // virtual address of each page
-	Data  []byte   // len(Addrs)*Size bytes
+	PID    int
+	Addrs  []uint64 // virtual address of each page
+	Data   []byte   // len(Addrs)*Size bytes
+	Hashes []Hash   // the name of each page
 }
 
 // vma is one mapping worth copying: private and writable, the memory CRIU dumps.
@@ -77,8 +78,8 @@ func writableMappings(pid int) ([]vma, error) {
 
 // Scan reads the present pages of the private writable mappings of the processes, without
 // stopping them, and hands them to fn in chunks of at most chunkPages pages, in address
-// order per process. A process that exits meanwhile is skipped. fn must not keep the
-// chunk's buffers.
+// order per process, each page with its hash. A process that exits meanwhile is
+// skipped. fn must not keep the chunk's buffers.
 func Scan(pids []int, chunkPages int, fn func(Chunk) error) error {
 	if chunkPages <= 0 {
 		chunkPages = 256
@@ -86,8 +87,14 @@ func Scan(pids []int, chunkPages int, fn func(Chunk) error) error {
 	buf := make([]byte, chunkPages*Size)
 	pm := make([]byte, chunkPages*8)
 	addrs := make([]uint64, 0, chunkPages)
+	hs := make([]Hash, chunkPages)
+	hashed := func(ch Chunk) error {
+		ch.Hashes = hs[:len(ch.Addrs)]
+		SumAll(ch.Data, ch.Hashes)
+		return fn(ch)
+	}
 	for _, pid := range pids {
-		err := scanProcess(pid, buf, pm, addrs, fn)
+		err := scanProcess(pid, buf, pm, addrs, hashed)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("read memory of process %d: %w", pid, err)
 		}

@@ -50,7 +50,6 @@ type Agent struct {
 	ovs    *overlaynet.OVS
 	info   HostInfo
 	store  *pages.Store
-	holder *overlaynet.Holder // keeps frames for frozen containers (nil: they are dropped)
 
 	mu       sync.Mutex
 	inflight map[string]bool
@@ -101,11 +100,7 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err := a.ovs.Setup(ctx); err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
-	if a.podman != nil {
-		if a.holder, err = overlaynet.OpenHolder(64 << 20); err != nil {
-			return nil, fmt.Errorf("overlay: %w", err)
-		}
-	}
+
 	if err := a.adoptLocal(ctx); err != nil {
 		return nil, err
 	}

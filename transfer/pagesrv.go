@@ -57,16 +57,9 @@ func (a *Agent) announcePages(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := io.ReadAll(io.LimitReader(r.Body, maxAnnounce*32+1))
+	hs, err := readHashes(r)
 	if err != nil {
-		return nil, fmt.Errorf("receive page hashes: %w", err)
-	}
-	if len(b)%32 != 0 || len(b) > maxAnnounce*32 {
-		return nil, badRequest{fmt.Errorf("announcement of %d bytes is not a list of at most %d SHA-256 hashes", len(b), maxAnnounce)}
-	}
-	hs := make([]pages.Hash, len(b)/32)
-	for i := range hs {
-		copy(hs[i][:], b[i*32:])
+		return nil, err
 	}
 	sess.Append(hs...)
 	held := a.store.Has(hs)
@@ -79,6 +72,22 @@ func (a *Agent) announcePages(r *http.Request) (any, error) {
 		}
 	}
 	return out, nil
+}
+
+// readHashes reads a request body that lists page hashes (at most maxAnnounce).
+func readHashes(r *http.Request) ([]pages.Hash, error) {
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxAnnounce*32+1))
+	if err != nil {
+		return nil, fmt.Errorf("receive page hashes: %w", err)
+	}
+	if len(b) > maxAnnounce*32 {
+		return nil, badRequest{fmt.Errorf("more than %d page hashes at once", maxAnnounce)}
+	}
+	hs, err := pages.ParseHashes(b)
+	if err != nil {
+		return nil, badRequest{err}
+	}
+	return hs, nil
 }
 
 // bodyReader undoes the request's Content-Encoding (zstd or none).

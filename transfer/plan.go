@@ -79,16 +79,9 @@ func Ping(ctx context.Context, addr netip.Addr) (time.Duration, error) {
 
 // havePages counts which of the pages named in the body the store holds.
 func (a *Agent) havePages(r *http.Request) (any, error) {
-	b, err := io.ReadAll(io.LimitReader(r.Body, maxAnnounce*32+1))
+	hs, err := readHashes(r)
 	if err != nil {
 		return nil, err
-	}
-	if len(b)%32 != 0 || len(b) > maxAnnounce*32 {
-		return nil, badRequest{fmt.Errorf("%d bytes is not a list of at most %d SHA-256 hashes", len(b), maxAnnounce)}
-	}
-	hs := make([]pages.Hash, len(b)/32)
-	for i := range hs {
-		copy(hs[i][:], b[i*32:])
 	}
 	n := 0
 	for _, ok := range a.store.Has(hs) {
@@ -143,14 +136,12 @@ func (a *Agent) costs(r *http.Request) (any, error) {
 		return nil, err
 	}
 	seen := map[pages.Hash]bool{}
-	var hashes []byte
-	hs := make([]pages.Hash, 256)
+	var unique []pages.Hash
 	err = pages.Scan(pids, 256, func(ch pages.Chunk) error {
-		pages.SumAll(ch.Data, hs[:len(ch.Addrs)])
-		for _, h := range hs[:len(ch.Addrs)] {
+		for _, h := range ch.Hashes {
 			if !seen[h] {
 				seen[h] = true
-				hashes = append(hashes, h[:]...)
+				unique = append(unique, h)
 			}
 		}
 		return nil
@@ -189,7 +180,7 @@ func (a *Agent) costs(r *http.Request) (any, error) {
 			out[i].LayerBytes = plan.MissingBytes
 		}
 		var held PagesAnnounce
-		if err := p.send(ctx, "/v1/pages/have", bytes.NewReader(hashes), encodingHeader(""), nil, nil, &held); err != nil {
+		if err := p.send(ctx, "/v1/pages/have", bytes.NewReader(pages.AppendHashes(nil, unique)), encodingHeader(""), nil, nil, &held); err != nil {
 			out[i].Problem = err.Error()
 			continue
 		}

@@ -143,10 +143,7 @@ func encodingHeader(enc string) http.Header {
 
 // Announce names pages to the target and returns which it lacks.
 func (p *Peer) Announce(ctx context.Context, container string, hs []pages.Hash) ([]bool, int64, error) {
-	b := make([]byte, 0, len(hs)*32)
-	for _, h := range hs {
-		b = append(b, h[:]...)
-	}
+	b := pages.AppendHashes(make([]byte, 0, len(hs)*32), hs)
 	var res PagesAnnounce
 	if err := p.send(ctx, "/v1/pages/announce?container="+url.QueryEscape(container), bytes.NewReader(b), encodingHeader(""), nil, nil, &res); err != nil {
 		return nil, 0, err
@@ -258,12 +255,9 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			clear(inBatch)
 			return nil
 		}
-		hs := make([]pages.Hash, 256)
 		err = pages.Scan(pids, 256, func(ch pages.Chunk) error {
-			k := len(ch.Addrs)
-			pages.SumAll(ch.Data, hs[:k])
-			r.Scanned += int64(k)
-			for i, h := range hs[:k] {
+			r.Scanned += int64(len(ch.Hashes))
+			for i, h := range ch.Hashes {
 				key := addr{ch.PID, ch.Addrs[i]}
 				old := prev[key]
 				prev[key] = h

@@ -53,17 +53,12 @@ func newWatchdog(d time.Duration, fire func()) *watchdog {
 func (w *watchdog) kick() { w.t.Reset(w.d) }
 func (w *watchdog) stop() { w.t.Stop() }
 
-// release puts the frames held for a container back on the bridge, which sends them
-// wherever the container now runs.
-func (a *Agent) release(mac string, res *PushResult) {
-	if a.holder == nil {
-		return
-	}
-	n, lost, err := a.holder.Release(mac)
-	res.HeldFrames, res.LostFrames = n, lost
-	if err != nil {
-		slog.Warn("held frames", "err", err)
-	}
+// thaw lets traffic reach the container again; the frames held during the freeze follow
+// it to wherever it now runs.
+func (a *Agent) thaw(mac string, res *PushResult) error {
+	var err error
+	res.HeldFrames, res.LostFrames, err = a.ovs.Thaw(mac)
+	return err
 }
 
 func stallTimeout(req PushRequest) time.Duration {
@@ -213,10 +208,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 				}
 			}
 		}
-		if err := a.ovs.Freeze(ep.MAC, false); err != nil {
+		if err := a.thaw(ep.MAC, res); err != nil {
 			errs = append(errs, err)
 		}
-		a.release(ep.MAC, res)
 		res.RolledBack = len(errs) == 0
 		if len(errs) > 0 {
 			cause = fmt.Errorf("%w; ROLLBACK INCOMPLETE: %w", cause, errors.Join(errs...))
@@ -277,10 +271,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// namespace.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "checkpoint"})
-	if a.holder != nil {
-		a.holder.Hold(ep.MAC)
-	}
-	if err := a.ovs.Freeze(ep.MAC, true); err != nil {
+	if err := a.ovs.Freeze(ep.MAC); err != nil {
 		return rollback(err, false)
 	}
 	frozenAt := time.Now()
@@ -327,10 +318,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		slog.Warn("some nodes did not learn the new location yet", "hosts", failed)
 	}
 	// The frames held here during the freeze follow the container to the target.
-	if err := a.ovs.Freeze(ep.MAC, false); err != nil {
+	if err := a.thaw(ep.MAC, res); err != nil {
 		slog.Warn("unfreeze", "err", err)
 	}
-	a.release(ep.MAC, res)
 	res.Frozen = time.Since(frozenAt)
 	res.Downtime = []Phase{
 		{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)},
