@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -90,14 +91,18 @@ func IsPageImage(name string) bool {
 
 // The encoded archive is a sequence of operations:
 //
-//	'R' n bytes   n raw bytes of the archive
-//	'C' i n       the n pages at places i.. of the session
-//	'P' n pages   n pages the receiver lacks
-//	'E'           the end
+//	'R' n bytes             n raw bytes of the archive
+//	'C' i n                 the n pages at places i.. of the session
+//	'P' n pages             n pages the receiver lacks
+//	'D' n (place xor)*n     n pages the receiver lacks, each as its XOR with the page at
+//	                        place in the session: the content its address had when it
+//	                        was last sent (a pre-copy round)
+//	'E'                     the end
 const (
 	opRaw   = 'R'
 	opCopy  = 'C'
 	opPages = 'P'
+	opDelta = 'D'
 	opEnd   = 'E'
 )
 
@@ -106,7 +111,19 @@ type Stats struct {
 	ArchiveBytes int64 `json:"archive_bytes"` // the archive as podman wrote it
 	RawBytes     int64 `json:"raw_bytes"`     // sent as they are (headers, other images)
 	PagesCopied  int64 `json:"pages_referenced"`
-	PagesSent    int64 `json:"pages_sent"`
+	PagesSent    int64 `json:"pages_sent"`  // sent whole or as deltas
+	PagesDelta   int64 `json:"pages_delta"` // of those, sent as deltas
+}
+
+// EncodeOptions are Encode's optional parts.
+type EncodeOptions struct {
+	// Sent, if not nil, sees every page sent, with its hash.
+	Sent func(h []Hash, pages []byte)
+	// Base finds what a page's address held when it was last sent: its place in the
+	// session, with the content copied into into. A page the session does not name then
+	// goes as a delta against it. pid is the process's PID in its namespace, as CRIU's
+	// images name it.
+	Base func(pid int, vaddr uint64, into []byte) (place int, ok bool)
 }
 
 // switchTee copies what is read through it to a buffer while on.
@@ -143,10 +160,13 @@ func (o *opWriter) op(code byte, args ...uint64) error {
 }
 
 // Encode reads a checkpoint archive (tar) from src and writes it to dst with the pages of
-// its page images replaced by session references where the session names them; pages it
-// does not name are sent and added to the session. sent, if not nil, sees every page sent
-// with its hash. The receiver's Decode rebuilds the archive byte for byte.
-func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pages []byte)) (Stats, error) {
+// its page images replaced by session references where the session names them. Pages it
+// does not name are sent, as deltas where o.Base knows their address's earlier content,
+// and join the session. The receiver's Decode rebuilds the archive byte for byte.
+//
+// CRIU's pagemap images give the address of each page; podman's archive lists them
+// before the page images (pagemap-* sorts before pages-*).
+func Encode(src io.Reader, dst io.Writer, sess *Session, o EncodeOptions) (Stats, error) {
 	var st Stats
 	tee := &switchTee{r: src, on: true}
 	tr := tar.NewReader(tee)
@@ -163,8 +183,11 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pag
 		tee.buf.Reset()
 		return err
 	}
-	buf := make([]byte, 256*Size)
-	hs := make([]Hash, 256)
+	maps := map[uint32]*PageMap{}
+	buf := make([]byte, chunk*Size)
+	hs := make([]Hash, chunk)
+	run := &pendingRun{ow: ow, st: &st, sent: o.Sent}
+	base := make([]byte, Size)
 	for {
 		hdr, err := tr.Next()
 		if err == io.EOF {
@@ -173,15 +196,32 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pag
 		if err != nil {
 			return st, fmt.Errorf("read checkpoint archive: %w", err)
 		}
+		if pid, ok := IsPageMap(hdr.Name); ok && o.Base != nil && hdr.Size < 64<<20 {
+			img, err := io.ReadAll(tr) // through the tee: it goes as raw bytes
+			if err != nil {
+				return st, fmt.Errorf("read %s: %w", hdr.Name, err)
+			}
+			if pm, err := ParsePageMap(pid, img); err == nil {
+				maps[pm.PagesID] = pm
+			} // without it, that process's pages go whole
+			continue
+		}
 		if hdr.Typeflag != tar.TypeReg || !IsPageImage(hdr.Name) || hdr.Size%Size != 0 {
 			continue // its bytes go through the tee on the next read
 		}
 		if err := flushRaw(); err != nil {
 			return st, err
 		}
+		// The addresses of this image's pages, if its pagemap accounts for all of them.
+		var addrs []uint64
+		pm := maps[pagesID(hdr.Name)]
+		if pm != nil && int64(pm.Len()) == hdr.Size/Size {
+			addrs = pm.Addrs()
+		}
 		tee.on = false
+		done := 0
 		for left := hdr.Size / Size; left > 0; {
-			n := int(min(left, 256))
+			n := int(min(left, chunk))
 			if _, err := io.ReadFull(tr, buf[:n*Size]); err != nil {
 				return st, fmt.Errorf("read %s: %w", hdr.Name, err)
 			}
@@ -189,6 +229,9 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pag
 			SumAll(buf[:n*Size], hs[:n])
 			for i := 0; i < n; {
 				if at, ok := sess.Index(hs[i]); ok {
+					if err := run.flush(); err != nil {
+						return st, err
+					}
 					j := i + 1
 					for j < n {
 						if k, ok := sess.Index(hs[j]); !ok || k != at+(j-i) {
@@ -203,28 +246,28 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pag
 					i = j
 					continue
 				}
-				// A run of pages the session does not name; each joins it as it is sent, so
-				// a page repeated later in the archive is sent once.
-				j := i
-				for j < n {
-					if _, ok := sess.Index(hs[j]); ok {
-						break
+				// A page the session does not name joins it as it is sent, so a page
+				// repeated later in the archive is sent once.
+				page := buf[i*Size : (i+1)*Size]
+				sess.Append(hs[i])
+				if addrs != nil {
+					if place, ok := o.Base(pm.PID, addrs[done+i], base); ok {
+						if err := run.delta(hs[i], page, place, base); err != nil {
+							return st, err
+						}
+						i++
+						continue
 					}
-					sess.Append(hs[j])
-					j++
 				}
-				if err := ow.op(opPages, uint64(j-i)); err != nil {
+				if err := run.literal(hs[i], page); err != nil {
 					return st, err
 				}
-				if _, err := ow.w.Write(buf[i*Size : j*Size]); err != nil {
-					return st, err
-				}
-				if sent != nil {
-					sent(hs[i:j], buf[i*Size:j*Size])
-				}
-				st.PagesSent += int64(j - i)
-				i = j
+				i++
 			}
+			if err := run.flush(); err != nil {
+				return st, err
+			}
+			done += n
 		}
 		tee.on = true
 	}
@@ -242,14 +285,85 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, sent func(h []Hash, pag
 	return st, ow.w.Flush()
 }
 
+// chunk is how many pages the codec handles at once.
+const chunk = 256
+
+// pagesID is the N of checkpoint/pages-N.img.
+func pagesID(name string) uint32 {
+	n, _ := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(path.Base(name), "pages-"), ".img"), 10, 32)
+	return uint32(n)
+}
+
+// pendingRun gathers consecutive pages sent the same way (whole or as deltas) into one
+// operation.
+type pendingRun struct {
+	ow    *opWriter
+	st    *Stats
+	sent  func([]Hash, []byte)
+	code  byte
+	hs    []Hash
+	pages []byte // the pages as they are
+	body  []byte // what goes on the wire after the count
+}
+
+func (r *pendingRun) add(code byte, h Hash, page []byte) error {
+	if r.code != code {
+		if err := r.flush(); err != nil {
+			return err
+		}
+		r.code = code
+	}
+	r.hs = append(r.hs, h)
+	r.pages = append(r.pages, page...)
+	return nil
+}
+
+func (r *pendingRun) literal(h Hash, page []byte) error {
+	if err := r.add(opPages, h, page); err != nil {
+		return err
+	}
+	r.body = append(r.body, page...)
+	return nil
+}
+
+func (r *pendingRun) delta(h Hash, page []byte, place int, base []byte) error {
+	if err := r.add(opDelta, h, page); err != nil {
+		return err
+	}
+	r.body = binary.AppendUvarint(r.body, uint64(place))
+	for i := 0; i < Size; i++ {
+		r.body = append(r.body, page[i]^base[i])
+	}
+	r.st.PagesDelta++
+	return nil
+}
+
+func (r *pendingRun) flush() error {
+	if len(r.hs) == 0 {
+		return nil
+	}
+	if err := r.ow.op(r.code, uint64(len(r.hs))); err != nil {
+		return err
+	}
+	if _, err := r.ow.w.Write(r.body); err != nil {
+		return err
+	}
+	if r.sent != nil {
+		r.sent(r.hs, r.pages)
+	}
+	r.st.PagesSent += int64(len(r.hs))
+	r.hs, r.pages, r.body = r.hs[:0], r.pages[:0], r.body[:0]
+	return nil
+}
+
 // Decode rebuilds an archive that Encode wrote from src into dst, reading referenced pages
 // from store. Every page received joins the session and the store, under the hash this
 // side computes.
 func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, error) {
 	var st Stats
 	br := bufio.NewReaderSize(src, 1<<20)
-	buf := make([]byte, 256*Size)
-	hs := make([]Hash, 256)
+	buf := make([]byte, chunk*Size)
+	hs := make([]Hash, chunk)
 	arg := func() (int, error) {
 		v, err := binary.ReadUvarint(br)
 		if err != nil {
@@ -288,7 +402,7 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 				return st, err
 			}
 			for n > 0 {
-				k := min(n, 256)
+				k := min(n, chunk)
 				names, err := sess.Slice(at, k)
 				if err != nil {
 					return st, err
@@ -304,15 +418,22 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 				at += k
 				n -= k
 			}
-		case opPages:
+		case opPages, opDelta:
 			n, err := arg()
 			if err != nil {
 				return st, err
 			}
 			for n > 0 {
-				k := min(n, 256)
-				if _, err := io.ReadFull(br, buf[:k*Size]); err != nil {
-					return st, fmt.Errorf("encoded archive: %w", noEOF(err))
+				k := min(n, chunk)
+				if code == opPages {
+					if _, err := io.ReadFull(br, buf[:k*Size]); err != nil {
+						return st, fmt.Errorf("encoded archive: %w", noEOF(err))
+					}
+				} else {
+					if err := readDeltas(br, buf[:k*Size], sess, store); err != nil {
+						return st, err
+					}
+					st.PagesDelta += int64(k)
 				}
 				SumAll(buf[:k*Size], hs[:k])
 				sess.Append(hs[:k]...)
@@ -330,6 +451,34 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 			return st, fmt.Errorf("encoded archive: unknown operation %q", code)
 		}
 	}
+}
+
+// readDeltas reads len(out)/Size delta records (place, XOR) and rebuilds their pages
+// into out from the pages at those places.
+func readDeltas(br *bufio.Reader, out []byte, sess *Session, store *Store) error {
+	names := make([]Hash, len(out)/Size)
+	for i := range names {
+		place, err := binary.ReadUvarint(br)
+		if err != nil {
+			return fmt.Errorf("encoded archive: %w", noEOF(err))
+		}
+		h, err := sess.Slice(int(place), 1)
+		if err != nil {
+			return fmt.Errorf("encoded archive: delta base: %w", err)
+		}
+		names[i] = h[0]
+		if _, err := io.ReadFull(br, out[i*Size:(i+1)*Size]); err != nil {
+			return fmt.Errorf("encoded archive: %w", noEOF(err))
+		}
+	}
+	base := make([]byte, len(out))
+	if err := store.Read(names, base); err != nil {
+		return fmt.Errorf("encoded archive: delta base: %w", err)
+	}
+	for i := range out {
+		out[i] ^= base[i]
+	}
+	return nil
 }
 
 func noEOF(err error) error {

@@ -138,7 +138,7 @@ func TestEncodeDecodeRebuildsTheArchiveAndSendsOnlyUnknownPages(t *testing.T) {
 	archive = tarOf(t, files, []string{"config.dump", "checkpoint/pagemap-1.img", "checkpoint/pages-1.img", "checkpoint/core-1.img"})
 
 	var enc bytes.Buffer
-	est, err := Encode(bytes.NewReader(archive), &enc, src, nil)
+	est, err := Encode(bytes.NewReader(archive), &enc, src, EncodeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +171,7 @@ func TestDecodeFailsOnTruncatedOrUnknownReferences(t *testing.T) {
 	defer store.Close()
 	archive := tarOf(t, map[string][]byte{"checkpoint/pages-1.img": randomPages(t, 4)}, []string{"checkpoint/pages-1.img"})
 	var enc bytes.Buffer
-	if _, err := Encode(bytes.NewReader(archive), &enc, NewSession(), nil); err != nil {
+	if _, err := Encode(bytes.NewReader(archive), &enc, NewSession(), EncodeOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Decode(bytes.NewReader(enc.Bytes()[:enc.Len()-1]), io.Discard, NewSession(), store); !errors.Is(err, io.ErrUnexpectedEOF) {
@@ -228,7 +228,7 @@ func BenchmarkEncodeDecode(b *testing.B) {
 	var enc bytes.Buffer
 	for b.Loop() {
 		enc.Reset()
-		if _, err := Encode(bytes.NewReader(archive), &enc, src, nil); err != nil {
+		if _, err := Encode(bytes.NewReader(archive), &enc, src, EncodeOptions{}); err != nil {
 			b.Fatal(err)
 		}
 		if _, err := Decode(&enc, io.Discard, dst, store); err != nil {

@@ -37,7 +37,8 @@ func Processes(init int) ([]int, error) {
 
 // Chunk is a run of present pages of one process, read while it runs.
 type Chunk struct {
-	PID    int
+	PID    int      // on this host
+	NSPid  int      // in the container's PID namespace: the PID CRIU's images use
 	Addrs  []uint64 // virtual address of each page
 	Data   []byte   // len(Addrs)*Size bytes
 	Hashes []Hash   // the name of each page
@@ -107,6 +108,10 @@ func scanProcess(pid int, buf, pm []byte, addrs []uint64, fn func(Chunk) error) 
 	if err != nil {
 		return err
 	}
+	nspid, err := NSPid(pid)
+	if err != nil {
+		return err
+	}
 	pagemap, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", pid))
 	if err != nil {
 		return err
@@ -145,7 +150,7 @@ func scanProcess(pid int, buf, pm []byte, addrs []uint64, fn func(Chunk) error) 
 				i = j
 			}
 			if out > 0 {
-				if err := fn(Chunk{PID: pid, Addrs: addrs, Data: buf[:out*Size]}); err != nil {
+				if err := fn(Chunk{PID: pid, NSPid: nspid, Addrs: addrs, Data: buf[:out*Size]}); err != nil {
 					return err
 				}
 			}

@@ -71,6 +71,11 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	if f := r1.Final; f.PagesCopied < 20*f.PagesSent {
 		t.Errorf("frozen phase sent %d pages and referenced %d: pre-copy did not carry the memory", f.PagesSent, f.PagesCopied)
 	}
+	// memload dirties pages at addresses the rounds have seen: the frozen phase sends
+	// those as deltas (CRIU's pagemap images give each page's address).
+	if f := r1.Final; f.PagesDelta == 0 {
+		t.Errorf("frozen phase sent %d pages, none as deltas", f.PagesSent)
+	}
 	mid := memOverNet(t, tb)
 	if mid.sum != mid.expect || mid.counter <= before.counter {
 		t.Fatalf("memory after a -> b: %+v (before %+v)", mid, before)

@@ -180,7 +180,40 @@ func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []by
 // precopy copies the container's memory to the target in rounds while it runs, until the
 // final copy is estimated to fit maxDowntime, the dirty set stops shrinking, or the round
 // limit. Every page joins the session; the final archive refers to them.
-func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, l *link, sess *pages.Session, emit func(Event)) ([]Round, string, error) {
+// lastSent remembers, for each page address of the container's processes, the content
+// last sent for it. The frozen phase sends a page that changed since as its delta against
+// that content, which the target holds.
+type lastSent struct {
+	at    map[pageAddr]pages.Hash
+	sess  *pages.Session
+	store *pages.Store
+}
+
+// pageAddr is a page's address in a process, named by its PID in the container's
+// namespace as CRIU's images name it.
+type pageAddr struct {
+	pid int
+	at  uint64
+}
+
+func newLastSent(sess *pages.Session, store *pages.Store) *lastSent {
+	return &lastSent{at: map[pageAddr]pages.Hash{}, sess: sess, store: store}
+}
+
+// base is pages.EncodeOptions.Base.
+func (s *lastSent) base(pid int, vaddr uint64, into []byte) (int, bool) {
+	h, ok := s.at[pageAddr{pid, vaddr}]
+	if !ok {
+		return 0, false
+	}
+	place, ok := s.sess.Index(h)
+	if !ok || s.store.Read([]pages.Hash{h}, into) != nil {
+		return 0, false
+	}
+	return place, true
+}
+
+func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, l *link, sess *pages.Session, seen *lastSent, emit func(Event)) ([]Round, string, error) {
 	maxDown := req.MaxDowntime
 	if maxDown <= 0 {
 		maxDown = 200 * time.Millisecond
@@ -190,13 +223,6 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		maxRounds = 8
 	}
 	var rounds []Round
-	// The content last seen at each address: a page that changed since is sent as a
-	// delta against it.
-	type addr struct {
-		pid int
-		at  uint64
-	}
-	prev := map[addr]pages.Hash{}
 	base := make([]byte, pages.Size)
 	for n := 1; ; n++ {
 		pids, err := pages.Processes(c.PID)
@@ -258,9 +284,9 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		err = pages.Scan(pids, 256, func(ch pages.Chunk) error {
 			r.Scanned += int64(len(ch.Hashes))
 			for i, h := range ch.Hashes {
-				key := addr{ch.PID, ch.Addrs[i]}
-				old := prev[key]
-				prev[key] = h
+				key := pageAddr{ch.NSPid, ch.Addrs[i]}
+				old := seen.at[key]
+				seen.at[key] = h
 				if inBatch[h] {
 					continue
 				}
@@ -315,7 +341,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 // target has restored it, with the times at which the archive started and ended.
 type finalTimes struct{ firstByte, lastByte time.Time }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, l *link, sess *pages.Session,
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func()) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
 	exp, expW := io.Pipe()
@@ -330,7 +356,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		var err error
-		st, err = pages.Encode(src, w, sess, nil)
+		st, err = pages.Encode(src, w, sess, pages.EncodeOptions{Base: seen.base})
 		return err
 	})
 	// At the end of the body: what follows (the target's restore) is not a transfer for

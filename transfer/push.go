@@ -234,6 +234,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		res.DirtyTrack = "available; pages still found by hash"
 	}
 	sess := pages.NewSession()
+	seen := newLastSent(sess, a.store)
 	switch res.Mode {
 	case ModePrecopy:
 		t0 = time.Now()
@@ -244,7 +245,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			pcancel(fmt.Errorf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
 		})
 		l.progress = pwd.kick
-		rounds, why, err := a.precopy(pctx, target, c, req, l, sess, emit)
+		rounds, why, err := a.precopy(pctx, target, c, req, l, sess, seen, emit)
 		pwd.stop()
 		l.progress = nil
 		if cause := context.Cause(pctx); cause != nil && err != nil {
@@ -265,10 +266,10 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return rollback(fmt.Errorf("mode %q: want %s or %s", req.Mode, ModePrecopy, ModeStopCopy), false)
 	}
 
-	// 4. Freeze and copy the rest: traffic for the container is held here (dropped; the
-	// clients retransmit), CRIU dumps it with its TCP connections, and the archive streams
-	// to the target, pages it holds by reference, which restores it into the prepared
-	// namespace.
+	// 4. Freeze and copy the rest: traffic for the container is held here (on the hold
+	// port, delivered after the switch), CRIU dumps it with its TCP connections, and the
+	// archive streams to the target (pages it holds by reference, pages changed since the
+	// last round as deltas), which restores it into the prepared namespace.
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "checkpoint"})
 	if err := a.ovs.Freeze(ep.MAC); err != nil {
@@ -284,7 +285,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	})
 	defer wd.stop()
 	var lastEmit time.Time
-	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, l, sess, func(n int64) {
+	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, l, sess, seen, func(n int64) {
 		wd.kick()
 		res.Bytes = res.RoundBytes + n
 		if time.Since(lastEmit) > 200*time.Millisecond {

@@ -347,7 +347,7 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 			fmt.Fprintf(w, "  pre-copy: %d rounds, %.1f MB while running; %s\n", len(r.Rounds), float64(r.RoundBytes)/1e6, r.StopReason)
 		}
 		if f := r.Final; f != nil {
-			fmt.Fprintf(w, "  frozen phase: %d pages sent, %d referenced, %.1f MB of other images\n", f.PagesSent, f.PagesCopied, float64(f.RawBytes)/1e6)
+			fmt.Fprintf(w, "  frozen phase: %d pages sent (%d as deltas), %d referenced, %.1f MB of other images\n", f.PagesSent, f.PagesDelta, f.PagesCopied, float64(f.RawBytes)/1e6)
 		}
 		for _, p := range r.Phases {
 			fmt.Fprintf(w, "  %-28s %s\n", p.Name, p.Duration.Round(time.Millisecond))
