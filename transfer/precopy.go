@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -23,9 +24,11 @@ import (
 type link struct {
 	compress string        // auto, none, fastest, default, better, best
 	limiter  *rate.Limiter // nil: no cap
-	sent     int64         // wire bytes of timed sends
-	took     time.Duration // their duration
 	progress func()        // called as bytes go out (a stall watchdog's kick)
+
+	mu   sync.Mutex
+	sent int64         // wire bytes of timed sends
+	took time.Duration // their duration
 }
 
 func (l *link) kick() {
@@ -74,6 +77,8 @@ func zstdLevel(name string, mbit float64) (zstd.EncoderLevel, bool, error) {
 
 // Mbit is the bandwidth measured so far (0: not yet).
 func (l *link) Mbit() float64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	if l.took < 10*time.Millisecond || l.sent < 64<<10 {
 		return 0
 	}
@@ -171,10 +176,69 @@ func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []by
 		return wire, fmt.Errorf("send pages to %s: %w", p.Name, err)
 	}
 	if wire >= 256<<10 {
+		l.mu.Lock()
 		l.sent += wire
 		l.took += time.Since(t0)
+		l.mu.Unlock()
 	}
 	return wire, nil
+}
+
+// putter sends batches of page records one at a time in the background, so that the
+// next batch is read, hashed and announced while this one crosses the link.
+type putter struct {
+	l    *link
+	p    *Peer
+	name string
+	slot chan struct{} // one put in flight
+	wg   sync.WaitGroup
+	mu   sync.Mutex
+	wire int64
+	err  error
+}
+
+func newPutter(l *link, p *Peer, container string) *putter {
+	return &putter{l: l, p: p, name: container, slot: make(chan struct{}, 1)}
+}
+
+// put starts sending buf once the put before it is done; buf must not change after.
+func (pt *putter) put(ctx context.Context, buf []byte) error {
+	select {
+	case pt.slot <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	pt.mu.Lock()
+	err := pt.err
+	pt.mu.Unlock()
+	if err != nil {
+		<-pt.slot
+		return err
+	}
+	pt.wg.Add(1)
+	go func() {
+		defer pt.wg.Done()
+		w, err := pt.l.PutPages(ctx, pt.p, pt.name, buf)
+		pt.mu.Lock()
+		pt.wire += w
+		if err != nil && pt.err == nil {
+			pt.err = err
+		}
+		pt.mu.Unlock()
+		<-pt.slot
+	}()
+	return nil
+}
+
+// wait waits for the puts under way and returns the wire bytes since the last wait and
+// the first error.
+func (pt *putter) wait() (int64, error) {
+	pt.wg.Wait()
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	w := pt.wire
+	pt.wire = 0
+	return w, pt.err
 }
 
 // precopy copies the container's memory to the target in rounds while it runs, until the
@@ -223,6 +287,8 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		maxRounds = 8
 	}
 	var rounds []Round
+	pt := newPutter(l, target, c.Name)
+	defer pt.wait()
 	base := make([]byte, pages.Size)
 	for n := 1; ; n++ {
 		pids, err := pages.Processes(c.PID)
@@ -271,9 +337,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			r.Sent += k
 			r.Deduplicated += int64(len(batchH)) - k
 			if len(send) > 0 {
-				w, err := l.PutPages(ctx, target, c.Name, send)
-				r.WireBytes += w
-				if err != nil {
+				if err := pt.put(ctx, send); err != nil {
 					return err
 				}
 			}
@@ -306,6 +370,13 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		})
 		if err == nil {
 			err = flush()
+		}
+		// The round ends when its pages are stored on the target: the next round's deltas
+		// refer to them.
+		wire, perr := pt.wait()
+		r.WireBytes += wire
+		if err == nil {
+			err = perr
 		}
 		if err != nil {
 			return rounds, "", fmt.Errorf("pre-copy round %d: %w", n, err)
