@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bufio"
 	"bytes"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -331,9 +332,7 @@ func (r *pendingRun) delta(h Hash, page []byte, place int, base []byte) error {
 		return err
 	}
 	r.body = binary.AppendUvarint(r.body, uint64(place))
-	for i := 0; i < Size; i++ {
-		r.body = append(r.body, page[i]^base[i])
-	}
+	r.body = appendXOR(r.body, page, base)
 	r.st.PagesDelta++
 	return nil
 }
@@ -475,9 +474,7 @@ func readDeltas(br *bufio.Reader, out []byte, sess *Session, store *Store) error
 	if err := store.Read(names, base); err != nil {
 		return fmt.Errorf("encoded archive: delta base: %w", err)
 	}
-	for i := range out {
-		out[i] ^= base[i]
-	}
+	subtle.XORBytes(out, out, base)
 	return nil
 }
 

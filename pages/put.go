@@ -2,6 +2,7 @@ package pages
 
 import (
 	"bufio"
+	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -30,9 +31,14 @@ func AppendLiteral(dst, page []byte) []byte {
 func AppendDelta(dst []byte, place int, page, base []byte) []byte {
 	dst = append(dst, recDelta)
 	dst = binary.AppendUvarint(dst, uint64(place))
-	for i := 0; i < Size; i++ {
-		dst = append(dst, page[i]^base[i])
-	}
+	return appendXOR(dst, page, base)
+}
+
+// appendXOR appends the page a^b to dst (vectorised: crypto/subtle).
+func appendXOR(dst, a, b []byte) []byte {
+	n := len(dst)
+	dst = append(dst, make([]byte, Size)...)
+	subtle.XORBytes(dst[n:], a[:Size], b[:Size])
 	return dst
 }
 
@@ -86,9 +92,7 @@ func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, 
 			if _, err := io.ReadFull(br, buf[at:]); err != nil {
 				return n, fmt.Errorf("page %d: %w", n+at/Size, noEOF(err))
 			}
-			for i := 0; i < Size; i++ {
-				buf[at+i] ^= base[i]
-			}
+			subtle.XORBytes(buf[at:at+Size], buf[at:at+Size], base)
 		default:
 			return n, fmt.Errorf("page %d: unknown record %q", n+at/Size, code)
 		}
