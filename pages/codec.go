@@ -125,6 +125,10 @@ type EncodeOptions struct {
 	// goes as a delta against it. pid is the process's PID in its namespace, as CRIU's
 	// images name it.
 	Base func(pid int, vaddr uint64, into []byte) (place int, ok bool)
+	// Observe hands the content of the archive's small regular files (under 1 MiB) to
+	// the function named by their base name (e.g. CRIU's stats-dump). They still go as
+	// raw bytes.
+	Observe map[string]func(data []byte)
 }
 
 // switchTee copies what is read through it to a buffer while on.
@@ -196,6 +200,14 @@ func Encode(src io.Reader, dst io.Writer, sess *Session, o EncodeOptions) (Stats
 		}
 		if err != nil {
 			return st, fmt.Errorf("read checkpoint archive: %w", err)
+		}
+		if fn := o.Observe[path.Base(hdr.Name)]; fn != nil && hdr.Typeflag == tar.TypeReg && hdr.Size < 1<<20 {
+			data, err := io.ReadAll(tr) // through the tee: it goes as raw bytes
+			if err != nil {
+				return st, fmt.Errorf("read %s: %w", hdr.Name, err)
+			}
+			fn(data)
+			continue
 		}
 		if pid, ok := IsPageMap(hdr.Name); ok && o.Base != nil && hdr.Size < 64<<20 {
 			img, err := io.ReadAll(tr) // through the tee: it goes as raw bytes

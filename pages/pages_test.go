@@ -284,3 +284,34 @@ func TestHashListsOnTheWire(t *testing.T) {
 		t.Fatal("a truncated list was accepted")
 	}
 }
+
+func TestEncodeHandsObservedFilesOverAndStillSendsThem(t *testing.T) {
+	files := map[string][]byte{
+		"config.dump":            []byte(`{"id":"x"}`),
+		"stats-dump":             []byte("criu statistics"),
+		"checkpoint/pages-1.img": randomPages(t, 3),
+	}
+	archive := tarOf(t, files, []string{"config.dump", "stats-dump", "checkpoint/pages-1.img"})
+	var seen []byte
+	var enc bytes.Buffer
+	if _, err := Encode(bytes.NewReader(archive), &enc, NewSession(), EncodeOptions{
+		Observe: map[string]func([]byte){"stats-dump": func(b []byte) { seen = append(seen, b...) }},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if string(seen) != "criu statistics" {
+		t.Fatalf("observed %q", seen)
+	}
+	store, err := OpenStore(t.TempDir(), packPages*Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	var out bytes.Buffer
+	if _, err := Decode(&enc, &out, NewSession(), store); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), archive) {
+		t.Fatal("the rebuilt archive differs from the original")
+	}
+}

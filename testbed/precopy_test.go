@@ -3,6 +3,7 @@ package testbed_test
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,6 +76,20 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	// those as deltas (CRIU's pagemap images give each page's address).
 	if f := r1.Final; f.PagesDelta == 0 {
 		t.Errorf("frozen phase sent %d pages, none as deltas", f.PagesSent)
+	}
+	// The frozen time is split by CRIU's own account (its stats-dump image, read from
+	// podman's archive as it streams by): the split must be there and fit in the step.
+	var checkpointStep, criuDump time.Duration
+	for _, p := range r1.Downtime {
+		switch {
+		case strings.HasPrefix(p.Name, "checkpoint"):
+			checkpointStep = p.Duration
+		case strings.Contains(p.Name, "CRIU dumping"):
+			criuDump = p.Duration
+		}
+	}
+	if criuDump <= 0 || criuDump > checkpointStep {
+		t.Errorf("CRIU's dump time %s (checkpoint step %s): stats-dump not found in the archive?", criuDump, checkpointStep)
 	}
 	mid := memOverNet(t, tb)
 	if mid.sum != mid.expect || mid.counter <= before.counter {

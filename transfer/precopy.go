@@ -410,7 +410,10 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 // finalCopy streams the frozen container's checkpoint archive to the target, encoded
 // against the session: pages the target holds go as references. It returns when the
 // target has restored it, with the times at which the archive started and ended.
-type finalTimes struct{ firstByte, lastByte time.Time }
+type finalTimes struct {
+	firstByte, lastByte time.Time
+	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
+}
 
 func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func()) (*RestoreResult, *pages.Stats, finalTimes, error) {
@@ -427,7 +430,14 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		var err error
-		st, err = pages.Encode(src, w, sess, pages.EncodeOptions{Base: seen.base})
+		st, err = pages.Encode(src, w, sess, pages.EncodeOptions{Base: seen.base,
+			Observe: map[string]func([]byte){checkpoint.DumpStatsFile: func(img []byte) {
+				if ds, err := checkpoint.ParseDumpStats(img); err == nil {
+					ft.dump = ds
+				} else {
+					slog.Debug("CRIU dump statistics", "err", err)
+				}
+			}}})
 		return err
 	})
 	// At the end of the body: what follows (the target's restore) is not a transfer for

@@ -323,15 +323,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		slog.Warn("unfreeze", "err", err)
 	}
 	res.Frozen = time.Since(frozenAt)
-	res.Downtime = []Phase{
-		{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)},
-		{Name: "stream (archive read, encoded, sent)", Duration: ft.lastByte.Sub(ft.firstByte)},
-		{Name: "restore (target: rebuild, podman import, CRIU)", Duration: restoredAt.Sub(ft.lastByte)},
-		{Name: "overlay switch", Duration: time.Since(restoredAt)},
-	}
-	if rr.CRIURestore > 0 {
-		res.Downtime = append(res.Downtime, Phase{Name: "  of restore: CRIU itself", Duration: rr.CRIURestore})
-	}
+	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, time.Now(), rr.CRIURestore)
 	if err := target.Call(ctx, "/v1/commit", AbortRequest{Container: c.Name}, nil); err != nil {
 		slog.Warn("commit on target", "err", err)
 	}
@@ -349,4 +341,25 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	phase("cleanup", t0)
 	res.OK = true
 	return res
+}
+
+// frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
+// part where it is known (indented names).
+func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Time, criuRestore time.Duration) []Phase {
+	steps := []Phase{{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)}}
+	if d := ft.dump; d != nil {
+		steps = append(steps,
+			Phase{Name: "  of checkpoint: CRIU freezing the processes", Duration: d.Freezing},
+			Phase{Name: "  of checkpoint: CRIU dumping them (frozen)", Duration: d.Frozen},
+			Phase{Name: "    of which memory: drain + write page images", Duration: d.MemDump + d.MemWrite},
+			Phase{Name: "  of checkpoint: podman (runtime, archive) before its first byte",
+				Duration: max(0, ft.firstByte.Sub(frozenAt)-d.Freezing-d.Frozen)})
+	}
+	steps = append(steps,
+		Phase{Name: "stream (archive read, encoded, sent)", Duration: ft.lastByte.Sub(ft.firstByte)},
+		Phase{Name: "restore (target: rebuild, podman import, CRIU)", Duration: restoredAt.Sub(ft.lastByte)})
+	if criuRestore > 0 {
+		steps = append(steps, Phase{Name: "  of restore: CRIU itself", Duration: criuRestore})
+	}
+	return append(steps, Phase{Name: "overlay switch", Duration: switched.Sub(restoredAt)})
 }
