@@ -351,7 +351,8 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 		steps = append(steps,
 			Phase{Name: "  of checkpoint: CRIU freezing the processes", Duration: d.Freezing},
 			Phase{Name: "  of checkpoint: CRIU dumping them (frozen)", Duration: d.Frozen},
-			Phase{Name: "    of which memory: drain + write page images", Duration: d.MemDump + d.MemWrite},
+			// CRIU's memory counters are its own and may overlap the frozen time.
+			Phase{Name: "  of checkpoint: CRIU memory drain + page image write", Duration: d.MemDump + d.MemWrite},
 			Phase{Name: "  of checkpoint: podman (runtime, archive) before its first byte",
 				Duration: max(0, ft.firstByte.Sub(frozenAt)-d.Freezing-d.Frozen)})
 	}
