@@ -128,8 +128,15 @@ func startPush(t *testing.T, tb *testbed.Testbed, args ...string) func(code int)
 	}
 }
 
-// startClient starts a command on the client and returns a function that waits for it.
+// startClient starts a command on the client and returns a function that waits for it
+// (3 minutes at most).
 func startClient(t *testing.T, tb *testbed.Testbed, args ...string) func() ([]byte, error) {
+	t.Helper()
+	return startClientFor(t, tb, 3*time.Minute, args...)
+}
+
+// startClientFor is startClient for a client that runs longer: wait gives it limit.
+func startClientFor(t *testing.T, tb *testbed.Testbed, limit time.Duration, args ...string) func() ([]byte, error) {
 	t.Helper()
 	cmd, err := tb.Command(context.Background(), testbed.ClientName, args...)
 	if err != nil {
@@ -147,9 +154,9 @@ func startClient(t *testing.T, tb *testbed.Testbed, args ...string) func() ([]by
 		select {
 		case err := <-done:
 			return out.Bytes(), err
-		case <-time.After(3 * time.Minute):
+		case <-time.After(limit):
 			cmd.Process.Kill()
-			return out.Bytes(), errors.New("client did not finish in 3 minutes")
+			return out.Bytes(), fmt.Errorf("client did not finish in %s", limit)
 		}
 	}
 }
@@ -244,7 +251,8 @@ func sockperfThrough(t *testing.T, tb *testbed.Testbed, seconds int, move func()
 func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move func()) (gap, rtt time.Duration, n int) {
 	t.Helper()
 	logf := filepath.Join(t.TempDir(), "sockperf.csv")
-	wait := startClient(t, tb, "sockperf", "ping-pong", "--tcp", "-i", ip, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
+	// It runs for the given time, which must cover the move: wait that long and a margin.
+	wait := startClientFor(t, tb, time.Duration(seconds)*time.Second+time.Minute, "sockperf", "ping-pong", "--tcp", "-i", ip, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
 	time.Sleep(3 * time.Second)
 	move()
 	out, err := wait()
