@@ -7,6 +7,7 @@
 # ratio line per configuration (pre-copy / stock). Takes about 25 minutes. Run as root.
 #
 #   SIZES=64,256 DIRTY=1 scripts/experiment.sh     # a smaller matrix
+#   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || { echo "experiment.sh: run as root (it builds namespaces and runs podman)" >&2; exit 1; }

@@ -4,6 +4,8 @@ import (
 	"encoding/csv"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 )
@@ -30,4 +32,48 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 			Replies: int(num(rec[8])), Phases: rec[9]})
 	}
 	return rows, nil
+}
+
+// MergeRows merges runs of the experiment: a later run's row replaces an earlier row of
+// the same configuration and case (a configuration measured again), in the earlier place;
+// new rows keep their order.
+func MergeRows(runs ...[]ExpRow) []ExpRow {
+	var out []ExpRow
+	at := map[string]int{}
+	for _, rows := range runs {
+		for _, r := range rows {
+			k := r.key() + " " + r.Case
+			if i, ok := at[k]; ok {
+				out[i] = r
+				continue
+			}
+			at[k] = len(out)
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// WriteReport writes experiment.csv and experiment.svg of the rows into dir.
+func WriteReport(dir string, rows []ExpRow) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for name, write := range map[string]func(io.Writer) error{
+		"experiment.csv": func(w io.Writer) error { return WriteCSV(w, rows) },
+		"experiment.svg": func(w io.Writer) error { return WriteSVG(w, rows) },
+	} {
+		f, err := os.Create(filepath.Join(dir, name))
+		if err != nil {
+			return err
+		}
+		if err := write(f); err != nil {
+			f.Close()
+			return fmt.Errorf("write %s: %w", f.Name(), err)
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+	}
+	return nil
 }

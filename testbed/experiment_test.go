@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -118,18 +117,9 @@ func TestExperimentDowntime(t *testing.T) {
 // writeResults writes the rows as CSV and SVG into dir.
 func writeResults(t *testing.T, dir string, rows []testbed.ExpRow) {
 	t.Helper()
-	write := func(name string, f func(*os.File) error) {
-		fh, err := os.Create(filepath.Join(dir, name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer fh.Close()
-		if err := f(fh); err != nil {
-			t.Fatal(err)
-		}
+	if err := testbed.WriteReport(dir, rows); err != nil {
+		t.Fatal(err)
 	}
-	write("experiment.csv", func(f *os.File) error { return testbed.WriteCSV(f, rows) })
-	write("experiment.svg", func(f *os.File) error { return testbed.WriteSVG(f, rows) })
 }
 
 // waitMemload waits until memload at ip answers (its memory is filled).

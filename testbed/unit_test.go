@@ -121,3 +121,19 @@ func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
 		t.Fatalf("svg: %v\n%s", err, svg.String())
 	}
 }
+
+func TestMergeRowsLetsALaterRunReplaceAConfiguration(t *testing.T) {
+	first := []ExpRow{
+		{SizeMiB: 256, DirtyPct: 1, Case: CaseStock, Gap: 28 * time.Second},
+		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second},
+		{SizeMiB: 1024, DirtyPct: 1, Case: CaseStock, Gap: 110 * time.Second},
+	}
+	second := []ExpRow{
+		{SizeMiB: 1024, DirtyPct: 1, Case: CaseStock, Gap: 111 * time.Second},
+		{SizeMiB: 1024, DirtyPct: 1, Case: CasePrecopy, Gap: 22 * time.Second},
+	}
+	got := MergeRows(first, second)
+	if len(got) != 4 || got[2].Gap != 111*time.Second || got[3].Case != CasePrecopy || got[1].Gap != 7*time.Second {
+		t.Fatalf("merged %+v", got)
+	}
+}

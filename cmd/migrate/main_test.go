@@ -102,3 +102,39 @@ func TestHelpTeaches(t *testing.T) {
 		}
 	}
 }
+
+// testbed report merges two runs (the second measured 256 MiB again), writes the merged
+// CSV and plot, and prints the ratio line from the newer figures.
+func TestTestbedReportMergesRuns(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := dir + "/" + name
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	const head = "size_mib,dirty_pct_per_s,case,downtime_ms,held_ms,total_ms,wire_bytes,rounds,replies,frozen_phases\n"
+	first := write("a.csv", head+"256,1,stock,28000,27000,28000,268000000,0,0,x\n256,1,precopy,14000,13000,38000,272000000,3,0,y\n")
+	second := write("b.csv", head+"256,1,precopy,7000,7000,35000,268000000,3,0,z\n")
+	out, _, err := run("testbed", "report", "--out", dir+"/merged", first, second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "downtime 0.250") || !strings.Contains(out, "bytes 1.000") {
+		t.Fatalf("ratio line %q: want the second run's pre-copy against the first's stock", out)
+	}
+	csv, err := os.ReadFile(dir + "/merged/experiment.csv")
+	if err != nil || strings.Count(string(csv), "\n") != 3 || !strings.Contains(string(csv), ",z\n") {
+		t.Fatalf("merged CSV %q, %v", csv, err)
+	}
+	if svg, err := os.ReadFile(dir + "/merged/experiment.svg"); err != nil || !bytes.Contains(svg, []byte("<svg")) {
+		t.Fatalf("merged plot: %v", err)
+	}
+	if _, _, err := run("testbed", "report"); exitCode(err) != exitUsage {
+		t.Errorf("report without files: %v, want a usage error", err)
+	}
+	if _, _, err := run("testbed", "report", write("bad.csv", "a,b\n1,2\n")); exitCode(err) != exitUsage {
+		t.Errorf("report of a file that is no experiment CSV: %v, want a usage error", err)
+	}
+}

@@ -123,7 +123,60 @@ and the client (the end user) share an underlay bridge; each link can be shaped.
 				return nil
 			},
 		},
+		{
+			Name:      "report",
+			Usage:     "merge experiment runs (CSV), redraw the plot and print pre-copy / stock ratios",
+			ArgsUsage: "RUN.csv [RUN.csv...]",
+			Description: `Runs of scripts/experiment.sh each write an experiment.csv. report merges them, a
+later file's row replacing an earlier one of the same configuration and case (a
+configuration measured again), and writes experiment.csv and experiment.svg to --out.
+
+  SIZES=256 scripts/experiment.sh; SIZES=1024 OUT=results/big scripts/experiment.sh
+  migrate testbed report --out docs results/experiment/experiment.csv results/big/experiment.csv`,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "out", Usage: "write experiment.csv and experiment.svg to this directory (default: only print the ratios)"},
+			},
+			Action: func(c *cli.Context) error {
+				if c.NArg() == 0 {
+					return usageError{fmt.Errorf("usage: migrate testbed report [--out DIR] RUN.csv [RUN.csv...]")}
+				}
+				var runs [][]testbed.ExpRow
+				for _, name := range c.Args().Slice() {
+					rows, err := readRun(name)
+					if err != nil {
+						return usageError{err}
+					}
+					runs = append(runs, rows)
+				}
+				rows := testbed.MergeRows(runs...)
+				if dir := c.String("out"); dir != "" {
+					if err := testbed.WriteReport(dir, rows); err != nil {
+						return err
+					}
+				}
+				if c.Bool("json") {
+					return printJSON(c, rows)
+				}
+				for _, line := range testbed.Ratios(rows) {
+					fmt.Fprintln(c.App.Writer, line)
+				}
+				return nil
+			},
+		},
 	},
+}
+
+func readRun(name string) ([]testbed.ExpRow, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	rows, err := testbed.ReadCSV(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w (not an experiment.csv?)", name, err)
+	}
+	return rows, nil
 }
 
 // memloadPath finds the memload binary: the flag, else next to this executable.
