@@ -386,9 +386,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			r.DirtyRate = float64(r.Dirty) / r.Duration.Seconds()
 		}
 		r.Bandwidth = l.Mbit()
-		if r.Bandwidth > 0 {
-			r.Estimate = time.Duration(float64(r.Dirty*pages.Size*8) / (r.Bandwidth * 1e6) * float64(time.Second))
-		}
+		r.Estimate = finalCopyEstimate(r)
 		rounds = append(rounds, r)
 		emit(Event{Kind: "round", Round: &r})
 		slog.Info("pre-copy round", "container", c.Name, "round", n, "scanned", r.Scanned, "dirty", r.Dirty, "sent", r.Sent,
@@ -405,6 +403,21 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			return rounds, fmt.Sprintf("round limit %d; final copy estimated %s", maxRounds, r.Estimate.Round(time.Millisecond)), nil
 		}
 	}
+}
+
+// finalCopyEstimate is how long the frozen phase's page copy will take if as many pages
+// change as did during round r: each costs what r's pages cost on the wire (a delta
+// against the content the target holds, once a round has sent every address), at most a
+// whole page, at the measured bandwidth. Podman's and CRIU's own work is not included.
+func finalCopyEstimate(r Round) time.Duration {
+	if r.Bandwidth <= 0 || r.Dirty == 0 {
+		return 0
+	}
+	perPage := float64(pages.Size)
+	if r.N > 1 && r.WireBytes > 0 {
+		perPage = min(perPage, float64(r.WireBytes)/float64(r.Dirty))
+	}
+	return time.Duration(float64(r.Dirty) * perPage * 8 / (r.Bandwidth * 1e6) * float64(time.Second))
 }
 
 // finalCopy streams the frozen container's checkpoint archive to the target, encoded

@@ -78,3 +78,25 @@ func TestPushRequestValidate(t *testing.T) {
 		t.Errorf("valid request refused: %v", err)
 	}
 }
+
+func TestFinalCopyEstimatePricesPagesAsTheRoundSentThem(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		r    Round
+		want time.Duration
+	}{
+		// Round 1 sends every page whole: 9,449 pages at 92 Mbit/s.
+		{"first round", Round{N: 1, Dirty: 9449, WireBytes: 38e6, Bandwidth: 92}, 3365 * time.Millisecond},
+		// Later rounds send changed pages as deltas: 9,449 pages in 346,859 bytes.
+		{"deltas", Round{N: 2, Dirty: 9449, WireBytes: 346859, Bandwidth: 92}, 30 * time.Millisecond},
+		// Pages that cost more than a page on the wire (announcements) are priced as pages.
+		{"at most a page", Round{N: 3, Dirty: 100, WireBytes: 1e6, Bandwidth: 92}, 36 * time.Millisecond},
+		{"nothing dirty", Round{N: 3, Bandwidth: 92}, 0},
+		{"no bandwidth yet", Round{N: 2, Dirty: 5}, 0},
+	} {
+		got := finalCopyEstimate(tc.r).Round(time.Millisecond)
+		if got != tc.want {
+			t.Errorf("%s: estimate %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
