@@ -129,7 +129,10 @@ func WriteSVG(w io.Writer, rows []ExpRow) error {
 				fmt.Fprintf(&b, `<rect x="%d" y="%.1f" width="%d" height="%.1f" fill="%s"><title>%s %s: %.3g %s</title></rect>`+"\n",
 					x0+j*bw, y, bw-2, float64(y0+top+panelH)-y, colors[c], k, c, get(r), unit)
 			}
-			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", x0+len(cases)*bw/2, y0+top+panelH+14, k)
+			// Two lines (size, dirty rate): one would overlap its neighbours.
+			size, rate, _ := strings.Cut(k, " MiB ")
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s MiB</text><text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n",
+				x0+len(cases)*bw/2, y0+top+panelH+14, size, x0+len(cases)*bw/2, y0+top+panelH+27, rate)
 		}
 	}
 	panel(0, "Downtime: largest gap seen by a sockperf client (100 Mbit/s, 10 ms RTT)", "s", func(r ExpRow) float64 { return r.Gap.Seconds() })
