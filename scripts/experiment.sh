@@ -4,7 +4,7 @@
 # each serving a sockperf ping-pong client, are moved (a) the stock way (podman checkpoint
 # --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
 # `migrate push` (pre-copy). Writes results/experiment/experiment.{csv,svg} and prints one
-# ratio line per configuration (pre-copy / stock). Takes about 25 minutes. Run as root.
+# ratio line per configuration (pre-copy / stock). Takes about 35 minutes. Run as root.
 #
 #   SIZES=64,256 DIRTY=1 scripts/experiment.sh     # a smaller matrix
 #   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
