@@ -14,12 +14,12 @@ const DumpStatsFile = stats.StatsDump
 
 // DumpStats is what CRIU measured of its own dump: where the frozen time inside CRIU went.
 type DumpStats struct {
-	Freezing     time.Duration `json:"freezing_ns"`   // stopping the process tree
-	Frozen       time.Duration `json:"frozen_ns"`     // from frozen to the end of the dump
-	MemDump      time.Duration `json:"memdump_ns"`    // of that, draining pages from the processes
-	MemWrite     time.Duration `json:"memwrite_ns"`   // and writing them to the page images
-	PagesWritten uint64        `json:"pages_written"` // pages in the page images
-	PagesScanned uint64        `json:"pages_scanned"` // pages CRIU looked at
+	Freezing     time.Duration // stopping the process tree
+	Frozen       time.Duration // from frozen to the end of the dump
+	MemDump      time.Duration // draining pages from the processes (CRIU's own counter)
+	MemWrite     time.Duration // writing them to the page images (CRIU's own counter)
+	PagesWritten uint64        // pages in the page images
+	PagesScanned uint64        // pages CRIU looked at
 }
 
 // ParseDumpStats decodes CRIU's stats-dump image (as found in a checkpoint archive).

@@ -38,11 +38,15 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 // the same configuration and case (a configuration measured again), in the earlier place;
 // new rows keep their order.
 func MergeRows(runs ...[]ExpRow) []ExpRow {
+	type rowID struct {
+		config
+		c string
+	}
 	var out []ExpRow
-	at := map[string]int{}
+	at := map[rowID]int{}
 	for _, rows := range runs {
 		for _, r := range rows {
-			k := r.key() + " " + r.Case
+			k := rowID{r.config(), r.Case}
 			if i, ok := at[k]; ok {
 				out[i] = r
 				continue
@@ -59,21 +63,20 @@ func WriteReport(dir string, rows []ExpRow) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	for name, write := range map[string]func(io.Writer) error{
-		"experiment.csv": func(w io.Writer) error { return WriteCSV(w, rows) },
-		"experiment.svg": func(w io.Writer) error { return WriteSVG(w, rows) },
-	} {
-		f, err := os.Create(filepath.Join(dir, name))
-		if err != nil {
-			return err
-		}
-		if err := write(f); err != nil {
-			f.Close()
-			return fmt.Errorf("write %s: %w", f.Name(), err)
-		}
-		if err := f.Close(); err != nil {
-			return err
-		}
+	if err := writeFile(filepath.Join(dir, "experiment.csv"), rows, WriteCSV); err != nil {
+		return err
 	}
-	return nil
+	return writeFile(filepath.Join(dir, "experiment.svg"), rows, WriteSVG)
+}
+
+func writeFile(name string, rows []ExpRow, write func(io.Writer, []ExpRow) error) error {
+	f, err := os.Create(name)
+	if err != nil {
+		return err
+	}
+	if err := write(f, rows); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return f.Close()
 }

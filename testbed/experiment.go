@@ -31,7 +31,33 @@ type ExpRow struct {
 	Phases   string        `json:"phases"` // the frozen phase, step by step
 }
 
-func (r ExpRow) key() string { return fmt.Sprintf("%d MiB %g%%/s", r.SizeMiB, r.DirtyPct) }
+// config is one configuration of the experiment: a memory size and a dirty rate.
+type config struct {
+	sizeMiB  int
+	dirtyPct float64
+}
+
+func (r ExpRow) config() config { return config{r.SizeMiB, r.DirtyPct} }
+
+func (c config) size() string   { return fmt.Sprintf("%d MiB", c.sizeMiB) }
+func (c config) rate() string   { return fmt.Sprintf("%g%%/s", c.dirtyPct) }
+func (c config) String() string { return c.size() + " " + c.rate() }
+
+// byConfig groups rows by configuration, in the order first seen, and by case within one;
+// a later row of the same configuration and case replaces an earlier one.
+func byConfig(rows []ExpRow) ([]config, map[config]map[string]ExpRow) {
+	var order []config
+	by := map[config]map[string]ExpRow{}
+	for _, r := range rows {
+		k := r.config()
+		if by[k] == nil {
+			by[k] = map[string]ExpRow{}
+			order = append(order, k)
+		}
+		by[k][r.Case] = r
+	}
+	return order, by
+}
 
 // WriteCSV writes the rows with a header.
 func WriteCSV(w io.Writer, rows []ExpRow) error {
@@ -48,15 +74,7 @@ func WriteCSV(w io.Writer, rows []ExpRow) error {
 
 // Ratios returns one line per configuration: pre-copy against the stock sequence.
 func Ratios(rows []ExpRow) []string {
-	by := map[string]map[string]ExpRow{}
-	var keys []string
-	for _, r := range rows {
-		if by[r.key()] == nil {
-			by[r.key()] = map[string]ExpRow{}
-			keys = append(keys, r.key())
-		}
-		by[r.key()][r.Case] = r
-	}
+	keys, by := byConfig(rows)
 	var out []string
 	for _, k := range keys {
 		p, okp := by[k][CasePrecopy]
@@ -65,7 +83,7 @@ func Ratios(rows []ExpRow) []string {
 			continue
 		}
 		out = append(out, fmt.Sprintf("%-16s pre-copy / stock: downtime %.3f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
-			k, float64(p.Gap)/float64(s.Gap), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
+			k.String(), float64(p.Gap)/float64(s.Gap), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
 			float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
 			float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
 	}
@@ -75,18 +93,9 @@ func Ratios(rows []ExpRow) []string {
 // WriteSVG draws two bar charts, downtime and bytes on the wire, one group of bars per
 // configuration and one bar per case, on a log scale.
 func WriteSVG(w io.Writer, rows []ExpRow) error {
-	var keys []string
-	seen := map[string]bool{}
 	cases := []string{CaseStock, CaseStopCopy, CasePrecopy}
 	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopy: "#2070c0"}
-	val := map[string]ExpRow{}
-	for _, r := range rows {
-		if !seen[r.key()] {
-			seen[r.key()] = true
-			keys = append(keys, r.key())
-		}
-		val[r.key()+"/"+r.Case] = r
-	}
+	keys, by := byConfig(rows)
 	const bw, gap, left, panelH, top = 18, 24, 70, 220, 40
 	groupW := len(cases)*bw + gap
 	width := left + len(keys)*groupW + 160
@@ -96,9 +105,11 @@ func WriteSVG(w io.Writer, rows []ExpRow) error {
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	panel := func(y0 int, title, unit string, get func(ExpRow) float64) {
 		max, min := 0.0, math.Inf(1)
-		for _, r := range val {
-			if v := get(r); v > 0 {
-				max, min = math.Max(max, v), math.Min(min, v)
+		for _, rs := range by {
+			for _, r := range rs {
+				if v := get(r); v > 0 {
+					max, min = math.Max(max, v), math.Min(min, v)
+				}
 			}
 		}
 		if max == 0 {
@@ -121,7 +132,7 @@ func WriteSVG(w io.Writer, rows []ExpRow) error {
 		for i, k := range keys {
 			x0 := left + i*groupW + gap/2
 			for j, c := range cases {
-				r, ok := val[k+"/"+c]
+				r, ok := by[k][c]
 				if !ok || get(r) <= 0 {
 					continue
 				}
@@ -130,9 +141,8 @@ func WriteSVG(w io.Writer, rows []ExpRow) error {
 					x0+j*bw, y, bw-2, float64(y0+top+panelH)-y, colors[c], k, c, get(r), unit)
 			}
 			// Two lines (size, dirty rate): one would overlap its neighbours.
-			size, rate, _ := strings.Cut(k, " MiB ")
-			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s MiB</text><text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n",
-				x0+len(cases)*bw/2, y0+top+panelH+14, size, x0+len(cases)*bw/2, y0+top+panelH+27, rate)
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text><text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n",
+				x0+len(cases)*bw/2, y0+top+panelH+14, k.size(), x0+len(cases)*bw/2, y0+top+panelH+27, k.rate())
 		}
 	}
 	panel(0, "Downtime: largest gap seen by a sockperf client (100 Mbit/s, 10 ms RTT)", "s", func(r ExpRow) float64 { return r.Gap.Seconds() })

@@ -3,7 +3,6 @@ package testbed_test
 import (
 	"context"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -81,10 +80,10 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	// podman's archive as it streams by): the split must be there and fit in the step.
 	var checkpointStep, criuDump time.Duration
 	for _, p := range r1.Downtime {
-		switch {
-		case strings.HasPrefix(p.Name, "checkpoint"):
+		switch p.Name {
+		case transfer.StepCheckpoint:
 			checkpointStep = p.Duration
-		case strings.Contains(p.Name, "CRIU dumping"):
+		case transfer.StepCRIUDump:
 			criuDump = p.Duration
 		}
 	}

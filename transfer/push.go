@@ -343,24 +343,37 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	return res
 }
 
+// The names of the frozen phase's steps in PushResult.Downtime; indented ones are parts
+// of the step above them, as CRIU measured its own.
+const (
+	StepCheckpoint    = "checkpoint (CRIU dump, podman archive)"
+	StepCRIUFreeze    = "  of checkpoint: CRIU freezing the processes"
+	StepCRIUDump      = "  of checkpoint: CRIU dumping them (frozen)"
+	StepCRIUMemory    = "  of checkpoint: CRIU memory drain + page image write" // its own counters; may overlap the dump
+	StepPodmanArchive = "  of checkpoint: podman (runtime, archive) before its first byte"
+	StepStream        = "stream (archive read, encoded, sent)"
+	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
+	StepCRIURestore   = "  of restore: CRIU itself"
+	StepOverlaySwitch = "overlay switch"
+)
+
 // frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
-// part where it is known (indented names).
+// part where it is known.
 func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Time, criuRestore time.Duration) []Phase {
-	steps := []Phase{{Name: "checkpoint (CRIU dump, podman archive)", Duration: ft.firstByte.Sub(frozenAt)}}
+	checkpoint := ft.firstByte.Sub(frozenAt)
+	steps := []Phase{{Name: StepCheckpoint, Duration: checkpoint}}
 	if d := ft.dump; d != nil {
 		steps = append(steps,
-			Phase{Name: "  of checkpoint: CRIU freezing the processes", Duration: d.Freezing},
-			Phase{Name: "  of checkpoint: CRIU dumping them (frozen)", Duration: d.Frozen},
-			// CRIU's memory counters are its own and may overlap the frozen time.
-			Phase{Name: "  of checkpoint: CRIU memory drain + page image write", Duration: d.MemDump + d.MemWrite},
-			Phase{Name: "  of checkpoint: podman (runtime, archive) before its first byte",
-				Duration: max(0, ft.firstByte.Sub(frozenAt)-d.Freezing-d.Frozen)})
+			Phase{Name: StepCRIUFreeze, Duration: d.Freezing},
+			Phase{Name: StepCRIUDump, Duration: d.Frozen},
+			Phase{Name: StepCRIUMemory, Duration: d.MemDump + d.MemWrite},
+			Phase{Name: StepPodmanArchive, Duration: max(0, checkpoint-d.Freezing-d.Frozen)})
 	}
 	steps = append(steps,
-		Phase{Name: "stream (archive read, encoded, sent)", Duration: ft.lastByte.Sub(ft.firstByte)},
-		Phase{Name: "restore (target: rebuild, podman import, CRIU)", Duration: restoredAt.Sub(ft.lastByte)})
+		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
+		Phase{Name: StepRestore, Duration: restoredAt.Sub(ft.lastByte)})
 	if criuRestore > 0 {
-		steps = append(steps, Phase{Name: "  of restore: CRIU itself", Duration: criuRestore})
+		steps = append(steps, Phase{Name: StepCRIURestore, Duration: criuRestore})
 	}
-	return append(steps, Phase{Name: "overlay switch", Duration: switched.Sub(restoredAt)})
+	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})
 }
