@@ -10,7 +10,7 @@ import (
 )
 
 // statsImage writes a stats-dump image the way CRIU does: two magics, a size, the entry.
-func statsImage(t *testing.T, d *stats.DumpStatsEntry) []byte {
+func statsImage(t testing.TB, d *stats.DumpStatsEntry) []byte {
 	payload, err := proto.Marshal(&stats.StatsEntry{Dump: d})
 	if err != nil {
 		t.Fatal(err)

@@ -63,7 +63,9 @@ func command(ctx context.Context, args ...string) error {
 var ErrExists = errors.New("already exists")
 
 // Plumb creates the endpoint's namespace and veth and attaches it to the node's bridge,
-// with no location announced yet. On failure it leaves nothing behind.
+// with no location announced yet: where this node already knows the endpoint to run (a
+// move's source), its rules keep pointing there until Locate says otherwise. On failure
+// it leaves nothing behind.
 func (o *OVS) Plumb(ctx context.Context, e Endpoint) (err error) {
 	port := e.Port()
 	if _, err := netlink.LinkByName(port); err == nil {
@@ -143,7 +145,7 @@ func (o *OVS) Plumb(ctx context.Context, e Endpoint) (err error) {
 	if err := command(ctx, "ethtool", "-K", port, "tx", "off"); err != nil {
 		return err
 	}
-	return o.AddLocal(e.Location(o.cfg.Host), port)
+	return o.Attach(e.Location(o.cfg.Host), port)
 }
 
 // Unplumb removes the endpoint's port, veth and namespace. Idempotent.

@@ -212,8 +212,19 @@ func (o *OVS) ofport(port string) (int, error) {
 	return n, nil
 }
 
-// AddLocal records an endpoint on this node behind OVS port port.
+// AddLocal records an endpoint on this node behind OVS port port, and that it runs here.
 func (o *OVS) AddLocal(loc Location, port string) error {
+	return o.addPort(loc, port, true)
+}
+
+// Attach records an endpoint's port on this node without claiming that it runs here: the
+// node's rules go on pointing at where the endpoint is known to run (a move's source)
+// until Locate points them here. An endpoint known nowhere else is taken to run here.
+func (o *OVS) Attach(loc Location, port string) error {
+	return o.addPort(loc, port, false)
+}
+
+func (o *OVS) addPort(loc Location, port string, here bool) error {
 	if _, err := vsctl(context.Background(), "--may-exist", "add-port", o.cfg.Bridge, port); err != nil {
 		return err
 	}
@@ -225,7 +236,9 @@ func (o *OVS) AddLocal(loc Location, port string) error {
 	defer o.mu.Unlock()
 	loc.Host = o.cfg.Host
 	o.local[loc.MAC] = ofport
-	o.locs[loc.MAC] = loc
+	if _, known := o.locs[loc.MAC]; here || !known {
+		o.locs[loc.MAC] = loc
+	}
 	return o.programLocked()
 }
 

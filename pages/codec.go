@@ -70,7 +70,8 @@ func (s *Session) Index(h Hash) (int, bool) {
 func (s *Session) Slice(i, n int) ([]Hash, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if i < 0 || n < 0 || i+n > len(s.list) {
+	// Written so that no sum can overflow: i and n come from the network.
+	if i < 0 || n < 0 || i > len(s.list) || n > len(s.list)-i {
 		return nil, fmt.Errorf("pages %d..%d: the session names only %d pages", i, i+n, len(s.list))
 	}
 	return s.list[i : i+n], nil
@@ -367,11 +368,22 @@ func (r *pendingRun) flush() error {
 	return nil
 }
 
+// ErrTooLarge: an encoded archive would rebuild to more than its receiver allows.
+var ErrTooLarge = errors.New("encoded archive: larger than allowed")
+
 // Decode rebuilds an archive that Encode wrote from src into dst, reading referenced pages
 // from store. Every page received joins the session and the store, under the hash this
-// side computes.
-func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, error) {
+// side computes. The rebuilt archive may not exceed limit bytes (what a container on this
+// host can hold): the encoding is untrusted input, and a reference of a few bytes stands
+// for many pages.
+func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int64) (Stats, error) {
 	var st Stats
+	grow := func(n int64) error {
+		if n < 0 || n > limit-st.ArchiveBytes {
+			return fmt.Errorf("%w: %d bytes after %d, limit %d", ErrTooLarge, n, st.ArchiveBytes, limit)
+		}
+		return nil
+	}
 	br := bufio.NewReaderSize(src, 1<<20)
 	buf := make([]byte, chunk*Size)
 	hs := make([]Hash, chunk)
@@ -398,6 +410,9 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 			if err != nil {
 				return st, err
 			}
+			if err := grow(int64(n)); err != nil {
+				return st, err
+			}
 			if _, err := io.CopyN(dst, br, int64(n)); err != nil {
 				return st, fmt.Errorf("encoded archive: %w", noEOF(err))
 			}
@@ -410,6 +425,12 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 			}
 			n, err := arg()
 			if err != nil {
+				return st, err
+			}
+			if l := sess.Len(); at > l || n > l-at {
+				return st, fmt.Errorf("encoded archive: pages %d+%d: the session names only %d pages", at, n, l)
+			}
+			if err := grow(int64(n) * Size); err != nil {
 				return st, err
 			}
 			for n > 0 {
@@ -432,6 +453,9 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store) (Stats, e
 		case opPages, opDelta:
 			n, err := arg()
 			if err != nil {
+				return st, err
+			}
+			if err := grow(int64(n) * Size); err != nil {
 				return st, err
 			}
 			for n > 0 {
@@ -472,6 +496,9 @@ func readDeltas(br *bufio.Reader, out []byte, sess *Session, store *Store) error
 		place, err := binary.ReadUvarint(br)
 		if err != nil {
 			return fmt.Errorf("encoded archive: %w", noEOF(err))
+		}
+		if place >= uint64(sess.Len()) {
+			return fmt.Errorf("encoded archive: delta base %d: the session names only %d pages", place, sess.Len())
 		}
 		h, err := sess.Slice(int(place), 1)
 		if err != nil {

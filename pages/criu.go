@@ -103,6 +103,7 @@ func ParsePageMap(pid int, img []byte) (*PageMap, error) {
 		return nil, fmt.Errorf("pagemap-%d.img: no head: %v", pid, err)
 	}
 	pm := &PageMap{PID: pid, PagesID: head.GetPagesId()}
+	var total uint64
 	for {
 		var e pagemap.PagemapEntry
 		ok, err := next(&e)
@@ -124,6 +125,10 @@ func ParsePageMap(pid int, img []byte) (*PageMap, error) {
 			return nil, fmt.Errorf("pagemap-%d.img: implausible run of %d pages", pid, n)
 		}
 		if present && n > 0 {
+			// A process's pages all fit a 48-bit address space.
+			if total += n; total > 1<<36 {
+				return nil, fmt.Errorf("pagemap-%d.img: more pages than an address space holds", pid)
+			}
 			pm.Runs = append(pm.Runs, Run{Vaddr: e.GetVaddr(), Pages: int(n)})
 		}
 	}

@@ -14,7 +14,7 @@ import (
 
 // pagemapImage writes a pagemap image as CRIU does: the common magic, PAGEMAP, the head,
 // then one entry per run.
-func pagemapImage(t *testing.T, pagesID uint32, entries ...*pagemap.PagemapEntry) []byte {
+func pagemapImage(t testing.TB, pagesID uint32, entries ...*pagemap.PagemapEntry) []byte {
 	m := magic.LoadMagic()
 	b := binary.LittleEndian.AppendUint32(nil, uint32(m.ByName["IMG_COMMON"]))
 	b = binary.LittleEndian.AppendUint32(b, uint32(m.ByName["PAGEMAP"]))
@@ -131,7 +131,7 @@ func TestEncodeSendsChangedPagesAsDeltasByAddress(t *testing.T) {
 		t.Fatalf("encode stats %+v, want 50 sent of which 40 as deltas, 250 referenced", est)
 	}
 	var out bytes.Buffer
-	dstats, err := Decode(&enc, &out, dst, store)
+	dstats, err := Decode(&enc, &out, dst, store, 1<<40)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +156,7 @@ func TestEncodeSendsChangedPagesAsDeltasByAddress(t *testing.T) {
 	if err != nil || est.PagesDelta != 0 || est.PagesSent != 300 {
 		t.Fatalf("mismatched pagemap: %v, %+v", err, est)
 	}
-	if _, err := Decode(&enc, &out, NewSession(), store); err != nil || !bytes.Equal(out.Bytes(), archive) {
+	if _, err := Decode(&enc, &out, NewSession(), store, 1<<40); err != nil || !bytes.Equal(out.Bytes(), archive) {
 		t.Fatalf("mismatched pagemap: rebuilt %v, equal %t", err, bytes.Equal(out.Bytes(), archive))
 	}
 }

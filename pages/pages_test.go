@@ -151,7 +151,7 @@ func TestEncodeDecodeRebuildsTheArchiveAndSendsOnlyUnknownPages(t *testing.T) {
 	}
 	var out bytes.Buffer
 	before := store.Stats().Pages
-	dstats, err := Decode(&enc, &out, dst, store)
+	dstats, err := Decode(&enc, &out, dst, store, 1<<40)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,11 +174,11 @@ func TestDecodeFailsOnTruncatedOrUnknownReferences(t *testing.T) {
 	if _, err := Encode(bytes.NewReader(archive), &enc, NewSession(), EncodeOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Decode(bytes.NewReader(enc.Bytes()[:enc.Len()-1]), io.Discard, NewSession(), store); !errors.Is(err, io.ErrUnexpectedEOF) {
+	if _, err := Decode(bytes.NewReader(enc.Bytes()[:enc.Len()-1]), io.Discard, NewSession(), store, 1<<40); !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Fatalf("truncated: %v", err)
 	}
 	// A reference to a place the receiver's session does not have.
-	if _, err := Decode(bytes.NewReader([]byte{opCopy, 5, 1, opEnd}), io.Discard, NewSession(), store); err == nil {
+	if _, err := Decode(bytes.NewReader([]byte{opCopy, 5, 1, opEnd}), io.Discard, NewSession(), store, 1<<40); err == nil {
 		t.Fatal("a dangling reference was accepted")
 	}
 }
@@ -231,7 +231,7 @@ func BenchmarkEncodeDecode(b *testing.B) {
 		if _, err := Encode(bytes.NewReader(archive), &enc, src, EncodeOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := Decode(&enc, io.Discard, dst, store); err != nil {
+		if _, err := Decode(&enc, io.Discard, dst, store, 1<<40); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -308,7 +308,7 @@ func TestEncodeHandsObservedFilesOverAndStillSendsThem(t *testing.T) {
 	}
 	defer store.Close()
 	var out bytes.Buffer
-	if _, err := Decode(&enc, &out, NewSession(), store); err != nil {
+	if _, err := Decode(&enc, &out, NewSession(), store, 1<<40); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(out.Bytes(), archive) {

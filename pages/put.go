@@ -82,6 +82,9 @@ func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, 
 			if err != nil {
 				return n, fmt.Errorf("page %d: %w", n+at/Size, noEOF(err))
 			}
+			if place >= uint64(sess.Len()) {
+				return n, fmt.Errorf("page %d: delta base %d: the session names only %d pages", n+at/Size, place, sess.Len())
+			}
 			names, err := sess.Slice(int(place), 1)
 			if err != nil {
 				return n, fmt.Errorf("page %d: delta base: %w", n+at/Size, err)

@@ -28,6 +28,14 @@ func (tb *Testbed) OperatorEnv() []string {
 	return []string{"MIGRATE_INVENTORY=" + tb.inventory(), "MIGRATE_CERTS=" + tb.certDir(), "MIGRATE_IDENTITY=operator"}
 }
 
+// MigrateAs runs the migrate binary inside host presenting identity's certificate (a
+// host's, the client node's, or "operator").
+func (tb *Testbed) MigrateAs(ctx context.Context, host, identity string, args ...string) *exec.Cmd {
+	cmd := tb.Migrate(ctx, host, args...)
+	cmd.Env = append(cmd.Env, "MIGRATE_IDENTITY="+identity)
+	return cmd
+}
+
 // Migrate runs the migrate binary as the operator inside host (its namespaces reach the
 // agents' underlay addresses).
 func (tb *Testbed) Migrate(ctx context.Context, host string, args ...string) *exec.Cmd {
@@ -57,11 +65,16 @@ func (tb *Testbed) startAgents(ctx context.Context) error {
 		return err
 	}
 	for _, h := range tb.Hosts {
-		if err := transfer.Issue(tb.certDir(), h.Name, []string{h.UnderlayIP.String()}); err != nil {
+		// The client is an overlay-only node: it may learn locations, nothing more.
+		role := transfer.RoleHost
+		if h.IsClient() {
+			role = transfer.RoleNode
+		}
+		if err := transfer.Issue(tb.certDir(), h.Name, transfer.IssueOptions{Role: role, Hosts: []string{h.UnderlayIP.String()}}); err != nil {
 			return err
 		}
 	}
-	if err := transfer.Issue(tb.certDir(), "operator", nil); err != nil {
+	if err := transfer.Issue(tb.certDir(), "operator", transfer.IssueOptions{Role: transfer.RoleOperator}); err != nil {
 		return err
 	}
 	for _, h := range tb.Hosts {

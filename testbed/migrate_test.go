@@ -376,7 +376,7 @@ func TestRefusals(t *testing.T) {
 	if err := transfer.InitCA(rogue); err != nil {
 		t.Fatal(err)
 	}
-	if err := transfer.Issue(rogue, "operator", nil); err != nil {
+	if err := transfer.Issue(rogue, "operator", transfer.IssueOptions{Role: transfer.RoleOperator}); err != nil {
 		t.Fatal(err)
 	}
 	realCA, err := os.ReadFile(filepath.Join(testbed.StateRoot, "auth", "certs", "ca.pem"))
@@ -394,7 +394,7 @@ func TestRefusals(t *testing.T) {
 	if err := transfer.InitCA(dir); err != nil {
 		t.Fatal(err)
 	}
-	if err := transfer.Issue(dir, "operator", nil); err != nil {
+	if err := transfer.Issue(dir, "operator", transfer.IssueOptions{Role: transfer.RoleOperator}); err != nil {
 		t.Fatal(err)
 	}
 	// A stranger altogether: its side refuses the agents' certificates.

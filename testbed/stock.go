@@ -28,7 +28,7 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 	if err != nil {
 		return nil, err
 	}
-	if out, err := tb.Migrate(ctx, ClientName, "overlay", "prepare", "--from", from, "--to", to, name).CombinedOutput(); err != nil {
+	if out, err := tb.MigrateAs(ctx, ClientName, from, "overlay", "prepare", "--from", from, "--to", to, name).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("prepare the endpoint on %s: %v: %s", to, err, out)
 	}
 	dir := filepath.Join(dataDir(tb.Name), "stock")
@@ -71,12 +71,12 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 	}
 	r.Restore = time.Since(t)
 	t = time.Now()
-	if out, err := tb.Migrate(ctx, ClientName, "overlay", "locate", "--on", to, "--ip", ip, name).CombinedOutput(); err != nil {
+	if out, err := tb.MigrateAs(ctx, ClientName, from, "overlay", "locate", "--on", to, "--ip", ip, name).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("re-point the overlay: %v: %s", err, out)
 	}
 	r.Repoint = time.Since(t)
 	r.Total = time.Since(start)
-	tb.Migrate(ctx, ClientName, "overlay", "commit", "--on", to, name).Run()
+	tb.MigrateAs(ctx, ClientName, from, "overlay", "commit", "--on", to, name).Run()
 	tb.Run(ctx, from, "podman", "rm", "-f", name)
 	return r, nil
 }

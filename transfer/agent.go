@@ -2,13 +2,10 @@ package transfer
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
 	"net"
@@ -17,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
@@ -51,10 +49,23 @@ type Agent struct {
 	info   HostInfo
 	store  *pages.Store
 
+	mv       *mover // the journals of moves to and from this host, and what they drive
+	peersMu  sync.Mutex
+	peers    map[string]*Peer // one client (and its connections) per peer
+	pushes   sync.WaitGroup   // moves under way (Serve waits for them on shutdown)
 	mu       sync.Mutex
-	inflight map[string]bool
+	inflight map[string]*inflightMove
 	last     *PushResult
 	sessions map[string]*incoming // page sessions of incoming moves
+	// unresolved: journal entries the last settling pass could not finish.
+	unresolved []string
+}
+
+// inflightMove is a push under way on this (source) host.
+type inflightMove struct {
+	move   string
+	cancel context.CancelCauseFunc // cancels the move while nothing is frozen yet
+	frozen bool
 }
 
 // NewAgent checks the configuration, sets up the overlay node and recovers from moves
@@ -77,7 +88,12 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]bool{}, sessions: map[string]*incoming{}}
+	for _, h := range cfg.Inventory.Hosts {
+		if err := ValidHostName(h.Name); err != nil {
+			return nil, fmt.Errorf("inventory: %w", err)
+		}
+	}
+	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]*inflightMove{}, sessions: map[string]*incoming{}, peers: map[string]*Peer{}}
 	if cfg.PageStoreBytes == 0 {
 		cfg.PageStoreBytes = 2 << 30
 	}
@@ -101,10 +117,15 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
 
-	if err := a.adoptLocal(ctx); err != nil {
-		return nil, err
+	a.mv = &mover{self: cfg.Name, ov: a.ovs, peers: agentPeers{a}, closeSession: a.closeSession,
+		out: journal{filepath.Join(cfg.StateDir, "outgoing")}, in: journal{filepath.Join(cfg.StateDir, "incoming")}}
+	if a.podman != nil {
+		a.mv.rt = podmanRuntime{a.podman}
 	}
-	if err := a.recover(ctx); err != nil {
+	// Containers that run here get their flows back before anything else; moves left
+	// unfinished are settled once the agent serves (settle), since that may mean asking
+	// a peer that is itself starting and asking us.
+	if err := a.adoptLocal(ctx); err != nil {
 		return nil, err
 	}
 	if cfg.Endpoint.IsValid() {
@@ -112,6 +133,9 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 		ep.NetNS = ""
 		a.ovs.Unplumb(ctx, ep)
 		if err := a.ovs.Plumb(ctx, ep); err != nil {
+			return nil, fmt.Errorf("this node's overlay endpoint: %w", err)
+		}
+		if err := a.ovs.Locate(ep.Location(cfg.Name)); err != nil {
 			return nil, fmt.Errorf("this node's overlay endpoint: %w", err)
 		}
 	}
@@ -124,37 +148,16 @@ func (a *Agent) Serve(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", a.self.Agent, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/info", a.handle(func(r *http.Request) (any, error) {
-		info := a.info
-		st := a.store.Stats()
-		info.PageStore = &st
-		return info, nil
-	}))
-	mux.HandleFunc("GET /v1/containers", a.handle(func(r *http.Request) (any, error) { return a.containers(r.Context()) }))
-	mux.HandleFunc("GET /v1/locations", a.handle(func(r *http.Request) (any, error) { return a.ovs.Locations(), nil }))
-	mux.HandleFunc("POST /v1/locate", a.handle(a.locate))
-	mux.HandleFunc("POST /v1/run", a.handle(a.run))
-	mux.HandleFunc("POST /v1/prepare", a.handle(a.prepare))
-	mux.HandleFunc("POST /v1/restore", a.handle(a.restore))
-	mux.HandleFunc("POST /v1/pages/announce", a.handle(a.announcePages))
-	mux.HandleFunc("POST /v1/pages/put", a.handle(a.putPages))
-	mux.HandleFunc("POST /v1/pages/have", a.handle(a.havePages))
-	mux.HandleFunc("POST /v1/probe", a.handle(a.probe))
-	mux.HandleFunc("GET /v1/rtt", a.handle(a.rtt))
-	mux.HandleFunc("POST /v1/costs", a.handle(a.costs))
-	mux.HandleFunc("POST /v1/commit", a.handle(a.commit))
-	mux.HandleFunc("POST /v1/abort", a.handle(a.abort))
-	mux.HandleFunc("POST /v1/push", a.handlePush)
-	mux.HandleFunc("GET /v1/status", a.handle(a.status))
-	mux.HandleFunc("GET /v1/layers", a.handle(a.holdings))
-	mux.HandleFunc("POST /v1/layers/plan", a.handle(a.layerPlan))
-	mux.HandleFunc("POST /v1/image", a.handle(a.loadImage))
 	srv := &http.Server{
-		Handler:      mux,
+		Handler:      a.mux(),
 		TLSConfig:    a.tls,
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
 		ErrorLog:     slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug),
+		// Archives stream for minutes, so no whole-request timeouts; a peer that sends
+		// no headers, or holds an idle connection, is cut.
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
 	}
 	go func() {
 		<-ctx.Done()
@@ -163,6 +166,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		srv.Shutdown(sctx)
 	}()
 	go a.syncLocations(ctx)
+	go a.settle(ctx)
 	slog.Info("agent serving", "host", a.cfg.Name, "addr", a.self.Agent, "podman", a.cfg.PodmanURI != "")
 	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
@@ -170,23 +174,100 @@ func (a *Agent) Serve(ctx context.Context) error {
 	return nil
 }
 
-// handle adapts a JSON handler: decode errors are 400, others 500 with the message.
+func (a *Agent) infoHandler(r *http.Request) (any, error) {
+	info := a.info
+	st := a.store.Stats()
+	info.PageStore = &st
+	return info, nil
+}
+
+// mux routes the agent's API: each path to its handler, for the roles that may call it.
+func (a *Agent) mux() *http.ServeMux {
+	mux := http.NewServeMux()
+	// Who may call what. Agent-to-agent paths further check that the caller is the host
+	// the move names (mustBe).
+	anyone := []Role{RoleHost, RoleNode, RoleOperator}
+	hosts := []Role{RoleHost}
+	operators := []Role{RoleOperator}
+	hostsAndOperators := []Role{RoleHost, RoleOperator}
+	routes := []struct {
+		pattern string
+		h       http.HandlerFunc
+		roles   []Role
+	}{
+		{"GET " + PathInfo, a.handle(a.infoHandler), anyone},
+		{"GET " + PathLocations, a.handle(func(r *http.Request) (any, error) { return a.ovs.Locations(), nil }), anyone},
+		{"GET " + PathRTT, a.handle(a.rtt), operators},
+		{"GET " + PathContainers, a.handle(func(r *http.Request) (any, error) { return a.containers(r.Context()) }), hostsAndOperators},
+		{"GET " + PathStatus, a.handle(a.status), operators},
+		{"POST " + PathRun, a.handle(a.run), operators},
+		{"POST " + PathPush, a.handlePush, operators},
+		{"POST " + PathPushCancel, a.handle(a.cancelPush), operators},
+		{"POST " + PathCosts, a.handle(a.costs), operators},
+		{"POST " + PathLayerPlan, a.handle(a.layerPlan), operators},
+		{"POST " + PathLocate, a.handle(a.locate), hosts},
+		{"POST " + PathPrepare, a.handle(a.prepare), hosts},
+		{"POST " + PathRestore, a.handle(a.restore), hosts},
+		{"POST " + PathPagesAnnounce, a.handle(a.announcePages), hosts},
+		{"POST " + PathPagesPut, a.handle(a.putPages), hosts},
+		{"POST " + PathPagesHave, a.handle(a.havePages), hosts},
+		{"POST " + PathProbe, a.handle(a.probe), hosts},
+		{"POST " + PathCommit, a.handle(a.commit), hosts},
+		{"POST " + PathAbort, a.handle(a.abort), hosts},
+		{"POST " + PathOutcome, a.handle(a.outcome), hosts},
+		{"GET " + PathLayers, a.handle(a.holdings), hosts},
+		{"POST " + PathImage, a.handle(a.loadImage), hosts},
+	}
+	for _, rt := range routes {
+		mux.HandleFunc(rt.pattern, recoverPanics(allow(rt.h, rt.roles...)))
+	}
+	return mux
+}
+
+// handle adapts a JSON handler: bad requests are 400, forbidden ones 403, others 500,
+// each with the message.
 func (a *Agent) handle(fn func(*http.Request) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		out, err := fn(r)
-		w.Header().Set("Content-Type", "application/json")
 		if err != nil {
 			code := http.StatusInternalServerError
 			var be badRequest
-			if errors.As(err, &be) {
+			var fe errForbidden
+			switch {
+			case errors.As(err, &fe):
+				code = http.StatusForbidden
+			case errors.As(err, &be):
 				code = http.StatusBadRequest
 			}
-			slog.Warn("request failed", "path", r.URL.Path, "err", err)
-			w.WriteHeader(code)
-			json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+			slog.Warn("request failed", "path", r.URL.Path, "caller", callerOf(r.Context()).Name, "err", err)
+			writeError(w, code, err)
 			return
 		}
+		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(out)
+	}
+}
+
+func writeError(w http.ResponseWriter, code int, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+}
+
+// recoverPanics turns a handler's panic into a 500 and a log line: one bad request never
+// takes the agent (and the moves it carries) down.
+func recoverPanics(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				slog.Error("handler panicked", "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				writeError(w, http.StatusInternalServerError, fmt.Errorf("internal error in %s", r.URL.Path))
+			}
+		}()
+		h(w, r)
 	}
 }
 
@@ -206,13 +287,70 @@ func (a *Agent) needPodman() error {
 	return nil
 }
 
-// peer returns a client for another host's agent.
+// peer returns the client for another host's agent: one per peer, so that its
+// connections are reused.
 func (a *Agent) peer(name string) (*Peer, error) {
 	h, err := a.cfg.Inventory.Get(name)
 	if err != nil {
 		return nil, badRequest{err}
 	}
-	return NewPeer(h.Name, h.Agent, a.tls), nil
+	a.peersMu.Lock()
+	defer a.peersMu.Unlock()
+	if p := a.peers[name]; p != nil {
+		return p, nil
+	}
+	p := NewPeer(h.Name, h.Agent, a.tls)
+	a.peers[name] = p
+	return p, nil
+}
+
+// agentPeers is the agent's movePeers: its peer clients.
+type agentPeers struct{ a *Agent }
+
+func (ap agentPeers) Outcome(ctx context.Context, host string, ref MoveRef) (*MoveOutcome, error) {
+	p, err := ap.a.peer(host)
+	if err != nil {
+		return nil, err
+	}
+	return p.Outcome(ctx, ref)
+}
+
+func (ap agentPeers) Commit(ctx context.Context, host string, ref MoveRef) error {
+	p, err := ap.a.peer(host)
+	if err != nil {
+		return err
+	}
+	return p.Commit(ctx, ref)
+}
+
+func (ap agentPeers) Abort(ctx context.Context, host string, req AbortRequest) error {
+	p, err := ap.a.peer(host)
+	if err != nil {
+		return err
+	}
+	return p.Abort(ctx, req)
+}
+
+func (ap agentPeers) Announce(ctx context.Context, loc overlaynet.Location) []string {
+	return ap.a.announce(ctx, loc)
+}
+
+// podmanRuntime is podman as a move's containerRuntime.
+type podmanRuntime struct{ p *checkpoint.Podman }
+
+func (r podmanRuntime) State(ctx context.Context, name string) (string, bool, error) {
+	ok, err := r.p.Exists(ctx, name)
+	if err != nil || !ok {
+		return "", false, err
+	}
+	st, err := r.p.State(ctx, name)
+	return st, err == nil, err
+}
+
+func (r podmanRuntime) Remove(ctx context.Context, name string) error { return r.p.Remove(ctx, name) }
+
+func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
+	return r.p.RestoreLocal(ctx, name, true)
 }
 
 func (a *Agent) hostInfo(ctx context.Context) HostInfo {
@@ -335,11 +473,13 @@ func (a *Agent) syncLocations(ctx context.Context) {
 			continue
 		}
 		go func(h HostEntry) {
-			p := NewPeer(h.Name, h.Agent, a.tls)
-			for attempt := 0; attempt < 30 && ctx.Err() == nil; attempt++ {
-				var locs []overlaynet.Location
-				cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-				err := p.Call(cctx, "/v1/locations", nil, &locs)
+			p, _ := a.peer(h.Name)
+			// Until the peer answers, however long: backing off to a minute, and saying
+			// so once a minute has passed.
+			wait, start, warned := time.Second, time.Now(), false
+			for ctx.Err() == nil {
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				locs, err := p.Locations(cctx)
 				cancel()
 				if err == nil {
 					for _, l := range locs {
@@ -347,13 +487,27 @@ func (a *Agent) syncLocations(ctx context.Context) {
 							a.ovs.Locate(l)
 						}
 					}
+					if warned {
+						slog.Info("learnt the peer's endpoints", "peer", h.Name)
+					}
 					return
 				}
-				time.Sleep(time.Second)
+				if !warned && time.Since(start) > time.Minute {
+					slog.Warn("cannot learn the peer's endpoints yet; still trying", "peer", h.Name, "err", err)
+					warned = true
+				}
+				select {
+				case <-ctx.Done():
+				case <-time.After(wait):
+				}
+				wait = min(2*wait, time.Minute)
 			}
 		}(h)
 	}
 }
+
+// announceWait bounds how long an announcement waits for one node.
+const announceWait = 2 * time.Second
 
 // announce tells every node (this one included) where an endpoint runs. It returns the
 // hosts it could not reach.
@@ -368,9 +522,13 @@ func (a *Agent) announce(ctx context.Context, loc overlaynet.Location) []string 
 			var err error
 			if h.Name == a.cfg.Name {
 				err = a.ovs.Locate(loc)
+			} else if p, perr := a.peer(h.Name); perr != nil {
+				err = perr
 			} else {
-				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-				err = NewPeer(h.Name, h.Agent, a.tls).Call(cctx, "/v1/locate", loc, nil)
+				// All nodes at once, each for at most announceWait: a node that does not
+				// answer learns the location from syncLocations when it is back.
+				cctx, cancel := context.WithTimeout(ctx, announceWait)
+				err = p.Locate(cctx, loc)
 				cancel()
 			}
 			if err != nil {
@@ -450,218 +608,12 @@ func (a *Agent) status(r *http.Request) (any, error) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	st := Status{Host: a.cfg.Name, Containers: cs, Last: a.last}
+	st := Status{Host: a.cfg.Name, Containers: cs, Last: a.last, Unresolved: a.unresolved}
 	for c := range a.inflight {
 		st.InFlight = append(st.InFlight, c)
 	}
 	sort.Strings(st.InFlight)
 	return st, nil
-}
-
-// --- the target's side of a move -------------------------------------------------------
-
-func (a *Agent) journal(container string) string {
-	return filepath.Join(a.cfg.StateDir, "incoming", container+".json")
-}
-
-// prepare runs the target's part of the pre-flight gate and, if it passes (and this is not
-// a dry run), plumbs the container's endpoint without announcing it.
-func (a *Agent) prepare(r *http.Request) (any, error) {
-	if err := a.needPodman(); err != nil {
-		return nil, err
-	}
-	var req PrepareRequest
-	if err := decodeBody(r, &req); err != nil {
-		return nil, err
-	}
-	ctx := r.Context()
-	resp := PrepareResponse{}
-	add := func(c Check) { resp.Checks = append(resp.Checks, c) }
-	add(Check{Property: "criu", Target: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem})
-	add(Check{Property: "oci runtime", Source: req.Runtime, Target: a.info.Runtime, OK: req.Runtime == a.info.Runtime})
-	add(Check{Property: "cgroups", Source: req.Cgroups, Target: a.info.Cgroups, OK: req.Cgroups == a.info.Cgroups})
-	if len(req.CPUInfo) > 0 {
-		err := cpuinfoCheck(ctx, req.CPUInfo)
-		c := Check{Property: "cpu features", Source: "criu cpuinfo of " + req.Source, Target: "compatible", OK: err == nil}
-		if err != nil {
-			c.Target, c.Detail = "incompatible", err.Error()
-		}
-		add(c)
-	}
-	has, err := a.podman.ImageExists(ctx, req.Image)
-	if err != nil {
-		return nil, err
-	}
-	add(Check{Property: "image", Source: req.Image, Target: map[bool]string{true: "present", false: "missing"}[has], OK: has,
-		Detail: map[bool]string{true: "", false: "load the image on the target first"}[has]})
-	exists, err := a.podman.Exists(ctx, req.Container)
-	if err != nil {
-		return nil, err
-	}
-	add(Check{Property: "name", Source: req.Container, Target: map[bool]string{true: "taken", false: "free"}[exists], OK: !exists})
-	owner := ""
-	for _, l := range a.ovs.Locations() {
-		if l.IP == req.Endpoint.Prefix.Addr() && l.Name != req.Container {
-			owner = fmt.Sprintf("%s on %s", l.Name, l.Host)
-		}
-	}
-	_, nsErr := os.Stat(req.Endpoint.NetNSPath())
-	if owner == "" && nsErr == nil {
-		owner = "namespace " + req.Endpoint.NetNSPath() + " exists"
-	}
-	add(Check{Property: "address", Source: req.Endpoint.Prefix.String(), Target: map[bool]string{true: "free", false: owner}[owner == ""], OK: owner == ""})
-	for _, c := range resp.Checks {
-		if !c.OK || req.DryRun {
-			return resp, nil
-		}
-	}
-	b, _ := json.Marshal(req)
-	if err := os.MkdirAll(filepath.Dir(a.journal(req.Container)), 0o755); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(a.journal(req.Container), b, 0o644); err != nil {
-		return nil, err
-	}
-	if err := a.ovs.Plumb(ctx, req.Endpoint); err != nil {
-		os.Remove(a.journal(req.Container))
-		return nil, err
-	}
-	a.openSession(req.Container)
-	return resp, nil
-}
-
-var errDigest = errors.New("archive damaged in transit: digest mismatch")
-
-// verifyingReader hashes the request body and turns its end into an error unless the
-// digest in the trailer matches: podman never sees a complete archive that is wrong.
-type verifyingReader struct {
-	src io.Reader // the archive: the request body, or what is rebuilt from it
-	r   *http.Request
-	h   hash.Hash
-	n   int64
-	err error
-}
-
-// newVerifyingReader checks src (the archive: the request body, or what is rebuilt from
-// it) against the digest in r's trailer.
-func newVerifyingReader(src io.Reader, r *http.Request) *verifyingReader {
-	return &verifyingReader{src: src, r: r, h: sha256.New()}
-}
-
-func (v *verifyingReader) Read(b []byte) (int, error) {
-	n, err := v.src.Read(b)
-	v.h.Write(b[:n])
-	v.n += int64(n)
-	if err == io.EOF {
-		want := v.r.Trailer.Get(digestTrailer)
-		got := "sha256:" + hex.EncodeToString(v.h.Sum(nil))
-		if want != got {
-			v.err = fmt.Errorf("%w (sent %q, received %s after %d bytes)", errDigest, want, got, v.n)
-			return n, v.err
-		}
-	} else if err != nil {
-		v.err = fmt.Errorf("receive archive after %d bytes: %w", v.n, err)
-	}
-	return n, err
-}
-
-func (a *Agent) restore(r *http.Request) (any, error) {
-	if err := a.needPodman(); err != nil {
-		return nil, err
-	}
-	name := r.URL.Query().Get("container")
-	b, err := os.ReadFile(a.journal(name))
-	if err != nil {
-		return nil, badRequest{fmt.Errorf("container %q was not prepared on %s", name, a.cfg.Name)}
-	}
-	var prep PrepareRequest
-	if err := json.Unmarshal(b, &prep); err != nil {
-		return nil, err
-	}
-	start := time.Now()
-	var src io.Reader = r.Body
-	var pst pages.Stats
-	encoded := r.URL.Query().Get("encoding") == "pages"
-	if encoded {
-		sess, err := a.session(name)
-		if err != nil {
-			return nil, err
-		}
-		if src, err = a.decodeArchive(r.Context(), r, sess, &pst); err != nil {
-			return nil, err
-		}
-	}
-	vr := newVerifyingReader(src, r)
-	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true})
-	if vr.err != nil {
-		err = vr.err
-	}
-	if err != nil {
-		// Nothing half-restored may stay: the source will take the container back. The
-		// CRIU log is kept first.
-		bctx := context.WithoutCancel(r.Context())
-		where := ""
-		if c, ierr := a.podman.Inspect(bctx, name); ierr == nil {
-			if dir := a.keepLogs(name, c.StaticDir, "restore.log"); dir != "" {
-				where = " (CRIU and runtime logs kept in " + a.cfg.Name + ":" + dir + ")"
-			}
-		}
-		// The source cannot commit a failed restore: undo it (container, endpoint, journal)
-		// now rather than wait for an abort that a cut link may never deliver.
-		go a.undoIncoming(bctx, AbortRequest{Container: name, Source: prep.Source, Endpoint: prep.Endpoint})
-		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
-	}
-	overlaynet.GratuitousARP(prep.Endpoint)
-	out := RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration,
-		Received: time.Since(start), CRIURestore: res.CRIURestore}
-	if encoded {
-		out.Pages = &pst
-	}
-	return out, nil
-}
-
-func (a *Agent) commit(r *http.Request) (any, error) {
-	var req AbortRequest
-	if err := decodeBody(r, &req); err != nil {
-		return nil, err
-	}
-	a.closeSession(req.Container)
-	return nil, os.Remove(a.journal(req.Container))
-}
-
-func (a *Agent) abort(r *http.Request) (any, error) {
-	var req AbortRequest
-	if err := decodeBody(r, &req); err != nil {
-		return nil, err
-	}
-	return nil, a.undoIncoming(context.WithoutCancel(r.Context()), req)
-}
-
-// undoIncoming removes every trace of an incoming move: the restored container, the
-// endpoint, the journal; and points the endpoint's address back at the source.
-func (a *Agent) undoIncoming(ctx context.Context, req AbortRequest) error {
-	a.closeSession(req.Container)
-	var errs []error
-	if a.podman != nil {
-		if ok, _ := a.podman.Exists(ctx, req.Container); ok {
-			if err := a.podman.Remove(ctx, req.Container); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	if err := a.ovs.Unplumb(ctx, req.Endpoint); err != nil {
-		errs = append(errs, err)
-	}
-	if req.Source != "" && req.Source != a.cfg.Name {
-		if err := a.ovs.Locate(req.Endpoint.Location(req.Source)); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := os.Remove(a.journal(req.Container)); err != nil && !os.IsNotExist(err) {
-		errs = append(errs, err)
-	}
-	slog.Info("incoming move undone", "container", req.Container, "source", req.Source)
-	return errors.Join(errs...)
 }
 
 // cpuinfoDump returns this host's `criu cpuinfo dump` image.
@@ -714,27 +666,4 @@ func (a *Agent) keepLogs(container, staticDir string, files ...string) string {
 		return ""
 	}
 	return dir
-}
-
-// recover undoes incoming moves that a previous run of the agent left unfinished.
-func (a *Agent) recover(ctx context.Context) error {
-	ents, err := os.ReadDir(filepath.Join(a.cfg.StateDir, "incoming"))
-	if err != nil {
-		return nil
-	}
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(a.cfg.StateDir, "incoming", e.Name()))
-		if err != nil {
-			continue
-		}
-		var prep PrepareRequest
-		if json.Unmarshal(b, &prep) != nil {
-			continue
-		}
-		slog.Warn("undoing an unfinished incoming move", "container", prep.Container, "source", prep.Source)
-		if err := a.undoIncoming(ctx, AbortRequest{Container: prep.Container, Source: prep.Source, Endpoint: prep.Endpoint}); err != nil {
-			return fmt.Errorf("undo unfinished move of %s: %w", prep.Container, err)
-		}
-	}
-	return nil
 }

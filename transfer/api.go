@@ -59,6 +59,7 @@ type RunRequest struct {
 // PrepareRequest asks a target to get ready for a container.
 type PrepareRequest struct {
 	Container string              `json:"container"`
+	Move      string              `json:"move"` // the move's ID, chosen by the source
 	Image     string              `json:"image"`
 	Source    string              `json:"source"`
 	Endpoint  overlaynet.Endpoint `json:"endpoint"`
@@ -85,11 +86,33 @@ type PrepareResponse struct {
 	Checks []Check `json:"checks"`
 }
 
-// AbortRequest undoes a prepare (and a restore) on the target.
+// AbortRequest undoes a prepare (and a restore) on the target. Only the move it names
+// is undone: a target never removes a container on an abort that names another move.
 type AbortRequest struct {
 	Container string              `json:"container"`
+	Move      string              `json:"move"`
 	Source    string              `json:"source"`
 	Endpoint  overlaynet.Endpoint `json:"endpoint"`
+}
+
+// MoveRef names one move of a container.
+type MoveRef struct {
+	Container string `json:"container"`
+	Move      string `json:"move"`
+}
+
+// The outcome of a move as its source knows it.
+const (
+	OutcomeCommitted  = "committed"   // the container runs on the target for good
+	OutcomeAborted    = "aborted"     // rolled back: the target must drop its half
+	OutcomeInProgress = "in-progress" // not decided yet
+	OutcomeUnknown    = "unknown"     // the source has no record of the move
+)
+
+// MoveOutcome is a source's answer to a target that asks how a move ended.
+type MoveOutcome struct {
+	State    string `json:"state"`
+	RunsHere bool   `json:"runs_here"` // the source runs a container of that name
 }
 
 // RestoreResult is the target's report of a restore.
@@ -208,12 +231,23 @@ type Event struct {
 
 // PushResult is the outcome of a push.
 type PushResult struct {
-	Container  string        `json:"container"`
-	From       string        `json:"from"`
-	To         string        `json:"to"`
-	OK         bool          `json:"ok"`
-	DryRun     bool          `json:"dry_run,omitempty"`
-	RolledBack bool          `json:"rolled_back,omitempty"` // failed; the container runs on the source
+	Container  string `json:"container"`
+	From       string `json:"from"`
+	To         string `json:"to"`
+	OK         bool   `json:"ok"`
+	DryRun     bool   `json:"dry_run,omitempty"`
+	RolledBack bool   `json:"rolled_back,omitempty"` // failed; the container runs on the source
+	Busy       bool   `json:"busy,omitempty"`        // refused: the container is being moved already
+	// Move is the move's ID, as both journals name it.
+	Move string `json:"move,omitempty"`
+	// Attention lists what a move left for the agents to finish (a peer that did not
+	// confirm the outcome, a copy not removed): they retry in the background; `migrate
+	// status` shows it. With OK the container runs on the target; with RolledBack on the
+	// source.
+	Attention []string `json:"attention,omitempty"`
+	// Where is the host that runs the container when the push ended, as far as the
+	// source knows ("" if it does not know: see Attention).
+	Where      string        `json:"where,omitempty"`
 	Error      string        `json:"error,omitempty"`
 	Checks     []Check       `json:"checks,omitempty"`
 	Mode       string        `json:"mode,omitempty"`
@@ -246,7 +280,9 @@ type Status struct {
 	Host       string          `json:"host"`
 	Containers []ContainerInfo `json:"containers"`
 	InFlight   []string        `json:"in_flight,omitempty"`
-	Last       *PushResult     `json:"last,omitempty"`
+	// Unresolved lists moves whose journal entries the agent is still settling.
+	Unresolved []string    `json:"unresolved,omitempty"`
+	Last       *PushResult `json:"last,omitempty"`
 }
 
 // apiError is the body of every error response.

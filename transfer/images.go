@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"sort"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -58,7 +57,7 @@ func (a *Agent) layerPlanOf(ctx context.Context, c *checkpoint.Container, to str
 		return nil, err
 	}
 	var h Holdings
-	if err := target.Call(ctx, "/v1/layers?image="+url.QueryEscape(c.Image), nil, &h); err != nil {
+	if err := target.Call(ctx, withQuery(PathLayers, "image", c.Image), nil, &h); err != nil {
 		return nil, err
 	}
 	held := map[string]bool{}

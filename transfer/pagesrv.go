@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"syscall"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -13,19 +15,21 @@ import (
 
 // incoming is the target's side of one migration's page session.
 type incoming struct {
-	sess  *pages.Session
-	unpin func()
+	sess    *pages.Session
+	unpin   func()
+	source  string    // the host the move comes from: the only caller allowed
+	touched time.Time // the source's last call
 }
 
-// openSession starts a fresh page session for an incoming container; the store keeps
-// every page until the session ends.
-func (a *Agent) openSession(name string) {
+// openSession starts a fresh page session for an incoming move; the store keeps every
+// page until the session ends.
+func (a *Agent) openSession(req PrepareRequest) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if old := a.sessions[name]; old != nil {
+	if old := a.sessions[req.Container]; old != nil {
 		old.unpin()
 	}
-	a.sessions[name] = &incoming{sess: pages.NewSession(), unpin: a.store.Pin()}
+	a.sessions[req.Container] = &incoming{sess: pages.NewSession(), unpin: a.store.Pin(), source: req.Source, touched: time.Now()}
 }
 
 func (a *Agent) closeSession(name string) {
@@ -37,23 +41,31 @@ func (a *Agent) closeSession(name string) {
 	}
 }
 
-func (a *Agent) session(name string) (*pages.Session, error) {
+// session returns the page session of an incoming move, if the caller is its source.
+func (a *Agent) session(ctx context.Context, name string) (*pages.Session, error) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	s := a.sessions[name]
+	if s != nil {
+		s.touched = time.Now()
+	}
+	a.mu.Unlock()
 	if s == nil {
 		return nil, badRequest{fmt.Errorf("no move of %q is being prepared on %s", name, a.cfg.Name)}
+	}
+	if err := mustBe(ctx, s.source, "send pages of "+name); err != nil {
+		return nil, err
 	}
 	return s.sess, nil
 }
 
-// maxAnnounce bounds one announcement (2 GiB of pages).
+// maxAnnounce bounds one request's list of hashes (2 GiB of pages, 16 MiB of hashes);
+// callers split longer lists.
 const maxAnnounce = 1 << 19
 
 // announcePages: the source names pages (their hashes, 32 bytes each) that this migration
 // will refer to; they join the session, and the answer says which the store lacks.
 func (a *Agent) announcePages(r *http.Request) (any, error) {
-	sess, err := a.session(r.URL.Query().Get("container"))
+	sess, err := a.session(r.Context(), r.URL.Query().Get("container"))
 	if err != nil {
 		return nil, err
 	}
@@ -90,13 +102,20 @@ func readHashes(r *http.Request) ([]pages.Hash, error) {
 	return hs, nil
 }
 
+// Bounds of what a zstd stream from a peer may make this side allocate: the encoders use
+// windows of at most 8 MiB (SpeedBestCompression).
+const (
+	maxZstdWindow = 16 << 20
+	maxZstdMemory = 64 << 20
+)
+
 // bodyReader undoes the request's Content-Encoding (zstd or none).
 func bodyReader(r *http.Request) (io.Reader, func(), error) {
 	switch enc := r.Header.Get("Content-Encoding"); enc {
 	case "", "identity":
 		return r.Body, func() {}, nil
 	case "zstd":
-		zr, err := zstd.NewReader(r.Body, zstd.WithDecoderConcurrency(1))
+		zr, err := zstd.NewReader(r.Body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow), zstd.WithDecoderMaxMemory(maxZstdMemory))
 		if err != nil {
 			return nil, nil, err
 		}
@@ -110,7 +129,7 @@ func bodyReader(r *http.Request) (io.Reader, func(), error) {
 // or deltas against pages of the session). Each must be one it announced: a page whose
 // content does not match any announced hash was damaged.
 func (a *Agent) putPages(r *http.Request) (any, error) {
-	sess, err := a.session(r.URL.Query().Get("container"))
+	sess, err := a.session(r.Context(), r.URL.Query().Get("container"))
 	if err != nil {
 		return nil, err
 	}
@@ -135,6 +154,18 @@ func (a *Agent) putPages(r *http.Request) (any, error) {
 	return res, nil
 }
 
+// maxArchive bounds the checkpoint archive a source may make this host rebuild: twice
+// its memory and 16 GiB (the container's rootfs changes, its logs) more. A checkpoint of
+// a container that fits this host is smaller.
+func maxArchive() int64 {
+	var si syscall.Sysinfo_t
+	mem := int64(64 << 30)
+	if syscall.Sysinfo(&si) == nil {
+		mem = int64(si.Totalram) * int64(si.Unit)
+	}
+	return 2*mem + 16<<30
+}
+
 // decodeArchive rebuilds an encoded checkpoint archive from the request into a pipe the
 // restore reads. The request is read to its end, so its trailer (the digest of the
 // archive as the source read it) is there when the pipe ends.
@@ -146,7 +177,7 @@ func (a *Agent) decodeArchive(ctx context.Context, r *http.Request, sess *pages.
 	pr, pw := io.Pipe()
 	go func() {
 		defer done()
-		st, err := pages.Decode(body, pw, sess, a.store)
+		st, err := pages.Decode(body, pw, sess, a.store, maxArchive())
 		*stats = st
 		if err == nil {
 			_, err = io.Copy(io.Discard, r.Body)

@@ -41,6 +41,8 @@ func NewPeer(name, addr string, tlsConf *tls.Config) *Peer {
 		ForceAttemptHTTP2:   false,
 		TLSHandshakeTimeout: 10 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     60 * time.Second,
 	}
 	p.hc = &http.Client{Transport: tr}
 	return p
@@ -62,8 +64,17 @@ func (p *Peer) classify(err error) error {
 	return fmt.Errorf("host %s (%s): %w", p.Name, p.Addr, err)
 }
 
-// Call sends in as JSON (nil: GET) and decodes the response into out.
+// Close drops the peer's idle connections.
+func (p *Peer) Close() { p.hc.CloseIdleConnections() }
+
+// Call sends in as JSON (nil: GET) and decodes the response into out. Without a deadline
+// of ctx's own, it gives up after DefaultCallTimeout.
 func (p *Peer) Call(ctx context.Context, path string, in, out any) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultCallTimeout)
+		defer cancel()
+	}
 	method, body := http.MethodGet, io.Reader(nil)
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -85,6 +96,9 @@ func (p *Peer) Call(ctx context.Context, path string, in, out any) error {
 	return p.decode(resp, out)
 }
 
+// maxResponse bounds a JSON answer from an agent.
+const maxResponse = 64 << 20
+
 func (p *Peer) decode(resp *http.Response, out any) error {
 	if resp.StatusCode != http.StatusOK {
 		var e apiError
@@ -97,7 +111,7 @@ func (p *Peer) decode(resp *http.Response, out any) error {
 	if out == nil {
 		return nil
 	}
-	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxResponse)).Decode(out); err != nil {
 		return fmt.Errorf("host %s: bad response: %w", p.Name, err)
 	}
 	return nil
@@ -128,25 +142,18 @@ func (d *sendReader) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// Restore streams a checkpoint archive from r to the agent, which restores the container
-// only if the archive arrives whole and matches the digest. progress sees bytes sent.
-func (p *Peer) Restore(ctx context.Context, container string, r io.Reader, progress func(int64)) (*RestoreResult, error) {
-	var res RestoreResult
-	return &res, p.upload(ctx, "/v1/restore?container="+container, r, progress, &res)
-}
-
 // LoadImage streams an image archive to the agent, which loads it only if it arrives whole
 // and matches the digest.
 func (p *Peer) LoadImage(ctx context.Context, r io.Reader, progress func(int64)) (*ImageResult, error) {
 	var res ImageResult
-	return &res, p.upload(ctx, "/v1/image", r, progress, &res)
+	return &res, p.upload(ctx, PathImage, r, progress, &res)
 }
 
 // upload posts r with its SHA-256 as a trailer and decodes the answer into out.
 func (p *Peer) upload(ctx context.Context, path string, r io.Reader, progress func(int64), out any) error {
 	h := sha256.New()
 	body := io.TeeReader(r, h)
-	if os.Getenv("MIGRATE_FAULT") == "flip-image-byte" && path == "/v1/image" {
+	if os.Getenv("MIGRATE_FAULT") == "flip-image-byte" && path == PathImage {
 		body = &flipReader{r: body, at: 4096} // damage in transit, after the digest
 	}
 	digest := func() string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
@@ -202,7 +209,7 @@ func (f *flipReader) Read(b []byte) (int, error) {
 // of the progress stream, and returns the final result.
 func (p *Peer) Push(ctx context.Context, req PushRequest, onEvent func(Event)) (*PushResult, error) {
 	b, _ := json.Marshal(req)
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url("/v1/push"), bytes.NewReader(b))
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, p.url(PathPush), bytes.NewReader(b))
 	if err != nil {
 		return nil, err
 	}
@@ -214,12 +221,28 @@ func (p *Peer) Push(ctx context.Context, req PushRequest, onEvent func(Event)) (
 	if resp.StatusCode != http.StatusOK {
 		return nil, p.decode(resp, nil)
 	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	res, err := readEvents(resp.Body, p.Name, onEvent)
+	if err != nil && !errors.Is(err, errNoResult) && !strings.Contains(err.Error(), "bad event") {
+		return nil, p.classify(err)
+	}
+	return res, err
+}
+
+var errNoResult = errors.New("ended the push without a result (did its agent stop?)")
+
+// readEvents reads a push's event stream (one JSON event a line, at most 1 MiB each) up to
+// its result.
+func readEvents(r io.Reader, host string, onEvent func(Event)) (*PushResult, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		var ev Event
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			return nil, fmt.Errorf("host %s: bad event %q: %w", p.Name, sc.Text(), err)
+			line := sc.Text()
+			if len(line) > 200 {
+				line = line[:200] + "..."
+			}
+			return nil, fmt.Errorf("host %s: bad event %q: %w", host, line, err)
 		}
 		if onEvent != nil {
 			onEvent(ev)
@@ -229,7 +252,7 @@ func (p *Peer) Push(ctx context.Context, req PushRequest, onEvent func(Event)) (
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return nil, p.classify(err)
+		return nil, err
 	}
-	return nil, fmt.Errorf("host %s ended the push without a result (did its agent stop?)", p.Name)
+	return nil, fmt.Errorf("host %s %w", host, errNoResult)
 }

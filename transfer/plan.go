@@ -77,6 +77,22 @@ func Ping(ctx context.Context, addr netip.Addr) (time.Duration, error) {
 	return 0, fmt.Errorf("ping %s: no round trip in its output: %q", addr, lastLine(string(out)))
 }
 
+// HavePages counts how many of hs the agent's page store holds, asking in batches of at
+// most maxAnnounce hashes.
+func (p *Peer) HavePages(ctx context.Context, hs []pages.Hash) (int, error) {
+	held := 0
+	for len(hs) > 0 {
+		n := min(len(hs), maxAnnounce)
+		var res PagesAnnounce
+		if err := p.send(ctx, PathPagesHave, bytes.NewReader(pages.AppendHashes(nil, hs[:n])), encodingHeader(""), nil, nil, &res); err != nil {
+			return 0, err
+		}
+		held += res.Held
+		hs = hs[n:]
+	}
+	return held, nil
+}
+
 // havePages counts which of the pages named in the body the store holds.
 func (a *Agent) havePages(r *http.Request) (any, error) {
 	hs, err := readHashes(r)
@@ -103,11 +119,11 @@ func (p *Peer) Bandwidth(ctx context.Context, n int) (float64, error) {
 	b := make([]byte, n)
 	rand.Read(b)
 	// Open the connection first: the handshake is not bandwidth.
-	if err := p.Call(ctx, "/v1/info", nil, &HostInfo{}); err != nil {
+	if err := p.Call(ctx, PathInfo, nil, &HostInfo{}); err != nil {
 		return 0, err
 	}
 	t0 := time.Now()
-	if err := p.send(ctx, "/v1/probe", bytes.NewReader(b), encodingHeader(""), nil, nil, &map[string]int64{}); err != nil {
+	if err := p.send(ctx, PathProbe, bytes.NewReader(b), encodingHeader(""), nil, nil, &map[string]int64{}); err != nil {
 		return 0, err
 	}
 	return float64(n) * 8 / time.Since(t0).Seconds() / 1e6, nil
@@ -163,7 +179,7 @@ func (a *Agent) costs(r *http.Request) (any, error) {
 			continue
 		}
 		var info HostInfo
-		if err := p.Call(ctx, "/v1/info", nil, &info); err != nil {
+		if err := p.Call(ctx, PathInfo, nil, &info); err != nil {
 			out[i].Problem = err.Error()
 			continue
 		}
@@ -179,12 +195,12 @@ func (a *Agent) costs(r *http.Request) (any, error) {
 		if !plan.ImagePresent {
 			out[i].LayerBytes = plan.MissingBytes
 		}
-		var held PagesAnnounce
-		if err := p.send(ctx, "/v1/pages/have", bytes.NewReader(pages.AppendHashes(nil, unique)), encodingHeader(""), nil, nil, &held); err != nil {
+		held, err := p.HavePages(ctx, unique)
+		if err != nil {
 			out[i].Problem = err.Error()
 			continue
 		}
-		out[i].MissingMemory = int64(len(seen)-held.Held) * pages.Size
+		out[i].MissingMemory = int64(len(seen)-held) * pages.Size
 		if out[i].Mbit, err = p.Bandwidth(ctx, 1<<20); err != nil {
 			out[i].Problem = err.Error()
 		}

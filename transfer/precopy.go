@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"sync"
 	"time"
 
@@ -150,7 +149,7 @@ func encodingHeader(enc string) http.Header {
 func (p *Peer) Announce(ctx context.Context, container string, hs []pages.Hash) ([]bool, int64, error) {
 	b := pages.AppendHashes(make([]byte, 0, len(hs)*32), hs)
 	var res PagesAnnounce
-	if err := p.send(ctx, "/v1/pages/announce?container="+url.QueryEscape(container), bytes.NewReader(b), encodingHeader(""), nil, nil, &res); err != nil {
+	if err := p.send(ctx, withQuery(PathPagesAnnounce, "container", container), bytes.NewReader(b), encodingHeader(""), nil, nil, &res); err != nil {
 		return nil, 0, err
 	}
 	missing := make([]bool, len(hs))
@@ -168,7 +167,7 @@ func (l *link) PutPages(ctx context.Context, p *Peer, container string, buf []by
 	t0 := time.Now()
 	body, enc, wait := l.body(ctx, func(w io.Writer) error { _, err := w.Write(buf); return err })
 	var wire int64
-	err := p.send(ctx, "/v1/pages/put?container="+url.QueryEscape(container), body, encodingHeader(enc), nil, func(n int64) { wire = n; l.kick() }, &PagesPut{})
+	err := p.send(ctx, withQuery(PathPagesPut, "container", container), body, encodingHeader(enc), nil, func(n int64) { wire = n; l.kick() }, &PagesPut{})
 	if werr := wait(); err == nil && werr != nil && werr != io.ErrClosedPipe {
 		err = werr
 	}
@@ -291,6 +290,9 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 	defer pt.wait()
 	base := make([]byte, pages.Size)
 	for n := 1; ; n++ {
+		if err := fault("source-round"); err != nil {
+			return rounds, "", err
+		}
 		pids, err := pages.Processes(c.PID)
 		if err != nil {
 			return rounds, "", err
@@ -428,8 +430,8 @@ type finalTimes struct {
 	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, l *link, sess *pages.Session, seen *lastSent,
-	progress func(int64), sent func()) (*RestoreResult, *pages.Stats, finalTimes, error) {
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, l *link, sess *pages.Session, seen *lastSent,
+	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
@@ -440,6 +442,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	}()
 	h := sha256.New()
 	src := &firstByteReader{r: io.TeeReader(exp, h), at: &ft.firstByte}
+
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		var err error
@@ -457,11 +460,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	// the stall watchdog to watch.
 	digest := func() string {
 		ft.lastByte = time.Now()
-		sent()
+		sent(src.n)
 		return "sha256:" + hex.EncodeToString(h.Sum(nil))
 	}
 	var rr RestoreResult
-	rerr := target.send(ctx, "/v1/restore?encoding=pages&container="+url.QueryEscape(c.Name), body, encodingHeader(enc), digest, progress, &rr)
+	rerr := target.send(ctx, withQuery(PathRestore, "encoding", "pages", "container", c.Name, "move", move), body, encodingHeader(enc), digest, progress, &rr)
 	encErr := wait()
 	exp.CloseWithError(fmt.Errorf("the target stopped reading"))
 	if err := <-expDone; err != nil {
@@ -484,10 +487,12 @@ func (e exportError) Unwrap() error { return e.error }
 type firstByteReader struct {
 	r  io.Reader
 	at *time.Time
+	n  int64 // bytes read
 }
 
 func (f *firstByteReader) Read(b []byte) (int, error) {
 	n, err := f.r.Read(b)
+	f.n += int64(n)
 	if n > 0 && f.at.IsZero() {
 		*f.at = time.Now()
 	}

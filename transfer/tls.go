@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -46,9 +47,30 @@ func InitCA(dir string) error {
 	return writePair(dir, "ca", der, key)
 }
 
-// Issue makes a certificate for name (a host, or an operator) signed by the authority in
-// dir, valid as server and client, with the given addresses and DNS names.
-func Issue(dir, name string, hosts []string) error {
+// IssueOptions are what a certificate says besides its name.
+type IssueOptions struct {
+	Role  Role     // required: what its holder may do
+	Hosts []string // addresses and DNS names it is valid for (a host's agent)
+	Force bool     // replace an existing certificate and key of that name
+}
+
+// Issue makes a certificate for name (a host, a node or an operator) signed by the
+// authority in dir, valid as server and client, carrying o.Role. It refuses to replace an
+// existing key unless o.Force.
+func Issue(dir, name string, o IssueOptions) error {
+	if _, err := ParseRole(string(o.Role)); err != nil {
+		return err
+	}
+	if o.Role != RoleOperator {
+		if err := ValidHostName(name); err != nil {
+			return err
+		}
+	} else if name == "" || strings.ContainsAny(name, "/\\") || strings.HasPrefix(name, ".") || name == "ca" {
+		return fmt.Errorf("operator name %q: want a plain name", name)
+	}
+	if _, err := os.Stat(filepath.Join(dir, name+"-key.pem")); err == nil && !o.Force {
+		return fmt.Errorf("%s already holds a key for %q: pass --force to replace it (peers that trust the old one must be given the new one)", dir, name)
+	}
 	caCert, caKey, err := loadCA(dir)
 	if err != nil {
 		return err
@@ -59,14 +81,14 @@ func Issue(dir, name string, hosts []string) error {
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: name, Organization: []string{"migrate"}},
+		Subject:      pkix.Name{CommonName: name, Organization: []string{"migrate"}, OrganizationalUnit: []string{roleOU + string(o.Role)}},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().AddDate(2, 0, 0),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		DNSNames:     []string{name},
 	}
-	for _, h := range hosts {
+	for _, h := range o.Hosts {
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"sort"
@@ -20,7 +21,13 @@ import (
 // exitRolledBack: the move failed and was rolled back; the container runs on the source.
 const exitRolledBack = 4
 
+// exitAttention: the move failed and could not be rolled back completely: the result
+// says where the container runs and what is left; the agents keep settling it.
+const exitAttention = 6
+
 type rolledBackError struct{ error }
+
+type attentionError struct{ error }
 
 var (
 	inventoryFlag = &cli.StringFlag{Name: "inventory", Value: "/etc/migrate/inventory.json", Usage: "hosts and their agent addresses (JSON)", EnvVars: []string{"MIGRATE_INVENTORY"}}
@@ -117,12 +124,19 @@ var certsCommand = &cli.Command{
 	Name:  "certs",
 	Usage: "make the certificates agents and operators authenticate each other with",
 	Description: `Every agent and operator presents a certificate issued by one authority and accepts
-only peers whose certificate that authority issued (mutual TLS 1.3).
+only peers whose certificate that authority issued (mutual TLS 1.3). Each certificate
+carries a role, and an agent answers each request only for the roles that need it:
 
-  migrate certs init --dir ./certs                 # the authority: keep ca-key.pem safe
-  migrate certs issue --dir ./certs a 10.99.0.1    # a host: name and agent address
-  migrate certs issue --dir ./certs operator       # an operator
-Copy ca.pem, NAME.pem and NAME-key.pem to each host's --certs directory.`,
+  host      a host's agent: moves containers to and from other hosts
+  node      an overlay-only node (a client on the overlay): learns where endpoints run
+  operator  a person or a cron job: run, push, status, plan
+
+  migrate certs init --dir ./certs                              # the authority: keep ca-key.pem safe
+  migrate certs issue --dir ./certs --role host a 10.99.0.1     # a host: name and agent address
+  migrate certs issue --dir ./certs --role node client 10.99.0.9
+  migrate certs issue --dir ./certs --role operator alice
+Copy ca.pem, NAME.pem and NAME-key.pem to each host's --certs directory. Host names are
+at most 12 lower-case letters, digits or '-' (they name network interfaces).`,
 	Subcommands: []*cli.Command{
 		{
 			Name:  "init",
@@ -134,14 +148,20 @@ Copy ca.pem, NAME.pem and NAME-key.pem to each host's --certs directory.`,
 		},
 		{
 			Name:      "issue",
-			Usage:     "issue a certificate for a host or an operator",
+			Usage:     "issue a certificate for a host, a node or an operator",
 			ArgsUsage: "NAME [ADDRESS...]",
-			Flags:     []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}},
+			Flags: []cli.Flag{&cli.StringFlag{Name: "dir", Required: true},
+				&cli.StringFlag{Name: "role", Required: true, Usage: "host, node or operator"},
+				&cli.BoolFlag{Name: "force", Usage: "replace an existing certificate and key of that name"}},
 			Action: func(c *cli.Context) error {
 				if c.NArg() < 1 {
-					return usageError{errors.New("usage: migrate certs issue --dir DIR NAME [ADDRESS...]")}
+					return usageError{errors.New("usage: migrate certs issue --dir DIR --role host|node|operator NAME [ADDRESS...]")}
 				}
-				return transfer.Issue(c.String("dir"), c.Args().First(), c.Args().Tail())
+				role, err := transfer.ParseRole(c.String("role"))
+				if err != nil {
+					return usageError{err}
+				}
+				return transfer.Issue(c.String("dir"), c.Args().First(), transfer.IssueOptions{Role: role, Hosts: c.Args().Tail(), Force: c.Bool("force")})
 			},
 		},
 	},
@@ -256,8 +276,15 @@ with CRIU (TCP connections included) and streams the archive, pages the target h
 reference, into a restore on the target; the target rebuilds the archive, checks its
 SHA-256, restores, and the overlay re-points to it. The source's copy is removed.
 
-On any failure before the overlay points at the target the container resumes on the
-source with its connections, and push exits with code 4.`,
+A move is a transaction: both agents journal each step before taking it, and the source
+decides. On any failure before the decision the container resumes on the source with its
+connections (exit code 4); after it, the move completes on the target even if an agent
+or the link fails (exit code 0; what the agents still settle is printed as "attention").
+Ctrl-C before the freeze cancels the move; once frozen, it runs to its end.
+
+Exit codes: 0 moved, 1 failed before anything changed, 2 bad usage, 4 rolled back (runs
+on the source), 5 busy (already being moved), 6 needs attention (the result says where
+it runs and what is left; 'migrate status' shows what the agents are settling).`,
 	Flags: []cli.Flag{
 		inventoryFlag, certsFlag, identityFlag,
 		&cli.StringFlag{Name: "to", Required: true, Usage: "target host"},
@@ -296,10 +323,30 @@ source with its connections, and push exits with code 4.`,
 			return err
 		}
 		prog := newProgress(c)
-		res, err := src.Push(c.Context, req, prog.event)
+		// Ctrl-C asks the source to cancel: before the freeze the move stops and rolls
+		// back; once frozen it runs to its end. Either way push waits for the result.
+		pctx := context.WithoutCancel(c.Context)
+		go func() {
+			select {
+			case <-c.Context.Done():
+			case <-pctx.Done():
+				return
+			}
+			cctx, cancel := context.WithTimeout(pctx, 10*time.Second)
+			defer cancel()
+			if cr, err := src.CancelPush(cctx, name); err != nil {
+				slog.Warn("cancel", "err", err)
+			} else {
+				fmt.Fprintf(c.App.ErrWriter, "migrate: interrupted: %s; waiting for the result\n", cr.Detail)
+			}
+		}()
+		res, err := src.Push(pctx, req, prog.event)
 		prog.done()
 		if err != nil {
 			return err
+		}
+		for _, a := range res.Attention {
+			fmt.Fprintf(c.App.ErrWriter, "migrate: attention: %s\n", a)
 		}
 		if c.Bool("json") {
 			if err := printJSON(c, res); err != nil {
@@ -313,6 +360,10 @@ source with its connections, and push exits with code 4.`,
 			return nil
 		case res.RolledBack:
 			return rolledBackError{errors.New(res.Error)}
+		case res.Busy:
+			return busyError{errors.New(res.Error)}
+		case res.Move != "" && len(res.Attention) > 0:
+			return attentionError{errors.New(res.Error)}
 		default:
 			return errors.New(res.Error)
 		}

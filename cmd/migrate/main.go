@@ -38,6 +38,7 @@ func exitCode(err error) int {
 	var nr notReadyError
 	var rb rolledBackError
 	var be busyError
+	var ae attentionError
 	switch {
 	case err == nil:
 		return exitOK
@@ -47,6 +48,8 @@ func exitCode(err error) int {
 		return exitRolledBack
 	case errors.As(err, &be):
 		return exitBusy
+	case errors.As(err, &ae):
+		return exitAttention
 	case errors.As(err, &ue):
 		return exitUsage
 	case errors.As(err, &nr):

@@ -10,19 +10,23 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// moveFlag names a hand-driven move in both journals.
+var moveFlag = &cli.StringFlag{Name: "move", Value: "manual", Usage: "the move's ID (prepare and commit must agree)"}
+
 // overlayCommand drives the overlay by hand: what `push` does around a checkpoint, for
 // experiments that move a container another way (the stock podman sequence) and for
 // repairs.
 var overlayCommand = &cli.Command{
 	Name:   "overlay",
-	Usage:  "plumb and re-point overlay endpoints by hand (experiments, repairs)",
+	Usage:  "plumb and re-point overlay endpoints by hand (experiments, repairs); acts as a host: --identity HOST",
 	Hidden: true,
 	Subcommands: []*cli.Command{
 		{
 			Name:      "prepare",
 			Usage:     "plumb CONTAINER's endpoint on the target, unannounced",
 			ArgsUsage: "CONTAINER",
-			Flags:     []cli.Flag{inventoryFlag, certsFlag, identityFlag, &cli.StringFlag{Name: "from", Required: true}, &cli.StringFlag{Name: "to", Required: true}},
+			Flags: []cli.Flag{inventoryFlag, certsFlag, identityFlag, &cli.StringFlag{Name: "from", Required: true}, &cli.StringFlag{Name: "to", Required: true},
+				moveFlag},
 			Action: func(c *cli.Context) error {
 				op, err := newOperator(c)
 				if err != nil {
@@ -36,12 +40,12 @@ var overlayCommand = &cli.Command{
 				if err != nil {
 					return err
 				}
-				var cs []transfer.ContainerInfo
-				if err := src.Call(c.Context, "/v1/containers", nil, &cs); err != nil {
+				cs, err := src.Containers(c.Context)
+				if err != nil {
 					return err
 				}
-				var info transfer.HostInfo
-				if err := src.Call(c.Context, "/v1/info", nil, &info); err != nil {
+				info, err := src.Info(c.Context)
+				if err != nil {
 					return err
 				}
 				for _, ci := range cs {
@@ -50,9 +54,9 @@ var overlayCommand = &cli.Command{
 					}
 					ep := overlaynet.NewEndpoint(ci.Name, ci.IP)
 					ep.MAC = ci.MAC
-					var pr transfer.PrepareResponse
-					req := transfer.PrepareRequest{Container: ci.Name, Image: ci.Image, Source: c.String("from"), Endpoint: ep, Runtime: info.Runtime, Cgroups: info.Cgroups}
-					if err := dst.Call(c.Context, "/v1/prepare", req, &pr); err != nil {
+					req := transfer.PrepareRequest{Container: ci.Name, Move: c.String("move"), Image: ci.Image, Source: c.String("from"), Endpoint: ep, Runtime: info.Runtime, Cgroups: info.Cgroups}
+					pr, err := dst.Prepare(c.Context, req)
+					if err != nil {
 						return err
 					}
 					for _, ch := range pr.Checks {
@@ -86,7 +90,7 @@ var overlayCommand = &cli.Command{
 				}
 				var errs []error
 				for _, h := range op.inv.Hosts {
-					if err := op.peers[h.Name].Call(c.Context, "/v1/locate", ep.Location(c.String("on")), nil); err != nil {
+					if err := op.peers[h.Name].Locate(c.Context, ep.Location(c.String("on"))); err != nil {
 						errs = append(errs, err)
 					}
 				}
@@ -97,7 +101,7 @@ var overlayCommand = &cli.Command{
 			Name:      "commit",
 			Usage:     "tell host --on that CONTAINER's move to it is complete",
 			ArgsUsage: "CONTAINER",
-			Flags:     []cli.Flag{inventoryFlag, certsFlag, identityFlag, &cli.StringFlag{Name: "on", Required: true}},
+			Flags:     []cli.Flag{inventoryFlag, certsFlag, identityFlag, &cli.StringFlag{Name: "on", Required: true}, moveFlag},
 			Action: func(c *cli.Context) error {
 				op, err := newOperator(c)
 				if err != nil {
@@ -107,7 +111,7 @@ var overlayCommand = &cli.Command{
 				if err != nil {
 					return err
 				}
-				return p.Call(c.Context, "/v1/commit", transfer.AbortRequest{Container: c.Args().First()}, nil)
+				return p.Commit(c.Context, transfer.MoveRef{Container: c.Args().First(), Move: c.String("move")})
 			},
 		},
 	},

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every fuzz test of a decoder of untrusted bytes for a while each.
+#   scripts/fuzz.sh          5 s each (CI, through scripts/test.sh)
+#   scripts/fuzz.sh 10m      10 minutes each (by hand, before a release)
+# A failure leaves its input in the package's testdata/fuzz/FUZZNAME/: commit it with the
+# fix, and it stays a seed for ever.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO"
+time=${1:-5s}
+targets=(
+  ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes
+  ./checkpoint:FuzzParseDumpStats
+  ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents
+)
+for t in "${targets[@]}"; do
+  pkg=${t%%:*} name=${t##*:}
+  echo "fuzz: $pkg $name for $time" >&2
+  go test -tags "$GO_TAGS" -run '^$' -fuzz "^${name}\$" -fuzztime "$time" "$pkg"
+done

@@ -1,0 +1,45 @@
+package transfer
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"syscall"
+)
+
+// Fault injection for the tests and the fault matrix (scripts/faults.sh): the agent's
+// environment variable MIGRATE_FAULT lists points of a move, each as
+//
+//	crash:POINT   the agent kills itself (SIGKILL) on reaching POINT
+//	fail:POINT    the step at POINT fails with an error
+//
+// Points: source-prepare (before asking the target to prepare), source-round (before a
+// pre-copy round), source-freeze (traffic held, before the checkpoint), source-restored
+// (the target restored it, before the decision), source-committed (decision journaled,
+// before anything else), source-cleanup (before the source copy goes); target-prepare
+// (journaled, before plumbing), target-restore (podman restored it, before the journal
+// says so), target-commit (on the commit, before acting).
+//
+// Without the variable, fault does nothing.
+func fault(point string) error {
+	spec := os.Getenv("MIGRATE_FAULT")
+	if spec == "" {
+		return nil
+	}
+	for _, f := range strings.Split(spec, ",") {
+		kind, at, _ := strings.Cut(strings.TrimSpace(f), ":")
+		if at != point {
+			continue
+		}
+		switch kind {
+		case "crash":
+			slog.Error("fault injection: crashing", "point", point)
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		case "fail":
+			return fmt.Errorf("fault injected at %s", point)
+		}
+	}
+	return nil
+}

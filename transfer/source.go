@@ -1,0 +1,517 @@
+package transfer
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/migrate-project/migrate/pages"
+)
+
+// The source's half of a move, top to bottom: Push. The target's half is in target.go;
+// the decisions both journal, and what carries them out, in move.go.
+
+// handlePush runs a move and streams its events as newline-delimited JSON. The move goes
+// on to its end (commit or rollback) whatever the operator's connection does: events go
+// through a buffer to a writer with a deadline per write, and once the operator stops
+// reading, the move stops writing to it.
+func (a *Agent) handlePush(w http.ResponseWriter, r *http.Request) {
+	var req PushRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, http.StatusBadRequest, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	events := make(chan Event, 256)
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		rc := http.NewResponseController(w)
+		enc := json.NewEncoder(w)
+		broken := false
+		for ev := range events {
+			if broken {
+				continue // drain: the move must never wait for the operator
+			}
+			rc.SetWriteDeadline(time.Now().Add(eventWriteTimeout))
+			if enc.Encode(ev) != nil || rc.Flush() != nil {
+				broken = true
+				slog.Warn("operator stopped reading the push's events; the move goes on", "container", req.Container)
+			}
+		}
+	}()
+	emit := func(ev Event) {
+		ev.Time = time.Now()
+		select {
+		case events <- ev:
+		default: // the operator is slow: progress is dropped rather than waited for
+		}
+	}
+	res := a.Push(context.WithoutCancel(r.Context()), req, emit)
+	ev := Event{Kind: "result", Result: res, Time: time.Now()}
+	select {
+	case events <- ev:
+	case <-time.After(eventWriteTimeout):
+	}
+	close(events)
+	<-writerDone
+}
+
+// eventWriteTimeout bounds one write of an event to the operator.
+const eventWriteTimeout = 10 * time.Second
+
+// watchdog calls fire if kick is not called for d (until stopped).
+type watchdog struct {
+	t *time.Timer
+	d time.Duration
+}
+
+func newWatchdog(d time.Duration, fire func()) *watchdog {
+	return &watchdog{d: d, t: time.AfterFunc(d, fire)}
+}
+
+func (w *watchdog) kick() { w.t.Reset(w.d) }
+func (w *watchdog) stop() { w.t.Stop() }
+
+// resetTo re-arms the watchdog for d from now, and for its own period after the next kick.
+func (w *watchdog) resetTo(d time.Duration) { w.t.Reset(d) }
+
+func stallTimeout(req PushRequest) time.Duration {
+	if req.StallTimeout <= 0 {
+		return 60 * time.Second
+	}
+	return req.StallTimeout
+}
+
+// Deadlines of the frozen phase, proportional to the work: podman writes the checkpoint
+// before its first byte (memory at about 50 MB/s on a slow host, plus a minute), and
+// restores after the last one (at about 20 MB/s, plus a minute).
+func firstByteDeadline(stall time.Duration, memBytes int64) time.Duration {
+	return stall + time.Minute + time.Duration(memBytes/(50<<20))*time.Second
+}
+
+func restoreDeadline(archiveBytes int64) time.Duration {
+	return time.Minute + time.Duration(archiveBytes/(20<<20))*time.Second
+}
+
+func newMoveID() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (a *Agent) isInflight(name string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.inflight[name] != nil
+}
+
+// CancelPush cancels the move of container if nothing is frozen yet; it reports whether
+// it did (a frozen move runs to its end).
+func (a *Agent) CancelPush(container string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.inflight[container]
+	if m == nil || m.frozen {
+		return false
+	}
+	m.cancel(errors.New("cancelled by the operator before the freeze"))
+	return true
+}
+
+func (a *Agent) cancelPush(r *http.Request) (any, error) {
+	var ref MoveRef
+	if err := decodeBody(r, &ref); err != nil {
+		return nil, err
+	}
+	if a.CancelPush(ref.Container) {
+		return CancelResult{Cancelled: true, Detail: "the move stops and rolls back; nothing was frozen"}, nil
+	}
+	if a.isInflight(ref.Container) {
+		return CancelResult{Detail: "the container is frozen already: the move runs to its end (commit or rollback)"}, nil
+	}
+	return CancelResult{Detail: "no move of " + ref.Container + " is under way here"}, nil
+}
+
+// Push moves a container from this host to req.To. It never loses the container: any
+// failure before the decision to commit rolls back, and the container runs here again with
+// its connections; the decision is journaled before anything irreversible happens.
+func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *PushResult {
+	res := &PushResult{Container: req.Container, From: a.cfg.Name, To: req.To, DryRun: req.DryRun}
+	start := time.Now()
+	defer func() {
+		res.Total = time.Since(start)
+		res.Finished = time.Now()
+		if !req.DryRun {
+			a.mu.Lock()
+			a.last = res
+			a.mu.Unlock()
+		}
+	}()
+	fail := func(err error) *PushResult {
+		res.Error = err.Error()
+		emit(Event{Kind: "error", Error: err.Error()})
+		return res
+	}
+	if err := a.needPodman(); err != nil {
+		return fail(err)
+	}
+	if err := ValidContainerName(req.Container); err != nil {
+		return fail(err)
+	}
+	if req.To == a.cfg.Name {
+		return fail(fmt.Errorf("container %s already runs on %s", req.Container, req.To))
+	}
+	// Until the freeze the operator may cancel (CancelPush); from then on the move runs
+	// to its end under its own deadlines.
+	pctx, pcancel := context.WithCancelCause(ctx)
+	defer pcancel(nil)
+	a.mu.Lock()
+	if a.inflight[req.Container] != nil {
+		a.mu.Unlock()
+		res.Busy = true
+		return fail(fmt.Errorf("container %s is already being moved", req.Container))
+	}
+	var pending outgoingMove
+	if a.mv.out.get(req.Container, &pending) == nil {
+		a.mu.Unlock()
+		res.Busy = true
+		return fail(fmt.Errorf("an earlier move of %s to %s (%s) is still being settled; see `migrate status`", req.Container, pending.Target, pending.State))
+	}
+	self := &inflightMove{move: newMoveID(), cancel: pcancel}
+	a.inflight[req.Container] = self
+	a.mu.Unlock()
+	a.pushes.Add(1)
+	defer func() {
+		a.mu.Lock()
+		delete(a.inflight, req.Container)
+		a.mu.Unlock()
+		a.pushes.Done()
+	}()
+	res.Move = self.move
+
+	phase := func(name string, t0 time.Time) {
+		res.Phases = append(res.Phases, Phase{Name: name, Duration: time.Since(t0)})
+	}
+
+	// 1. What is being moved.
+	emit(Event{Kind: "phase", Phase: "inspect"})
+	c, err := a.podman.Inspect(pctx, req.Container)
+	if err != nil {
+		return fail(err)
+	}
+	if c.State != "running" {
+		return fail(fmt.Errorf("container %s is %s on %s, not running", c.Name, c.State, a.cfg.Name))
+	}
+	ep, ok := endpointOf(c)
+	if !ok {
+		return fail(fmt.Errorf("container %s is not on the overlay (start it with `migrate run --ip ...`): its address could not follow it", c.Name))
+	}
+	target, err := a.peer(req.To)
+	if err != nil {
+		return fail(err)
+	}
+
+	// 2. The pre-flight gate: nothing is frozen before the target says it can restore.
+	// This host's own checks come first: a target is prepared only for a move that can go.
+	t0 := time.Now()
+	emit(Event{Kind: "phase", Phase: "preflight"})
+	tinfo, err := target.Info(pctx)
+	if err != nil {
+		return fail(err)
+	}
+	res.Checks = append(res.Checks,
+		Check{Property: "podman", Target: fmt.Sprint(tinfo.Podman), OK: tinfo.Podman, Detail: "the target runs no podman service"},
+		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
+		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
+	)
+	failedCheck := func() error {
+		for _, ch := range res.Checks {
+			if !ch.OK {
+				return fmt.Errorf("%s cannot restore %s: %s: source %q, target %q %s", req.To, c.Name, ch.Property, ch.Source, ch.Target, ch.Detail)
+			}
+		}
+		return nil
+	}
+	emitChecks := func(from int) {
+		for i := from; i < len(res.Checks); i++ {
+			if res.Checks[i].OK {
+				res.Checks[i].Detail = ""
+			}
+			emit(Event{Kind: "check", Check: &res.Checks[i]})
+		}
+	}
+	if err := failedCheck(); err != nil {
+		emitChecks(0)
+		return fail(err)
+	}
+	// The image: only the layers the target lacks cross the link, before anything freezes.
+	plan, err := a.layerPlanOf(pctx, c, req.To)
+	if err != nil {
+		return fail(fmt.Errorf("layer plan: %w", err))
+	}
+	res.Plan = plan
+	if !plan.ImagePresent && !req.DryRun {
+		t1 := time.Now()
+		emit(Event{Kind: "phase", Phase: "image"})
+		ir, err := a.shipImage(pctx, plan, func(n int64) { res.ImageBytes = n })
+		if err != nil {
+			return fail(fmt.Errorf("%w (nothing was frozen: %s runs on %s)", err, c.Name, a.cfg.Name))
+		}
+		res.ImageBytes = ir.Bytes
+		phase("image", t1)
+	}
+	cpu, err := cpuinfoDump(pctx)
+	if err != nil {
+		return fail(fmt.Errorf("pre-flight on %s: %w", a.cfg.Name, err))
+	}
+	prep := PrepareRequest{Container: c.Name, Move: self.move, Image: c.Image, Source: a.cfg.Name, Endpoint: ep,
+		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun}
+	mv := outgoingMove{Move: self.move, Container: c.Name, Target: req.To, Endpoint: ep}
+	if !req.DryRun {
+		// Journal before the target acts: whatever happens next, this host knows a move
+		// of c was started and settles it.
+		if err := a.mv.setOut(&mv, OutStarted); err != nil {
+			return fail(err)
+		}
+	}
+	// From here on every failure rolls back.
+	rollback := func(cause error) *PushResult {
+		emit(Event{Kind: "phase", Phase: "rollback"})
+		f, err := a.mv.abort(context.WithoutCancel(ctx), &mv)
+		res.HeldFrames, res.LostFrames = f.HeldFrames, f.LostFrames
+		res.Attention = f.Pending
+		if f.Running {
+			res.Where = a.cfg.Name
+			res.RolledBack = true
+			cause = fmt.Errorf("%w (rolled back: %s runs on %s)", cause, c.Name, a.cfg.Name)
+		}
+		if err != nil {
+			cause = fmt.Errorf("%w; NEEDS ATTENTION: %w", cause, err)
+		}
+		return fail(cause)
+	}
+	if err := fault("source-prepare"); err != nil {
+		return rollback(err)
+	}
+	pr, err := target.Prepare(pctx, prep)
+	if err != nil {
+		if req.DryRun {
+			return fail(fmt.Errorf("pre-flight on %s: %w", req.To, err))
+		}
+		return rollback(fmt.Errorf("pre-flight on %s: %w", req.To, err))
+	}
+	for _, ch := range pr.Checks {
+		if ch.Property == "image" && !ch.OK && req.DryRun && !plan.ImagePresent {
+			ch.OK, ch.Target = true, fmt.Sprintf("missing: %d of %d layers to ship, %.1f MB", plan.MissingLayers, len(plan.Layers), float64(plan.MissingBytes)/1e6)
+		}
+		res.Checks = append(res.Checks, ch)
+	}
+	emitChecks(0)
+	if err := failedCheck(); err != nil {
+		if req.DryRun {
+			return fail(err)
+		}
+		return rollback(err) // the target prepared nothing; the journal entry goes
+	}
+	phase("preflight", t0)
+	if req.DryRun {
+		res.OK = true
+		return res
+	}
+
+	// 3. Pre-copy: memory crosses the link while the container runs.
+	l, err := newLink(req.Compress, req.BWLimitMbit)
+	if err != nil {
+		return rollback(err)
+	}
+	res.Mode = req.Mode
+	if res.Mode == "" {
+		res.Mode = ModePrecopy
+	}
+	res.DirtyTrack = "unavailable (soft-dirty): changed pages found by hash"
+	if a.info.DirtyTracking {
+		res.DirtyTrack = "available; pages still found by hash"
+	}
+	sess := pages.NewSession()
+	seen := newLastSent(sess, a.store)
+	var memBytes int64
+	switch res.Mode {
+	case ModePrecopy:
+		t0 = time.Now()
+		emit(Event{Kind: "phase", Phase: "precopy"})
+		// Rounds are under a stall watchdog too: a cut link may send no reset.
+		rctx, rcancel := context.WithCancelCause(pctx)
+		pwd := newWatchdog(stallTimeout(req), func() {
+			rcancel(fmt.Errorf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		})
+		l.progress = pwd.kick
+		rounds, why, err := a.precopy(rctx, target, c, req, l, sess, seen, emit)
+		pwd.stop()
+		l.progress = nil
+		if cause := context.Cause(rctx); cause != nil && err != nil {
+			err = cause
+		}
+		rcancel(nil)
+		res.Rounds, res.StopReason = rounds, why
+		for _, r := range rounds {
+			res.RoundBytes += r.WireBytes
+		}
+		if len(rounds) > 0 {
+			memBytes = rounds[len(rounds)-1].Scanned * pages.Size
+		}
+		res.Bytes = res.RoundBytes
+		if err != nil {
+			return rollback(err)
+		}
+		phase("precopy", t0)
+	case ModeStopCopy:
+	default:
+		return rollback(fmt.Errorf("mode %q: want %s or %s", req.Mode, ModePrecopy, ModeStopCopy))
+	}
+
+	// 4. Freeze and copy the rest: traffic for the container is held here (on the hold
+	// port, delivered after the switch), CRIU dumps it with its TCP connections, and the
+	// archive streams to the target (pages it holds by reference, pages changed since the
+	// last round as deltas), which restores it into the prepared namespace. The operator
+	// can no longer cancel; the deadlines below bound every wait.
+	a.mu.Lock()
+	self.frozen = true
+	a.mu.Unlock()
+	if err := context.Cause(pctx); err != nil {
+		return rollback(err)
+	}
+	t0 = time.Now()
+	emit(Event{Kind: "phase", Phase: "checkpoint"})
+	if err := a.mv.setOut(&mv, OutFrozen); err != nil {
+		return rollback(err)
+	}
+	if err := a.ovs.Freeze(ep.MAC); err != nil {
+		return rollback(err)
+	}
+	frozenAt := time.Now()
+	if err := fault("source-freeze"); err != nil {
+		return rollback(err)
+	}
+	// Until podman's first byte the watchdog allows for the checkpoint's own work; then a
+	// stall of the transfer (a cut link may send no reset); after the last byte, the
+	// restore's deadline.
+	stall := stallTimeout(req)
+	tctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wd *watchdog
+	wd = newWatchdog(firstByteDeadline(stall, memBytes), func() {
+		cancel(fmt.Errorf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
+	})
+	defer wd.stop()
+	var restoreTimer *time.Timer
+	defer func() {
+		if restoreTimer != nil {
+			restoreTimer.Stop()
+		}
+	}()
+	var lastEmit time.Time
+	var archived int64
+	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, self.move, l, sess, seen, func(n int64) {
+		if archived == 0 {
+			wd.resetTo(stall)
+		}
+		archived = n
+		wd.kick()
+		res.Bytes = res.RoundBytes + n
+		if time.Since(lastEmit) > 200*time.Millisecond {
+			lastEmit = time.Now()
+			emit(Event{Kind: "progress", Phase: "transfer", Bytes: res.Bytes})
+		}
+	}, func(archiveBytes int64) {
+		wd.stop()
+		d := restoreDeadline(archiveBytes)
+		restoreTimer = time.AfterFunc(d, func() {
+			cancel(fmt.Errorf("%s did not finish restoring %s within %s", req.To, c.Name, d))
+		})
+	})
+	restoredAt := time.Now()
+	if cause := context.Cause(tctx); cause != nil && rerr != nil {
+		rerr = cause
+	}
+	var ee exportError
+	if errors.As(rerr, &ee) {
+		err := ee.error
+		if dir := a.keepLogs(c.Name, c.StaticDir, "dump.log"); dir != "" {
+			res.LogsDir = a.cfg.Name + ":" + dir
+			err = fmt.Errorf("%w (CRIU log kept in %s)", err, res.LogsDir)
+		}
+		return rollback(fmt.Errorf("checkpoint %s on %s: %w", c.Name, a.cfg.Name, err))
+	}
+	if rerr == nil {
+		rerr = fault("source-restored")
+	}
+	if rerr != nil {
+		return rollback(fmt.Errorf("move %s to %s: %w", c.Name, req.To, rerr))
+	}
+	res.Final = fst
+	phase("checkpoint+transfer+restore", t0)
+
+	// 5. Commit: the decision is journaled, then every node's rules point at the target,
+	// the held frames follow, the target is told, the source's copy goes. A step that
+	// fails is retried by the agent in the background (the journal entry stays).
+	t0 = time.Now()
+	emit(Event{Kind: "phase", Phase: "commit"})
+	f, err := a.mv.commit(context.WithoutCancel(ctx), &mv)
+	if err != nil {
+		// Not decided: the target's copy goes, the source's comes back.
+		return rollback(err)
+	}
+	res.HeldFrames, res.LostFrames = f.HeldFrames, f.LostFrames
+	res.Frozen = time.Since(frozenAt)
+	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, time.Now(), rr.CRIURestore)
+	if len(f.Unannounced) > 0 {
+		res.Attention = append(res.Attention, fmt.Sprintf("nodes %v did not learn the new location yet (they will when they reach %s)", f.Unannounced, req.To))
+	}
+	res.Attention = append(res.Attention, f.Pending...)
+	phase("commit", t0)
+	res.OK, res.Where = true, req.To
+	return res
+}
+
+// The names of the frozen phase's steps in PushResult.Downtime; indented ones are parts
+// of the step above them, as CRIU measured its own.
+const (
+	StepCheckpoint    = "checkpoint (CRIU dump, podman archive)"
+	StepCRIUFreeze    = "  of checkpoint: CRIU freezing the processes"
+	StepCRIUDump      = "  of checkpoint: CRIU dumping them (frozen)"
+	StepCRIUMemory    = "  of checkpoint: CRIU memory drain + page image write" // its own counters; may overlap the dump
+	StepPodmanArchive = "  of checkpoint: podman (runtime, archive) before its first byte"
+	StepStream        = "stream (archive read, encoded, sent)"
+	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
+	StepCRIURestore   = "  of restore: CRIU itself"
+	StepOverlaySwitch = "overlay switch"
+)
+
+// frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
+// part where it is known.
+func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Time, criuRestore time.Duration) []Phase {
+	checkpoint := ft.firstByte.Sub(frozenAt)
+	steps := []Phase{{Name: StepCheckpoint, Duration: checkpoint}}
+	if d := ft.dump; d != nil {
+		steps = append(steps,
+			Phase{Name: StepCRIUFreeze, Duration: d.Freezing},
+			Phase{Name: StepCRIUDump, Duration: d.Frozen},
+			Phase{Name: StepCRIUMemory, Duration: d.MemDump + d.MemWrite},
+			Phase{Name: StepPodmanArchive, Duration: max(0, checkpoint-d.Freezing-d.Frozen)})
+	}
+	steps = append(steps,
+		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
+		Phase{Name: StepRestore, Duration: restoredAt.Sub(ft.lastByte)})
+	if criuRestore > 0 {
+		steps = append(steps, Phase{Name: StepCRIURestore, Duration: criuRestore})
+	}
+	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})
+}
