@@ -318,18 +318,12 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	if err := tb.WaitAgent(context.Background(), "b"); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	if out, _ := tb.Run(ctx, "b", "podman", "ps", "-a", "--format", "{{.Names}}"); strings.TrimSpace(out) != "" {
-		t.Errorf("b holds containers: %q", out)
-	}
-	if out, _ := tb.Run(ctx, "b", "ip", "netns", "list"); strings.Contains(out, "mig-web") {
-		t.Errorf("b holds the endpoint namespace: %q", out)
-	}
-	if out, _ := tb.Run(ctx, "b", "ovs-vsctl", "list-ports", "br-int"); strings.Contains(out, "m-") {
-		t.Errorf("b holds the endpoint port: %q", out)
-	}
-	if ents, _ := os.ReadDir(filepath.Join(testbed.StateRoot, "kill", "b", "agent", "incoming")); len(ents) > 0 {
-		t.Errorf("b's journal still holds %d moves", len(ents))
+	// It asks a, learns the move was rolled back, and drops its half; a then hears b
+	// confirm and drops its journal entry.
+	waitSettled(t, tb, 90*time.Second)
+	noTraces(t, tb, "b")
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after b settled web runs on %v, want a", w)
 	}
 }
 
@@ -368,6 +362,38 @@ func TestRefusals(t *testing.T) {
 	}
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Errorf("after refused pushes web runs on %v, want a", w)
+	}
+
+	// Reproduction 2 of the crash-safety issue: the client's node certificate (issued by
+	// the installation's own authority) force-removed web through /v1/abort. A node may
+	// learn locations and nothing more: every path that acts is refused, and web runs on.
+	certs := filepath.Join(testbed.StateRoot, "auth", "certs")
+	ha, err := tb.Host("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range []struct{ path, body string }{
+		{transfer.PathAbort, `{"container":"web","source":"a"}`},
+		{transfer.PathLocate, `{"name":"web","mac":"02:4d:0a:58:00:0a","ip":"10.88.0.10","host":"b"}`},
+		{transfer.PathPush, `{"container":"web","to":"b"}`},
+		{transfer.PathRun, `{"name":"x","image":"` + testbed.ImageV1 + `","ip":"10.88.0.99/16"}`},
+	} {
+		out, err := tb.Run(ctx, testbed.ClientName, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+			"--cert", filepath.Join(certs, "client.pem"), "--key", filepath.Join(certs, "client-key.pem"), "--cacert", filepath.Join(certs, "ca.pem"),
+			"-X", "POST", "-H", "Content-Type: application/json", "-d", req.body,
+			fmt.Sprintf("https://%s:%d%s", ha.UnderlayIP, testbed.AgentPort, req.path))
+		if err != nil {
+			t.Fatalf("curl %s: %v %s", req.path, err, out)
+		}
+		if strings.TrimSpace(out) != "403" {
+			t.Errorf("POST %s with the client's node certificate: HTTP %s, want 403", req.path, out)
+		}
+	}
+	if out, errs, code := migrate(t, tb, "push", "web", "--to", "b", "--identity", "client"); code == 0 || !strings.Contains(out+errs, "may not do this") {
+		t.Errorf("push with a node certificate: exit %d\n%s%s", code, out, errs)
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after a node's requests web runs on %v, want a", w)
 	}
 
 	// An intruder that trusts the installation's authority but whose own certificate

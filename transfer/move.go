@@ -56,6 +56,10 @@ type mover struct {
 	callTimeout time.Duration
 }
 
+// abortWait bounds how long a rollback waits for the target to drop its half before the
+// container resumes on the source.
+const abortWait = 3 * time.Second
+
 func (m *mover) timeout() time.Duration {
 	if m.callTimeout > 0 {
 		return m.callTimeout
@@ -160,7 +164,9 @@ func (m *mover) abort(ctx context.Context, mv *outgoingMove) (finished, error) {
 func (m *mover) finishAborted(ctx context.Context, mv *outgoingMove) finished {
 	var f finished
 	if !mv.Acked {
-		cctx, cancel := context.WithTimeout(ctx, m.timeout())
+		// Briefly: the container waits, frozen, for this. A target that does not answer
+		// (a cut link) is told later by the settling loop, or asks itself.
+		cctx, cancel := context.WithTimeout(ctx, abortWait)
 		err := m.peers.Abort(cctx, mv.Target, AbortRequest{Container: mv.Container, Move: mv.Move, Source: m.self, Endpoint: mv.Endpoint})
 		cancel()
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/migrate-project/migrate/overlaynet"
 )
@@ -445,5 +446,20 @@ func TestJournalNamesAreChecked(t *testing.T) {
 	}
 	if got := j.list(); len(got) != 1 || got[0] != "web-1.a_b" {
 		t.Fatalf("list %v", got)
+	}
+}
+
+// The frozen phase's watchdog: a long first period (podman's checkpoint before its first
+// byte), then the stall timeout from the first byte on, kicks included.
+func TestWatchdogTakesTheStallPeriodAfterTheFirstByte(t *testing.T) {
+	fired := make(chan struct{}, 1)
+	wd := newWatchdog(time.Hour, func() { fired <- struct{}{} })
+	defer wd.stop()
+	wd.setPeriod(20 * time.Millisecond)
+	wd.kick()
+	select {
+	case <-fired:
+	case <-time.After(5 * time.Second):
+		t.Fatal("after the first byte a kick re-armed the watchdog with the first-byte deadline")
 	}
 }

@@ -222,11 +222,17 @@ func (p *Peer) Push(ctx context.Context, req PushRequest, onEvent func(Event)) (
 		return nil, p.decode(resp, nil)
 	}
 	res, err := readEvents(resp.Body, p.Name, onEvent)
-	if err != nil && !errors.Is(err, errNoResult) && !strings.Contains(err.Error(), "bad event") {
-		return nil, p.classify(err)
+	if err != nil {
+		// The move had started: whatever broke the stream, its outcome is the agents'
+		// to settle, and this side does not know it.
+		return nil, fmt.Errorf("%w: %w", ErrOutcomeUnknown, p.classify(err))
 	}
-	return res, err
+	return res, nil
 }
+
+// ErrOutcomeUnknown: the source agent's answer broke off during a move. The agents settle
+// the move from their journals; `migrate status` shows where the container runs.
+var ErrOutcomeUnknown = errors.New("the move's outcome is not known here (the source agent stopped answering; the agents settle it from their journals: see `migrate status`)")
 
 var errNoResult = errors.New("ended the push without a result (did its agent stop?)")
 

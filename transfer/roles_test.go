@@ -229,4 +229,3 @@ func TestPanicsInHandlersAreContained(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 }
-

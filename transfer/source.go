@@ -80,8 +80,12 @@ func newWatchdog(d time.Duration, fire func()) *watchdog {
 func (w *watchdog) kick() { w.t.Reset(w.d) }
 func (w *watchdog) stop() { w.t.Stop() }
 
-// resetTo re-arms the watchdog for d from now, and for its own period after the next kick.
-func (w *watchdog) resetTo(d time.Duration) { w.t.Reset(d) }
+// setPeriod makes d the watchdog's period from now on. Call it from the goroutine that
+// kicks.
+func (w *watchdog) setPeriod(d time.Duration) {
+	w.d = d
+	w.t.Reset(d)
+}
 
 func stallTimeout(req PushRequest) time.Duration {
 	if req.StallTimeout <= 0 {
@@ -228,7 +232,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return fail(err)
 	}
 	res.Checks = append(res.Checks,
-		Check{Property: "podman", Target: fmt.Sprint(tinfo.Podman), OK: tinfo.Podman, Detail: "the target runs no podman service"},
+		Check{Property: "podman", Target: fmt.Sprint(tinfo.Podman), OK: tinfo.Podman, Detail: fmt.Sprintf("host %s runs no containers (its agent has no podman service)", req.To)},
 		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
@@ -288,13 +292,16 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		f, err := a.mv.abort(context.WithoutCancel(ctx), &mv)
 		res.HeldFrames, res.LostFrames = f.HeldFrames, f.LostFrames
 		res.Attention = f.Pending
-		if f.Running {
-			res.Where = a.cfg.Name
-			res.RolledBack = true
+		switch {
+		case f.Running && err != nil:
+			// What is left is the target's confirmation: the agents settle it.
+			res.Where, res.RolledBack = a.cfg.Name, true
+			cause = fmt.Errorf("%w (rolled back: %s runs on %s; still settling: %w)", cause, c.Name, a.cfg.Name, err)
+		case f.Running:
+			res.Where, res.RolledBack = a.cfg.Name, true
 			cause = fmt.Errorf("%w (rolled back: %s runs on %s)", cause, c.Name, a.cfg.Name)
-		}
-		if err != nil {
-			cause = fmt.Errorf("%w; NEEDS ATTENTION: %w", cause, err)
+		default:
+			cause = fmt.Errorf("%w; NEEDS ATTENTION: %s does not run on %s: %w", cause, c.Name, a.cfg.Name, err)
 		}
 		return fail(cause)
 	}
@@ -316,10 +323,14 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	emitChecks(0)
 	if err := failedCheck(); err != nil {
-		if req.DryRun {
-			return fail(err)
+		// The target answered that a check failed: it prepared nothing, and nothing
+		// changed here. The move ends without a rollback.
+		if !req.DryRun {
+			if rerr := a.mv.out.remove(mv.Container); rerr != nil {
+				slog.Warn("journal", "err", rerr)
+			}
 		}
-		return rollback(err) // the target prepared nothing; the journal entry goes
+		return fail(err)
 	}
 	phase("preflight", t0)
 	if req.DryRun {
@@ -407,8 +418,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	tctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wd *watchdog
-	wd = newWatchdog(firstByteDeadline(stall, memBytes), func() {
-		cancel(fmt.Errorf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
+	firstByte := firstByteDeadline(stall, memBytes)
+	wd = newWatchdog(firstByte, func() {
+		cancel(fmt.Errorf("the transfer to %s made no progress for %s, or podman gave no first byte within %s (link cut?)", req.To, stall, firstByte))
 	})
 	defer wd.stop()
 	var restoreTimer *time.Timer
@@ -421,7 +433,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	var archived int64
 	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, self.move, l, sess, seen, func(n int64) {
 		if archived == 0 {
-			wd.resetTo(stall)
+			wd.setPeriod(stall) // podman's work is done: from now on, a stall is the link's
 		}
 		archived = n
 		wd.kick()

@@ -342,6 +342,9 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		}()
 		res, err := src.Push(pctx, req, prog.event)
 		prog.done()
+		if errors.Is(err, transfer.ErrOutcomeUnknown) {
+			return attentionError{err}
+		}
 		if err != nil {
 			return err
 		}
