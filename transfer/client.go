@@ -2,9 +2,11 @@ package transfer
 
 import (
 	"context"
+	"net/netip"
 	"net/url"
 	"time"
 
+	"github.com/migrate-project/migrate/layers"
 	"github.com/migrate-project/migrate/overlaynet"
 )
 
@@ -106,4 +108,34 @@ type CancelResult struct {
 func (p *Peer) CancelPush(ctx context.Context, container string) (*CancelResult, error) {
 	var out CancelResult
 	return &out, p.Call(ctx, PathPushCancel, MoveRef{Container: container}, &out)
+}
+
+// Run starts a container on the agent's host.
+func (p *Peer) Run(ctx context.Context, req RunRequest) (map[string]any, error) {
+	var out map[string]any
+	return out, p.Call(ctx, PathRun, req, &out)
+}
+
+// Costs asks a container's source what moving it to each of hosts would take.
+func (p *Peer) Costs(ctx context.Context, req CostRequest) ([]HostCost, error) {
+	var out []HostCost
+	return out, p.Call(ctx, PathCosts, req, &out)
+}
+
+// RTT asks an agent for its round trip to addr.
+func (p *Peer) RTT(ctx context.Context, addr netip.Addr) (*RTTResult, error) {
+	var out RTTResult
+	return &out, p.Call(ctx, withQuery(PathRTT, "addr", addr.String()), nil, &out)
+}
+
+// LayerPlan asks a container's source which layers a move to req.To would ship.
+func (p *Peer) LayerPlan(ctx context.Context, req PlanRequest) (*layers.Plan, error) {
+	var out layers.Plan
+	return &out, p.Call(ctx, PathLayerPlan, req, &out)
+}
+
+// Holdings asks an agent which layers its host holds, and whether it has image.
+func (p *Peer) Holdings(ctx context.Context, image string) (*Holdings, error) {
+	var out Holdings
+	return &out, p.Call(ctx, withQuery(PathLayers, "image", image), nil, &out)
 }

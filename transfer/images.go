@@ -56,8 +56,8 @@ func (a *Agent) layerPlanOf(ctx context.Context, c *checkpoint.Container, to str
 	if err != nil {
 		return nil, err
 	}
-	var h Holdings
-	if err := target.Call(ctx, withQuery(PathLayers, "image", c.Image), nil, &h); err != nil {
+	h, err := target.Holdings(ctx, c.Image)
+	if err != nil {
 		return nil, err
 	}
 	held := map[string]bool{}

@@ -74,6 +74,9 @@ func (inv *Inventory) Validate() error {
 		if h.Name == "" {
 			return fmt.Errorf("host %d has no name", i+1)
 		}
+		if err := ValidHostName(h.Name); err != nil {
+			return err
+		}
 		if seen[h.Name] {
 			return fmt.Errorf("host %q listed twice", h.Name)
 		}

@@ -32,6 +32,8 @@ func TestInventoryFormatAndErrors(t *testing.T) {
 		`{"hosts": [{"name": "a", "agent": "edge-a:7443"}]}`:                                                                              "want an IP address",
 		`{"hosts": [{"name": "a", "agent": "10.0.0.1"}]}`:                                                                                 "want IP:PORT",
 		`{"hosts": [{"name": "a", "agent": "10.0.0.1:1"}, {"name": "a", "agent": "10.0.0.2:1"}]}`:                                         "listed twice",
+		`{"hosts": [{"name": "edge-north-long", "agent": "10.0.0.1:1"}]}`:                                                                 "at most 12",
+		`{"hosts": [{"name": "../x", "agent": "10.0.0.1:1"}]}`:                                                                            "at most 12",
 		`{"hosts": [{"name": "a", "agent": "10.0.0.1:1", "locations": ["x"]}, {"name": "b", "agent": "10.0.0.2:1", "locations": ["x"]}]}`: "served by both",
 		`{"hosts": [`: "unexpected EOF",
 	} {

@@ -104,12 +104,18 @@ func (m *mover) commit(ctx context.Context, mv *outgoingMove) (finished, error) 
 // runs it again until nothing is pending.
 func (m *mover) finishCommitted(ctx context.Context, mv *outgoingMove) finished {
 	var f finished
-	f.Unannounced = m.peers.Announce(ctx, mv.Endpoint.Location(mv.Target))
-	// The frames held here during the freeze follow the container to the target.
+	// This node first: the frames held here during the freeze follow the container to
+	// the target as soon as its rules point there. Other nodes learn it next; until they
+	// do, their traffic reaches this node and is forwarded the same way.
+	loc := mv.Endpoint.Location(mv.Target)
+	if err := m.ov.Locate(loc); err != nil {
+		slog.Warn("point this node at the target", "container", mv.Container, "err", err)
+	}
 	var err error
 	if f.HeldFrames, f.LostFrames, err = m.ov.Thaw(mv.Endpoint.MAC); err != nil {
 		slog.Warn("release held frames", "container", mv.Container, "err", err)
 	}
+	f.Unannounced = m.peers.Announce(ctx, loc)
 	if !mv.Acked {
 		cctx, cancel := context.WithTimeout(ctx, m.timeout())
 		err := m.peers.Commit(cctx, mv.Target, MoveRef{Container: mv.Container, Move: mv.Move})

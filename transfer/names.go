@@ -27,7 +27,7 @@ func ValidContainerName(name string) error {
 // MaxHostName characters (the overlay names interfaces after hosts).
 func ValidHostName(name string) error {
 	if len(name) == 0 || len(name) > MaxHostName || !hostName.MatchString(name) {
-		return badRequest{fmt.Errorf("host name %q: want 1 to %d lower-case letters, digits or '-' (it names network interfaces)", name, MaxHostName)}
+		return badRequest{fmt.Errorf("host name %q: want at most %d lower-case letters, digits or '-' (it names network interfaces)", name, MaxHostName)}
 	}
 	return nil
 }

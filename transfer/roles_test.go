@@ -229,3 +229,26 @@ func TestPanicsInHandlersAreContained(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 }
+
+// A revoked certificate is refused at the handshake, by an agent that has the new list.
+func TestRevokedCertificateIsRefused(t *testing.T) {
+	dir := testPKI(t)
+	_, srv := testAgent(t, dir)
+	if resp, err := clientAs(t, dir, "operator").Get(srv.URL + PathInfo); err != nil {
+		t.Fatal(err)
+	} else {
+		resp.Body.Close()
+	}
+	if err := Revoke(dir, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := clientAs(t, dir, "operator").Get(srv.URL + PathInfo)
+	if err == nil {
+		t.Fatal("a revoked certificate was accepted")
+	}
+	if resp, err := clientAs(t, dir, "b").Get(srv.URL + PathInfo); err != nil {
+		t.Fatalf("another certificate is refused too: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+}

@@ -265,7 +265,20 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if !plan.ImagePresent && !req.DryRun {
 		t1 := time.Now()
 		emit(Event{Kind: "phase", Phase: "image"})
-		ir, err := a.shipImage(pctx, plan, func(n int64) { res.ImageBytes = n })
+		// Under a stall watchdog too (podman's save gets a minute before its first byte).
+		ictx, icancel := context.WithCancelCause(pctx)
+		iwd := newWatchdog(stallTimeout(req)+time.Minute, func() {
+			icancel(fmt.Errorf("the image transfer to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		})
+		ir, err := a.shipImage(ictx, plan, func(n int64) {
+			iwd.setPeriod(stallTimeout(req))
+			res.ImageBytes = n
+		})
+		iwd.stop()
+		if cause := context.Cause(ictx); cause != nil && err != nil {
+			err = cause
+		}
+		icancel(nil)
 		if err != nil {
 			return fail(fmt.Errorf("%w (nothing was frozen: %s runs on %s)", err, c.Name, a.cfg.Name))
 		}

@@ -292,7 +292,7 @@ func (a *Agent) abort(r *http.Request) (any, error) {
 // Deadlines of the target's half: a prepared move whose source has been silent this long
 // is settled by asking the source; a restored one that no commit followed, sooner.
 const (
-	preparedQuiet = 2 * time.Minute
+	preparedQuiet = 5 * time.Minute
 	restoredQuiet = 20 * time.Second
 	settleEvery   = 10 * time.Second
 	// attentionAfter: a move still unsettled after this is reported as needing attention.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -152,6 +153,7 @@ func TLSConfig(dir, name string) (*tls.Config, error) {
 	if !pool.AppendCertsFromPEM(caPEM) {
 		return nil, fmt.Errorf("no certificate in %s", filepath.Join(dir, "ca.pem"))
 	}
+	rl := &revocationList{path: filepath.Join(dir, RevokedFile)}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{pair},
@@ -159,5 +161,80 @@ func TLSConfig(dir, name string) (*tls.Config, error) {
 		ClientCAs:    pool,
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		NextProtos:   []string{"http/1.1"},
+		// Both sides refuse a peer whose certificate the authority revoked.
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return nil
+			}
+			return rl.check(cs.PeerCertificates[0])
+		},
 	}, nil
+}
+
+// RevokedFile lists revoked certificates beside ca.pem: one serial number (hex) a line,
+// then the name; `migrate certs revoke` appends to it. Copy it to every host's --certs
+// directory with ca.pem; agents re-read it when it changes.
+const RevokedFile = "revoked.txt"
+
+// revocationList is RevokedFile, re-read when its modification time changes.
+type revocationList struct {
+	path string
+	mu   sync.Mutex
+	mod  time.Time
+	size int64
+	set  map[string]bool
+}
+
+func (rl *revocationList) check(c *x509.Certificate) error {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	st, err := os.Stat(rl.path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		rl.set = nil
+	case err != nil:
+		return fmt.Errorf("revocation list: %w", err)
+	case !st.ModTime().Equal(rl.mod) || st.Size() != rl.size:
+		b, err := os.ReadFile(rl.path)
+		if err != nil {
+			return fmt.Errorf("revocation list: %w", err)
+		}
+		rl.set = map[string]bool{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 0 && !strings.HasPrefix(f[0], "#") {
+				rl.set[strings.ToLower(f[0])] = true
+			}
+		}
+		rl.mod, rl.size = st.ModTime(), st.Size()
+	}
+	if rl.set[c.SerialNumber.Text(16)] {
+		return fmt.Errorf("certificate %q (serial %s) is revoked", c.Subject.CommonName, c.SerialNumber.Text(16))
+	}
+	return nil
+}
+
+// Revoke adds the certificate of name in dir to dir's revocation list.
+func Revoke(dir, name string) error {
+	b, err := os.ReadFile(filepath.Join(dir, name+".pem"))
+	if err != nil {
+		return fmt.Errorf("certificate of %q: %w", name, err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return fmt.Errorf("%s.pem holds no certificate", name)
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, RevokedFile), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = fmt.Fprintf(f, "%s %s revoked %s\n", c.SerialNumber.Text(16), name, time.Now().UTC().Format(time.RFC3339))
+	if err == nil {
+		err = f.Sync()
+	}
+	return err
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -78,8 +79,7 @@ func (op *operator) containers(ctx context.Context) ([]transfer.ContainerInfo, m
 			defer wg.Done()
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
-			var cs []transfer.ContainerInfo
-			err := p.Call(cctx, "/v1/containers", nil, &cs)
+			cs, err := p.Containers(cctx)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -164,6 +164,22 @@ at most 12 lower-case letters, digits or '-' (they name network interfaces).`,
 				return transfer.Issue(c.String("dir"), c.Args().First(), transfer.IssueOptions{Role: role, Hosts: c.Args().Tail(), Force: c.Bool("force")})
 			},
 		},
+		{
+			Name:      "revoke",
+			Usage:     "revoke a certificate: agents refuse it once they have the new " + transfer.RevokedFile,
+			ArgsUsage: "NAME",
+			Flags:     []cli.Flag{&cli.StringFlag{Name: "dir", Required: true}},
+			Action: func(c *cli.Context) error {
+				if c.NArg() != 1 {
+					return usageError{errors.New("usage: migrate certs revoke --dir DIR NAME")}
+				}
+				if err := transfer.Revoke(c.String("dir"), c.Args().First()); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.App.ErrWriter, "revoked %s: copy %s to every host's --certs directory\n", c.Args().First(), filepath.Join(c.String("dir"), transfer.RevokedFile))
+				return nil
+			},
+		},
 	},
 }
 
@@ -243,9 +259,9 @@ var runCommand = &cli.Command{
 		if err != nil {
 			return err
 		}
-		var out map[string]any
 		req := transfer.RunRequest{Name: c.String("name"), Image: c.Args().First(), Command: c.Args().Tail(), Env: env, IP: ip}
-		if err := p.Call(c.Context, "/v1/run", req, &out); err != nil {
+		out, err := p.Run(c.Context, req)
+		if err != nil {
 			return err
 		}
 		if c.Bool("json") {
@@ -427,15 +443,14 @@ var statusCommand = &cli.Command{
 		var sts []transfer.Status
 		var errs []string
 		for _, h := range op.inv.Hosts {
-			var st transfer.Status
 			cctx, cancel := context.WithTimeout(c.Context, 5*time.Second)
-			err := op.peers[h.Name].Call(cctx, "/v1/status", nil, &st)
+			st, err := op.peers[h.Name].Status(cctx)
 			cancel()
 			if err != nil {
 				errs = append(errs, err.Error())
 				continue
 			}
-			sts = append(sts, st)
+			sts = append(sts, *st)
 		}
 		var partial error
 		if len(errs) > 0 {

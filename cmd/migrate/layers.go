@@ -40,14 +40,14 @@ cross the link when web moves; its rootfs changes travel in the checkpoint.`,
 				if err != nil {
 					return err
 				}
-				var p layers.Plan
-				if err := src.Call(c.Context, "/v1/layers/plan", transfer.PlanRequest{Container: c.Args().First(), To: c.String("to")}, &p); err != nil {
+				p, err := src.LayerPlan(c.Context, transfer.PlanRequest{Container: c.Args().First(), To: c.String("to")})
+				if err != nil {
 					return err
 				}
 				if c.Bool("json") {
 					return printJSON(c, p)
 				}
-				printPlan(c, &p)
+				printPlan(c, p)
 				return nil
 			},
 		},

@@ -45,8 +45,8 @@ func (op *operator) plan(ctx context.Context, name, from string, user netip.Addr
 	for _, h := range op.inv.Hosts {
 		names = append(names, h.Name)
 	}
-	var costs []transfer.HostCost
-	if err := src.Call(ctx, "/v1/costs", transfer.CostRequest{Container: name, Hosts: names}, &costs); err != nil {
+	costs, err := src.Costs(ctx, transfer.CostRequest{Container: name, Hosts: names})
+	if err != nil {
 		return nil, fmt.Errorf("what moving %s would take: %w", name, err)
 	}
 	rtts := make([]transfer.RTTResult, len(names))
@@ -56,7 +56,11 @@ func (op *operator) plan(ctx context.Context, name, from string, user netip.Addr
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = op.peers[h].Call(ctx, "/v1/rtt?addr="+user.String(), nil, &rtts[i])
+			r, err := op.peers[h].RTT(ctx, user)
+			if err == nil {
+				rtts[i] = *r
+			}
+			errs[i] = err
 		}()
 	}
 	wg.Wait()
