@@ -1,6 +1,7 @@
 package overlaynet
 
 import (
+	"context"
 	"net/netip"
 	"sort"
 	"strings"
@@ -83,4 +84,27 @@ func TestEndpointNames(t *testing.T) {
 	if NewEndpoint("web2", e.Prefix).Port() == e.Port() {
 		t.Fatal("ports of different endpoints must differ")
 	}
+}
+
+// A restarted node starts from the table it kept: remote endpoints whose host it still
+// tunnels to are back in its first flow table; endpoints of hosts it no longer knows, and
+// local ones whose port is gone, are not.
+func TestLocationTableSurvivesARestart(t *testing.T) {
+	file := t.TempDir() + "/locations.json"
+	o := NewOVS(Config{Host: "a", StateFile: file})
+	o.tunnels = map[string]int{"b": 5}
+	o.locs = map[string]Location{
+		"02:4d:0a:58:00:0a": {Name: "web", MAC: "02:4d:0a:58:00:0a", IP: netip.MustParseAddr("10.88.0.10"), Host: "b"},
+		"02:4d:0a:58:00:0b": {Name: "db", MAC: "02:4d:0a:58:00:0b", IP: netip.MustParseAddr("10.88.0.11"), Host: "gone"},
+		"02:4d:0a:58:00:0c": {Name: "nosuchport-xyz", MAC: "02:4d:0a:58:00:0c", IP: netip.MustParseAddr("10.88.0.12"), Host: "a"},
+	}
+	o.saveLocked()
+
+	r := NewOVS(Config{Host: "a", StateFile: file})
+	r.tunnels = map[string]int{"b": 5}
+	r.loadLocked(context.Background())
+	if len(r.locs) != 1 || r.locs["02:4d:0a:58:00:0a"].Host != "b" {
+		t.Fatalf("restored %v", r.locs)
+	}
+	has(t, table(r), "dl_dst=02:4d:0a:58:00:0a", "output:5")
 }

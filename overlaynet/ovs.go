@@ -9,6 +9,7 @@ package overlaynet
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -39,6 +40,10 @@ type Config struct {
 	Bridge   string                // default br-int
 	VNI      int                   // default 4242
 	NoHold   bool                  // no hold port (a node that never freezes containers)
+	// StateFile keeps the node's location table across agent restarts, so that a
+	// restarted agent's first flow table already sends traffic where it went before
+	// ("": none).
+	StateFile string
 }
 
 // Location says where an endpoint (a container, or a client's port) runs.
@@ -146,7 +151,54 @@ func (o *OVS) Setup(ctx context.Context) error {
 			}
 		}
 	}
+	o.loadLocked(ctx)
 	return o.programLocked()
+}
+
+// loadLocked restores the location table an earlier run kept: remote endpoints whose host
+// still has a tunnel, local ones whose port is still on the bridge.
+func (o *OVS) loadLocked(ctx context.Context) {
+	if o.cfg.StateFile == "" {
+		return
+	}
+	b, err := os.ReadFile(o.cfg.StateFile)
+	if err != nil {
+		return
+	}
+	var locs []Location
+	if err := json.Unmarshal(b, &locs); err != nil {
+		slog.Warn("overlay state", "file", o.cfg.StateFile, "err", err)
+		return
+	}
+	for _, l := range locs {
+		if l.Host == o.cfg.Host {
+			port, err := o.ofport(Endpoint{Name: l.Name}.Port())
+			if err != nil {
+				continue // gone while the agent was down
+			}
+			o.local[l.MAC] = port
+		} else if _, ok := o.tunnels[l.Host]; !ok {
+			continue
+		}
+		o.locs[l.MAC] = l
+	}
+}
+
+// saveLocked keeps the location table for the next run (best effort: a lost table is
+// relearnt from the peers).
+func (o *OVS) saveLocked() {
+	if o.cfg.StateFile == "" {
+		return
+	}
+	locs := make([]Location, 0, len(o.locs))
+	for _, l := range o.locs {
+		locs = append(locs, l)
+	}
+	b, _ := json.Marshal(locs)
+	tmp := o.cfg.StateFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err == nil {
+		os.Rename(tmp, o.cfg.StateFile)
+	}
 }
 
 // setupPhy puts the underlay device on a bridge of its own that holds the node's underlay
@@ -398,5 +450,6 @@ func (o *OVS) programLocked() error {
 		return fmt.Errorf("program flows on %s: %w", o.cfg.Bridge, err)
 	}
 	slog.Debug("overlay flows", "host", o.cfg.Host, "flows", len(flows))
+	o.saveLocked()
 	return nil
 }

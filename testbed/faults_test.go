@@ -52,6 +52,8 @@ var faultCasesFull = []faultCase{
 	{"round fails", "source", "fail:source-round", 4, "source"},
 	{"decision fails", "source", "fail:source-restored", 4, "source"},
 	{"target refuses the commit", "target", "fail:target-commit", 0, "target"},
+	{"target's disk full", "target", "fail:disk-full", 4, "source"},
+	{"source's disk full", "source", "fail:disk-full", 1, "source"},
 }
 
 func TestFaultMatrix(t *testing.T) {

@@ -112,7 +112,11 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 			peers[h.Name] = h.Underlay()
 		}
 	}
-	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers, NoHold: a.podman == nil})
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers,
+		NoHold: a.podman == nil, StateFile: filepath.Join(cfg.StateDir, "locations.json")})
 	if err := a.ovs.Setup(ctx); err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
@@ -170,6 +174,15 @@ func (a *Agent) Serve(ctx context.Context) error {
 	slog.Info("agent serving", "host", a.cfg.Name, "addr", a.self.Agent, "podman", a.cfg.PodmanURI != "")
 	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
+	}
+	// Moves under way run to their end (commit or rollback) before the agent exits; one
+	// that does not within the bound is settled from the journal at the next start.
+	done := make(chan struct{})
+	go func() { a.pushes.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(shutdownWait):
+		slog.Warn("stopping with a move under way; it is settled at the next start", "waited", shutdownWait)
 	}
 	return nil
 }
@@ -506,6 +519,9 @@ func (a *Agent) syncLocations(ctx context.Context) {
 	}
 }
 
+// shutdownWait bounds how long a stopping agent waits for its moves to end.
+const shutdownWait = 2 * time.Minute
+
 // announceWait bounds how long an announcement waits for one node.
 const announceWait = 2 * time.Second
 
@@ -566,6 +582,9 @@ func (a *Agent) run(r *http.Request) (any, error) {
 	ctx := r.Context()
 	if req.Name == "" || req.Image == "" || !req.IP.IsValid() {
 		return nil, badRequest{errors.New("run needs a name, an image and an address")}
+	}
+	if err := ValidContainerName(req.Name); err != nil {
+		return nil, err
 	}
 	if ok, err := a.podman.Exists(ctx, req.Name); err != nil {
 		return nil, err

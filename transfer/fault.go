@@ -19,7 +19,8 @@ import (
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes); target-prepare
 // (journaled, before plumbing), target-restore (podman restored it, before the journal
-// says so), target-commit (on the commit, before acting).
+// says so), target-commit (on the commit, before acting); disk-full (every journal write
+// fails with ENOSPC).
 //
 // Without the variable, fault does nothing.
 func fault(point string) error {

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/migrate-project/migrate/overlaynet"
@@ -81,6 +82,9 @@ func (j journal) put(container string, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
+	}
+	if fault("disk-full") != nil {
+		return fmt.Errorf("journal %s: %w (fault injected)", p, syscall.ENOSPC)
 	}
 	if err := os.MkdirAll(j.dir, 0o700); err != nil {
 		return fmt.Errorf("journal: %w", err)

@@ -244,8 +244,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		return nil
 	}
-	emitChecks := func(from int) {
-		for i := from; i < len(res.Checks); i++ {
+	emitChecks := func() {
+		for i := range res.Checks {
 			if res.Checks[i].OK {
 				res.Checks[i].Detail = ""
 			}
@@ -253,7 +253,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 	}
 	if err := failedCheck(); err != nil {
-		emitChecks(0)
+		emitChecks()
 		return fail(err)
 	}
 	// The image: only the layers the target lacks cross the link, before anything freezes.
@@ -334,7 +334,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		res.Checks = append(res.Checks, ch)
 	}
-	emitChecks(0)
+	emitChecks()
 	if err := failedCheck(); err != nil {
 		// The target answered that a check failed: it prepared nothing, and nothing
 		// changed here. The move ends without a rollback.
