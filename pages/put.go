@@ -45,9 +45,11 @@ func appendXOR(dst, a, b []byte) []byte {
 // DecodeRecords rebuilds the pages of a batch and hands them to fn in groups, with the
 // hashes it computed. Delta bases come from the session and the store.
 func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, buf []byte) error) (int, error) {
-	br := bufio.NewReaderSize(r, 1<<20)
+	// Buffers grow with the batch, up to a group of pages: a batch of a few pages (or a
+	// hostile one that ends early) costs a few pages of memory, not megabytes.
+	br := bufio.NewReaderSize(r, 64<<10)
 	const group = 256
-	buf := make([]byte, 0, group*Size)
+	var buf []byte
 	base := make([]byte, Size)
 	hs := make([]Hash, group)
 	n := 0
@@ -71,7 +73,7 @@ func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, 
 			return n, err
 		}
 		at := len(buf)
-		buf = buf[:at+Size]
+		buf = append(buf, make([]byte, Size)...)
 		switch code {
 		case recLiteral:
 			if _, err := io.ReadFull(br, buf[at:]); err != nil {
@@ -99,7 +101,7 @@ func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, 
 		default:
 			return n, fmt.Errorf("page %d: unknown record %q", n+at/Size, code)
 		}
-		if len(buf) == cap(buf) {
+		if len(buf) == group*Size {
 			if err := flush(); err != nil {
 				return n, err
 			}
