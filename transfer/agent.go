@@ -267,6 +267,19 @@ func writeError(w http.ResponseWriter, code int, err error) {
 	json.NewEncoder(w).Encode(apiError{Error: err.Error()})
 }
 
+// goSafe runs fn in a goroutine that logs a panic instead of taking the agent (and every
+// move it carries) down; for goroutines that a request starts.
+func goSafe(what string, fn func()) {
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				slog.Error("goroutine panicked", "what", what, "panic", p, "stack", string(debug.Stack()))
+			}
+		}()
+		fn()
+	}()
+}
+
 // recoverPanics turns a handler's panic into a 500 and a log line: one bad request never
 // takes the agent (and the moves it carries) down.
 func recoverPanics(h http.HandlerFunc) http.HandlerFunc {

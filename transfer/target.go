@@ -200,11 +200,11 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 		// The source cannot commit a failed restore: undo it now rather than wait for an
 		// abort that a cut link may never deliver. The journal stays if that fails.
-		go func() {
+		goSafe("undo failed restore", func() {
 			if uerr := a.mv.undoIncoming(bctx, &mv); uerr != nil {
 				slog.Error("undo failed restore", "container", name, "err", uerr)
 			}
-		}()
+		})
 		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)
