@@ -16,5 +16,5 @@ targets=(
 for t in "${targets[@]}"; do
   pkg=${t%%:*} name=${t##*:}
   echo "fuzz: $pkg $name for $time" >&2
-  go test -tags "$GO_TAGS" -run '^$' -fuzz "^${name}\$" -fuzztime "$time" -fuzzminimizetime 5s "$pkg"
+  go test -tags "$GO_TAGS" -run '^$' -fuzz "^${name}\$" -fuzztime "$time" -fuzzminimizetime 5s -timeout 2h "$pkg"
 done

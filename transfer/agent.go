@@ -14,10 +14,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,6 +61,7 @@ type Agent struct {
 	sessions map[string]*incoming // page sessions of incoming moves
 	// unresolved: journal entries the last settling pass could not finish.
 	unresolved []string
+	conns      atomic.Int64 // connections the server holds
 }
 
 // inflightMove is a push under way on this (source) host.
@@ -162,6 +165,14 @@ func (a *Agent) Serve(ctx context.Context) error {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				a.conns.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				a.conns.Add(-1)
+			}
+		},
 	}
 	go func() {
 		<-ctx.Done()
@@ -191,6 +202,8 @@ func (a *Agent) infoHandler(r *http.Request) (any, error) {
 	info := a.info
 	st := a.store.Stats()
 	info.PageStore = &st
+	info.Goroutines = runtime.NumGoroutine()
+	info.OpenConnections = a.conns.Load()
 	return info, nil
 }
 

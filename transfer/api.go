@@ -34,6 +34,9 @@ type HostInfo struct {
 	// DirtyTracking: the kernel tracks dirty pages for CRIU (soft-dirty).
 	DirtyTracking bool              `json:"dirty_tracking"`
 	PageStore     *pages.StoreStats `json:"page_store,omitempty"`
+	// The agent's own resources, for operators and leak tests.
+	Goroutines      int   `json:"goroutines"`
+	OpenConnections int64 `json:"open_connections"` // connections its server holds
 }
 
 // ContainerInfo is a container as an agent reports it.
