@@ -188,8 +188,13 @@ var serveCommand = &cli.Command{
 	Usage: "run this host's agent (on every host, and on overlay-only nodes)",
 	Description: `The agent sets up this host's node of the overlay (an Open vSwitch bridge, VXLAN tunnels
 to every host in the inventory), answers peers and operators over mutual TLS, restores
-containers moved here and moves containers away on request. Moves that a previous run left
-unfinished are undone at start.
+containers moved here and moves containers away on request.
+
+Each move is journaled in --state-dir (outgoing/, incoming/) before every step. A restarted
+agent settles what its journals hold: as a source it rolls back a move it had not decided
+and finishes one it had; as a target it asks the source how the move ended, and keeps a
+container it restored while the source cannot be asked. 'migrate status' lists moves still
+being settled. On SIGTERM it waits up to two minutes for moves under way.
 
 Memory pages of containers moved here or away are kept by SHA-256 in a page store under
 --state-dir (bounded by --page-store-mb, oldest first out), so later moves send only pages
@@ -199,7 +204,7 @@ the other side lacks.`,
 		inventoryFlag, certsFlag,
 		&cli.StringFlag{Name: "podman", Value: "unix:///run/podman/podman.sock", Usage: "this host's podman API service (\"\" for a node without containers)"},
 		&cli.StringFlag{Name: "underlay", Value: "eth0", Usage: "the device that holds this host's underlay address"},
-		&cli.StringFlag{Name: "state-dir", Value: "/var/lib/migrate", Usage: "journal of incoming moves"},
+		&cli.StringFlag{Name: "state-dir", Value: "/var/lib/migrate", Usage: "journals of moves, the page store, the overlay's location table, kept CRIU logs"},
 		&cli.StringFlag{Name: "endpoint", Usage: "give this node itself an overlay address (e.g. a client: 10.88.255.1/16)"},
 		&cli.Int64Flag{Name: "page-store-mb", Value: 2048, Usage: "bound of the page store (STATE-DIR/pages): memory pages kept by hash, oldest evicted first"},
 	},
@@ -477,6 +482,9 @@ var statusCommand = &cli.Command{
 		for _, st := range sts {
 			if len(st.InFlight) > 0 {
 				fmt.Fprintf(c.App.Writer, "%s: moving %v\n", st.Host, st.InFlight)
+			}
+			for _, u := range st.Unresolved {
+				fmt.Fprintf(c.App.Writer, "%s: settling %s\n", st.Host, u)
 			}
 			if l := st.Last; l != nil {
 				out := "ok"
