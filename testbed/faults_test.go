@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -41,6 +42,8 @@ var faultCasesCI = []faultCase{
 	{"target killed after restoring", "target", "crash:target-restore", 4, "source"},
 	{"restore fails", "target", "fail:target-restore", 4, "source"},
 	{"operator killed mid-move", "operator", "", 0, "target"},
+	// The source's rounds are slowed down so that Ctrl-C lands before the freeze.
+	{"operator's Ctrl-C before the freeze", "interrupt", "pause:source-round", 4, "source"},
 }
 
 var faultCasesFull = []faultCase{
@@ -80,16 +83,19 @@ func TestFaultMatrix(t *testing.T) {
 			}
 			defer stream.Process.Kill()
 			time.Sleep(time.Second)
-			faulty := map[string]string{"source": src, "target": tgt}[fc.who]
+			faulty := map[string]string{"source": src, "target": tgt, "interrupt": src}[fc.who]
 			if faulty != "" {
 				if err := tb.RestartAgent(ctx, faulty, []string{"MIGRATE_FAULT=" + fc.spec}); err != nil {
 					t.Fatal(err)
 				}
 			}
 			var code int
-			if fc.who == "operator" {
+			switch fc.who {
+			case "operator":
 				code = pushAndKillOperator(t, tb, src, tgt)
-			} else {
+			case "interrupt":
+				code = pushAndInterrupt(t, tb, src, tgt)
+			default:
 				var outs, errs string
 				outs, errs, code = migrateWithin(t, tb, 3*time.Minute, "push", "web", "--to", tgt, "--from", src)
 				t.Logf("push exit %d: %s", code, lastLine(outs+errs))
@@ -122,8 +128,11 @@ func TestFaultMatrix(t *testing.T) {
 				t.Fatalf("the connection did not survive: %v %+v", err, st)
 			}
 			fault := fc.spec + " on " + faulty
-			if fc.who == "operator" {
+			switch fc.who {
+			case "operator":
 				fault = "operator SIGKILL"
+			case "interrupt":
+				fault = "operator SIGINT (Ctrl-C) in pre-copy"
 			}
 			table = append(table, fmt.Sprintf("| %s | %s | exit %d | runs on %s only | settled in %s | memory intact, counter %d -> %d | stream %d/%d bytes, gap %s | no leftovers |",
 				fc.name, fault, code, want, settled.Round(time.Second), before.counter, after.counter,
@@ -166,6 +175,33 @@ func pushAndKillOperator(t *testing.T, tb *testbed.Testbed, src, tgt string) int
 	}
 	t.Fatal("the move did not finish after the operator was killed")
 	return -1
+}
+
+// pushAndInterrupt starts a push and sends the command SIGINT (Ctrl-C) a second in, while
+// the pre-copy round runs: the move must stop and roll back, and push must say so and
+// wait for the result. It returns push's exit code.
+func pushAndInterrupt(t *testing.T, tb *testbed.Testbed, src, tgt string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := tb.Migrate(ctx, testbed.ClientName, "push", "web", "--to", tgt, "--from", src)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	cmd.Process.Signal(syscall.SIGINT)
+	err := cmd.Wait()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	}
+	t.Logf("push exit %d after Ctrl-C: %s", code, lastLine(out.String()))
+	if !strings.Contains(out.String(), "interrupted:") {
+		t.Errorf("push did not say what Ctrl-C did:\n%s", out.String())
+	}
+	return code
 }
 
 // waitSettled waits until no agent holds a journal entry, and returns how long it took.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // Fault injection for the tests and the fault matrix (scripts/faults.sh): the agent's
@@ -13,6 +14,7 @@ import (
 //
 //	crash:POINT   the agent kills itself (SIGKILL) on reaching POINT
 //	fail:POINT    the step at POINT fails with an error
+//	pause:POINT   the agent waits 5 s at POINT (a slow step: e.g. long pre-copy rounds)
 //
 // Points: source-prepare (before asking the target to prepare), source-round (before a
 // pre-copy round), source-freeze (traffic held, before the checkpoint), source-restored
@@ -40,6 +42,8 @@ func fault(point string) error {
 			select {} // the signal is on its way
 		case "fail":
 			return fmt.Errorf("fault injected at %s", point)
+		case "pause":
+			time.Sleep(5 * time.Second)
 		}
 	}
 	return nil
