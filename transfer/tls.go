@@ -143,7 +143,7 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 func TLSConfig(dir, name string) (*tls.Config, error) {
 	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem"))
 	if err != nil {
-		return nil, fmt.Errorf("certificate of %q in %s: %w (issue one with `migrate certs issue %s`)", name, dir, err, name)
+		return nil, fmt.Errorf("certificate of %q in %s: %w (issue one with `migrate certs issue --dir %s --role host|node|operator %s`)", name, dir, err, dir, name)
 	}
 	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.pem"))
 	if err != nil {
