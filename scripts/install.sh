@@ -239,6 +239,27 @@ if [ "${#engine[@]}" -gt 0 ] || [ "${#containers[@]}" -gt 0 ]; then
   fi
 fi
 
+# ---------------------------------------------------------------- kernel settings
+# CRIU's lazy dump (post-copy) moves a process's pages through pipes of up to 64 MiB.
+# Without CAP_SYS_RESOURCE in the bounding set a pipe cannot grow past fs.pipe-max-size
+# (1 MiB by default), and the dump fails with "page-pipe: tee: Operation not permitted".
+PIPE_MAX=$((64 << 20))
+SYSCTL_CONF=/etc/sysctl.d/90-migrate.conf
+capbnd_now=$(awk '/^CapBnd:/{print $2}' /proc/self/status)
+if (( (16#$capbnd_now >> 24 & 1) == 0 )); then
+  cur=$(cat /proc/sys/fs/pipe-max-size)
+  if [ "$cur" -lt "$PIPE_MAX" ]; then
+    sysctl -qw "fs.pipe-max-size=$PIPE_MAX" || die "cannot raise fs.pipe-max-size to $PIPE_MAX"
+    changed "fs.pipe-max-size $cur -> $PIPE_MAX (no CAP_SYS_RESOURCE: CRIU's lazy dump needs pipes that large)"
+  fi
+  want_sysctl=$(printf '%s\nfs.pipe-max-size = %s\n' "$MARK" "$PIPE_MAX")
+  if [ "$(cat "$SYSCTL_CONF" 2>/dev/null)" != "$want_sysctl" ]; then
+    mkdir -p "$(dirname "$SYSCTL_CONF")"
+    printf '%s\n' "$want_sysctl" >"$SYSCTL_CONF"
+    changed "wrote $SYSCTL_CONF (fs.pipe-max-size across reboots)"
+  fi
+fi
+
 # ---------------------------------------------------------------- summary
 if [ "${#changes[@]}" -eq 0 ]; then
   log "host is ready; nothing changed"
