@@ -39,6 +39,8 @@ var faultCasesCI = []faultCase{
 	{"target killed in commit", "target", "crash:target-commit", 0, "target"},
 	{"source killed after the decision", "source", "crash:source-committed", 6, "target"},
 	{"source killed while frozen", "source", "crash:source-freeze", 6, "source"},
+	// The container is checkpointed (stopped): it must come back from the kept checkpoint.
+	{"source killed mid-stream", "source", "crash:source-stream", 6, "source"},
 	{"target killed after restoring", "target", "crash:target-restore", 4, "source"},
 	{"restore fails", "target", "fail:target-restore", 4, "source"},
 	{"operator killed mid-move", "operator", "", 0, "target"},

@@ -17,7 +17,8 @@ import (
 //	pause:POINT   the agent waits 5 s at POINT (a slow step: e.g. long pre-copy rounds)
 //
 // Points: source-prepare (before asking the target to prepare), source-round (before a
-// pre-copy round), source-freeze (traffic held, before the checkpoint), source-restored
+// pre-copy round), source-freeze (traffic held, before the checkpoint), source-stream
+// (CRIU has dumped, the archive's first byte is going out), source-restored
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes); target-prepare
 // (journaled, before plumbing), target-restore (podman restored it, before the journal

@@ -447,6 +447,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, self.move, l, sess, seen, func(n int64) {
 		if archived == 0 {
 			wd.setPeriod(stall) // podman's work is done: from now on, a stall is the link's
+			fault("source-stream")
 		}
 		archived = n
 		wd.kick()
