@@ -3,9 +3,11 @@ package overlaynet
 import (
 	"context"
 	"net/netip"
+	"os"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 )
 
 func table(o *OVS) []string {
@@ -99,6 +101,17 @@ func TestLocationTableSurvivesARestart(t *testing.T) {
 		"02:4d:0a:58:00:0c": {Name: "nosuchport-xyz", MAC: "02:4d:0a:58:00:0c", IP: netip.MustParseAddr("10.88.0.12"), Host: "a"},
 	}
 	o.saveLocked()
+	// A freeze changes flows, not locations: the file is not written again.
+	st, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chtimes(file, st.ModTime().Add(-time.Hour), st.ModTime().Add(-time.Hour))
+	o.frozen["02:4d:0a:58:00:0a"] = true
+	o.saveLocked()
+	if st2, _ := os.Stat(file); !st2.ModTime().Equal(st.ModTime().Add(-time.Hour)) {
+		t.Error("the location table was written again though no location changed")
+	}
 
 	r := NewOVS(Config{Host: "a", StateFile: file})
 	r.tunnels = map[string]int{"b": 5}

@@ -8,6 +8,7 @@
 package overlaynet
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -66,6 +67,7 @@ type OVS struct {
 	locs    map[string]Location // MAC -> where it runs (all endpoints, local and remote)
 	frozen  map[string]bool     // MACs whose traffic is held (or dropped) here during a move
 	hold    int                 // the hold port's OpenFlow port (0: none, frozen traffic is dropped)
+	saved   []byte              // the location table as last written to cfg.StateFile
 	holder  *Holder             // keeps what the hold port receives
 }
 
@@ -194,10 +196,14 @@ func (o *OVS) saveLocked() {
 	for _, l := range o.locs {
 		locs = append(locs, l)
 	}
+	sort.Slice(locs, func(i, j int) bool { return locs[i].MAC < locs[j].MAC })
 	b, _ := json.Marshal(locs)
+	if bytes.Equal(b, o.saved) {
+		return // a freeze or a thaw: flows changed, locations did not
+	}
 	tmp := o.cfg.StateFile + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err == nil {
-		os.Rename(tmp, o.cfg.StateFile)
+	if err := os.WriteFile(tmp, b, 0o600); err == nil && os.Rename(tmp, o.cfg.StateFile) == nil {
+		o.saved = b
 	}
 }
 

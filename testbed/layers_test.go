@@ -90,7 +90,7 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	time.Sleep(2 * time.Second)
 
 	// A byte flipped on the way: the target refuses the archive, nothing moves.
-	if err := tb.RestartAgent(ctx, "a", []string{"MIGRATE_FAULT=flip-image-byte"}); err != nil {
+	if err := tb.RestartAgent(ctx, "a", []string{"MIGRATE_FAULT=damage:image-upload"}); err != nil {
 		t.Fatal(err)
 	}
 	pout, perr, code := migrate(t, tb, "push", "web", "--to", "b")

@@ -91,10 +91,8 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, h := range cfg.Inventory.Hosts {
-		if err := ValidHostName(h.Name); err != nil {
-			return nil, fmt.Errorf("inventory: %w", err)
-		}
+	if err := cfg.Inventory.Validate(); err != nil {
+		return nil, fmt.Errorf("inventory: %w", err)
 	}
 	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]*inflightMove{}, sessions: map[string]*incoming{}, peers: map[string]*Peer{}}
 	if cfg.PageStoreBytes == 0 {
@@ -281,12 +279,16 @@ func writeError(w http.ResponseWriter, code int, err error) {
 }
 
 // goSafe runs fn in a goroutine that logs a panic instead of taking the agent (and every
-// move it carries) down; for goroutines that a request starts.
-func goSafe(what string, fn func()) {
+// move it carries) down; for goroutines that a request starts. onPanic, if given, then
+// sees the panic (to fail what fn was doing).
+func goSafe(what string, fn func(), onPanic ...func(p any)) {
 	go func() {
 		defer func() {
 			if p := recover(); p != nil {
-				slog.Error("goroutine panicked", "what", what, "panic", p, "stack", string(debug.Stack()))
+				logPanic(what, p)
+				for _, f := range onPanic {
+					f(p)
+				}
 			}
 		}()
 		fn()
@@ -302,12 +304,16 @@ func recoverPanics(h http.HandlerFunc) http.HandlerFunc {
 				if p == http.ErrAbortHandler {
 					panic(p)
 				}
-				slog.Error("handler panicked", "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				logPanic(r.URL.Path, p)
 				writeError(w, http.StatusInternalServerError, fmt.Errorf("internal error in %s", r.URL.Path))
 			}
 		}()
 		h(w, r)
 	}
+}
+
+func logPanic(where string, p any) {
+	slog.Error("panic contained", "where", where, "panic", p, "stack", string(debug.Stack()))
 }
 
 type badRequest struct{ error }
@@ -346,28 +352,12 @@ func (a *Agent) peer(name string) (*Peer, error) {
 // agentPeers is the agent's movePeers: its peer clients.
 type agentPeers struct{ a *Agent }
 
-func (ap agentPeers) Outcome(ctx context.Context, host string, ref MoveRef) (*MoveOutcome, error) {
+func (ap agentPeers) Client(host string) (moveClient, error) {
 	p, err := ap.a.peer(host)
 	if err != nil {
 		return nil, err
 	}
-	return p.Outcome(ctx, ref)
-}
-
-func (ap agentPeers) Commit(ctx context.Context, host string, ref MoveRef) error {
-	p, err := ap.a.peer(host)
-	if err != nil {
-		return err
-	}
-	return p.Commit(ctx, ref)
-}
-
-func (ap agentPeers) Abort(ctx context.Context, host string, req AbortRequest) error {
-	p, err := ap.a.peer(host)
-	if err != nil {
-		return err
-	}
-	return p.Abort(ctx, req)
+	return p, nil
 }
 
 func (ap agentPeers) Announce(ctx context.Context, loc overlaynet.Location) []string {

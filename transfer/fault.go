@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -15,6 +16,7 @@ import (
 //	crash:POINT   the agent kills itself (SIGKILL) on reaching POINT
 //	fail:POINT    the step at POINT fails with an error
 //	pause:POINT   the agent waits 5 s at POINT (a slow step: e.g. long pre-copy rounds)
+//	damage:POINT  the data sent at POINT has one bit flipped, after its digest was taken
 //
 // Points: source-prepare (before asking the target to prepare), source-round (before a
 // pre-copy round), source-freeze (traffic held, before the checkpoint), source-stream
@@ -23,19 +25,11 @@ import (
 // before anything else), source-cleanup (before the source copy goes); target-prepare
 // (journaled, before plumbing), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); disk-full (every journal write
-// fails with ENOSPC).
+// fails with ENOSPC); image-upload (damage: an image archive sent to a target).
 //
 // Without the variable, fault does nothing.
 func fault(point string) error {
-	spec := os.Getenv("MIGRATE_FAULT")
-	if spec == "" {
-		return nil
-	}
-	for _, f := range strings.Split(spec, ",") {
-		kind, at, _ := strings.Cut(strings.TrimSpace(f), ":")
-		if at != point {
-			continue
-		}
+	for _, kind := range faultsAt(point) {
 		switch kind {
 		case "crash":
 			slog.Error("fault injection: crashing", "point", point)
@@ -49,3 +43,17 @@ func fault(point string) error {
 	}
 	return nil
 }
+
+// faultsAt lists the kinds of fault MIGRATE_FAULT injects at point.
+func faultsAt(point string) []string {
+	var kinds []string
+	for _, f := range strings.Split(os.Getenv("MIGRATE_FAULT"), ",") {
+		if kind, at, _ := strings.Cut(strings.TrimSpace(f), ":"); at == point {
+			kinds = append(kinds, kind)
+		}
+	}
+	return kinds
+}
+
+// damaged reports whether MIGRATE_FAULT damages the data sent at point.
+func damaged(point string) bool { return slices.Contains(faultsAt(point), "damage") }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/migrate-project/migrate/overlaynet"
@@ -34,12 +36,18 @@ type overlayNode interface {
 
 // movePeers is what a move asks of other agents.
 type movePeers interface {
-	Outcome(ctx context.Context, host string, ref MoveRef) (*MoveOutcome, error)
-	Commit(ctx context.Context, host string, ref MoveRef) error
-	Abort(ctx context.Context, host string, req AbortRequest) error
+	// Client returns the client of host's agent.
+	Client(host string) (moveClient, error)
 	// Announce tells every node where an endpoint runs and returns the nodes it could
 	// not reach.
 	Announce(ctx context.Context, loc overlaynet.Location) []string
+}
+
+// moveClient is what a move asks of one other agent (*Peer).
+type moveClient interface {
+	Outcome(ctx context.Context, ref MoveRef) (*MoveOutcome, error)
+	Commit(ctx context.Context, ref MoveRef) error
+	Abort(ctx context.Context, req AbortRequest) error
 }
 
 // mover holds one host's half of every move: the journals and what they drive.
@@ -52,19 +60,27 @@ type mover struct {
 	in    journal // moves to this host
 	// closeSession ends an incoming move's page session (unpins its pages).
 	closeSession func(container string)
-	// callTimeout bounds each call to a peer.
-	callTimeout time.Duration
+	// inMu serialises what ends an incoming move (undo, keep): a failed restore undoes
+	// itself while the source's abort may arrive.
+	inMu sync.Mutex
 }
 
 // abortWait bounds how long a rollback waits for the target to drop its half before the
 // container resumes on the source.
 const abortWait = 3 * time.Second
 
-func (m *mover) timeout() time.Duration {
-	if m.callTimeout > 0 {
-		return m.callTimeout
+// peerWait bounds a move's call to a peer (outcome, commit).
+const peerWait = 15 * time.Second
+
+// call runs fn against host's agent within d.
+func (m *mover) call(ctx context.Context, host string, d time.Duration, fn func(context.Context, moveClient) error) error {
+	c, err := m.peers.Client(host)
+	if err != nil {
+		return err
 	}
-	return 15 * time.Second
+	cctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return fn(cctx, c)
 }
 
 // ---- the source's side -----------------------------------------------------------------
@@ -117,9 +133,9 @@ func (m *mover) finishCommitted(ctx context.Context, mv *outgoingMove) finished 
 	}
 	f.Unannounced = m.peers.Announce(ctx, loc)
 	if !mv.Acked {
-		cctx, cancel := context.WithTimeout(ctx, m.timeout())
-		err := m.peers.Commit(cctx, mv.Target, MoveRef{Container: mv.Container, Move: mv.Move})
-		cancel()
+		err := m.call(ctx, mv.Target, peerWait, func(ctx context.Context, c moveClient) error {
+			return c.Commit(ctx, MoveRef{Container: mv.Container, Move: mv.Move})
+		})
 		if err != nil {
 			f.Pending = append(f.Pending, fmt.Sprintf("%s has not confirmed the commit (%v); retrying", mv.Target, err))
 		} else {
@@ -160,7 +176,7 @@ func (m *mover) abort(ctx context.Context, mv *outgoingMove) (finished, error) {
 	}
 	f := m.finishAborted(ctx, mv)
 	if len(f.Pending) > 0 {
-		return f, errors.New(joinPending(f.Pending))
+		return f, errors.New(strings.Join(f.Pending, "; "))
 	}
 	return f, nil
 }
@@ -172,9 +188,9 @@ func (m *mover) finishAborted(ctx context.Context, mv *outgoingMove) finished {
 	if !mv.Acked {
 		// Briefly: the container waits, frozen, for this. A target that does not answer
 		// (a cut link) is told later by the settling loop, or asks itself.
-		cctx, cancel := context.WithTimeout(ctx, abortWait)
-		err := m.peers.Abort(cctx, mv.Target, AbortRequest{Container: mv.Container, Move: mv.Move, Source: m.self, Endpoint: mv.Endpoint})
-		cancel()
+		err := m.call(ctx, mv.Target, abortWait, func(ctx context.Context, c moveClient) error {
+			return c.Abort(ctx, AbortRequest{Container: mv.Container, Move: mv.Move, Source: m.self, Endpoint: mv.Endpoint})
+		})
 		if err != nil {
 			// The target asks for the outcome when it can, and drops its half then.
 			slog.Warn("abort on target", "target", mv.Target, "container", mv.Container, "err", err)
@@ -223,17 +239,6 @@ func (m *mover) finishAborted(ctx context.Context, mv *outgoingMove) finished {
 	return f
 }
 
-func joinPending(p []string) string {
-	s := ""
-	for i, x := range p {
-		if i > 0 {
-			s += "; "
-		}
-		s += x
-	}
-	return s
-}
-
 // resolveOutgoing finishes a move away from this host that an earlier run of the agent
 // (or an earlier attempt) left unfinished. A move not journaled as committed is rolled
 // back: the source decides, and it never decided to commit.
@@ -276,12 +281,17 @@ func (m *mover) outcome(ctx context.Context, ref MoveRef, inflight bool) MoveOut
 	} else if inflight {
 		out.State = OutcomeInProgress
 	}
-	if m.rt != nil {
-		if st, exists, err := m.rt.State(ctx, ref.Container); err == nil && exists && st == "running" {
-			out.RunsHere = true
-		}
-	}
+	out.RunsHere = m.runs(ctx, ref.Container)
 	return out
+}
+
+// runs reports whether a container of that name runs on this host.
+func (m *mover) runs(ctx context.Context, name string) bool {
+	if m.rt == nil {
+		return false
+	}
+	st, exists, err := m.rt.State(ctx, name)
+	return err == nil && exists && st == "running"
 }
 
 // ---- the target's side -----------------------------------------------------------------
@@ -299,6 +309,11 @@ func (m *mover) setIn(mv *incomingMove, state string) error {
 // endpoint, the journal entry; and points the endpoint's address back at the source. The
 // entry stays if any of it fails, so that it is tried again.
 func (m *mover) undoIncoming(ctx context.Context, mv *incomingMove) error {
+	m.inMu.Lock()
+	defer m.inMu.Unlock()
+	if !m.stillPending(mv) {
+		return nil // settled meanwhile (a failed restore's own undo, then the source's abort)
+	}
 	req := mv.Prepare
 	if m.closeSession != nil {
 		m.closeSession(req.Container)
@@ -351,36 +366,52 @@ func (m *mover) resolveIncoming(ctx context.Context, container string) (done boo
 		}
 		exists = e
 	}
-	cctx, cancel := context.WithTimeout(ctx, m.timeout())
-	out, err := m.peers.Outcome(cctx, req.Source, MoveRef{Container: container, Move: req.Move})
-	cancel()
+	var out *MoveOutcome
+	err = m.call(ctx, req.Source, peerWait, func(ctx context.Context, c moveClient) (err error) {
+		out, err = c.Outcome(ctx, MoveRef{Container: container, Move: req.Move})
+		return err
+	})
 	if err != nil {
 		if mv.State != InRestored && !exists {
 			// Nothing runs here, and the source cannot have committed without hearing
 			// that it does: dropping the half move loses nothing.
-			return true, m.undoIncoming(ctx, &mv)
+			return settled(m.undoIncoming(ctx, &mv))
 		}
 		return false, fmt.Errorf("the move of %s from %s: %s cannot be asked for the outcome (%v); the container stays here until it can", container, req.Source, req.Source, err)
 	}
 	switch out.State {
 	case OutcomeCommitted:
-		return true, m.keepIncoming(ctx, &mv)
+		return settled(m.keepIncoming(ctx, &mv))
 	case OutcomeAborted:
-		return true, m.undoIncoming(ctx, &mv)
+		return settled(m.undoIncoming(ctx, &mv))
 	case OutcomeInProgress:
 		return false, nil
 	default: // the source has no record of the move
 		if out.RunsHere || !exists {
-			return true, m.undoIncoming(ctx, &mv)
+			return settled(m.undoIncoming(ctx, &mv))
 		}
 		slog.Warn("the source has no record of the move and does not run the container: keeping the copy here",
 			"container", container, "source", req.Source)
-		return true, m.keepIncoming(ctx, &mv)
+		return settled(m.keepIncoming(ctx, &mv))
 	}
 }
 
+// stillPending reports whether the journal still holds mv's move (call with inMu held).
+func (m *mover) stillPending(mv *incomingMove) bool {
+	var cur incomingMove
+	return m.in.get(mv.Prepare.Container, &cur) == nil && cur.Prepare.Move == mv.Prepare.Move
+}
+
+// settled: a move is settled once what settles it succeeded.
+func settled(err error) (bool, error) { return err == nil, err }
+
 // keepIncoming ends a committed incoming move: the container runs here for good.
 func (m *mover) keepIncoming(ctx context.Context, mv *incomingMove) error {
+	m.inMu.Lock()
+	defer m.inMu.Unlock()
+	if !m.stillPending(mv) {
+		return nil // settled meanwhile (a commit retried after a lost answer)
+	}
 	if m.closeSession != nil {
 		m.closeSession(mv.Prepare.Container)
 	}

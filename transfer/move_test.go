@@ -98,15 +98,25 @@ type worldPeers struct {
 
 var errDown = errors.New("connection refused")
 
-func (p worldPeers) to(host string) (*mover, error) {
-	if p.w.down[host] || p.w.down[p.from] {
-		return nil, errDown
-	}
-	return p.w.hosts[host], nil
+func (p worldPeers) Client(host string) (moveClient, error) {
+	return worldClient{p.w, p.from, host}, nil
 }
 
-func (p worldPeers) Outcome(ctx context.Context, host string, ref MoveRef) (*MoveOutcome, error) {
-	m, err := p.to(host)
+// worldClient is one host's client of another's agent; it fails while either is down.
+type worldClient struct {
+	w          *world
+	from, host string
+}
+
+func (c worldClient) to() (*mover, error) {
+	if c.w.down[c.host] || c.w.down[c.from] {
+		return nil, errDown
+	}
+	return c.w.hosts[c.host], nil
+}
+
+func (c worldClient) Outcome(ctx context.Context, ref MoveRef) (*MoveOutcome, error) {
+	m, err := c.to()
 	if err != nil {
 		return nil, err
 	}
@@ -114,8 +124,8 @@ func (p worldPeers) Outcome(ctx context.Context, host string, ref MoveRef) (*Mov
 	return &out, nil
 }
 
-func (p worldPeers) Commit(ctx context.Context, host string, ref MoveRef) error {
-	m, err := p.to(host)
+func (c worldClient) Commit(ctx context.Context, ref MoveRef) error {
+	m, err := c.to()
 	if err != nil {
 		return err
 	}
@@ -123,14 +133,14 @@ func (p worldPeers) Commit(ctx context.Context, host string, ref MoveRef) error 
 	if err := m.in.get(ref.Container, &mv); err == nil && mv.Prepare.Move == ref.Move {
 		return m.keepIncoming(ctx, &mv)
 	}
-	if st, ok := p.w.rts[host].containers[ref.Container]; ok && st == "running" {
+	if st, ok := c.w.rts[c.host].containers[ref.Container]; ok && st == "running" {
 		return nil
 	}
 	return errors.New("no such move")
 }
 
-func (p worldPeers) Abort(ctx context.Context, host string, req AbortRequest) error {
-	m, err := p.to(host)
+func (c worldClient) Abort(ctx context.Context, req AbortRequest) error {
+	m, err := c.to()
 	if err != nil {
 		return err
 	}
@@ -206,7 +216,7 @@ func (w *world) mustBeClean() {
 	}
 }
 
-// moveUpTo plays a move of web from a to b up to the target's restore: a journals it
+// moveUpToRestored plays a move of web from a to b up to the target's restore: a journals it
 // frozen (checkpointed, stopped), b restored it and journaled that. It returns a's entry.
 func (w *world) moveUpToRestored() *outgoingMove {
 	w.t.Helper()
@@ -296,7 +306,6 @@ func TestSourceRestartBeforeDecisionRollsBack(t *testing.T) {
 	w := newWorld(t)
 	w.moveUpToRestored()
 	// Meanwhile the target, told nothing, asks: the move is not decided.
-	w.hosts["a"].out.get("web", &outgoingMove{})
 	out := w.hosts["a"].outcome(context.Background(), MoveRef{Container: "web", Move: "m1"}, false)
 	if out.State != OutcomeInProgress {
 		t.Fatalf("outcome before the source settles: %+v", out)
@@ -452,14 +461,40 @@ func TestJournalNamesAreChecked(t *testing.T) {
 // The frozen phase's watchdog: a long first period (podman's checkpoint before its first
 // byte), then the stall timeout from the first byte on, kicks included.
 func TestWatchdogTakesTheStallPeriodAfterTheFirstByte(t *testing.T) {
-	fired := make(chan struct{}, 1)
-	wd := newWatchdog(time.Hour, func() { fired <- struct{}{} })
-	defer wd.stop()
-	wd.setPeriod(20 * time.Millisecond)
+	wd := newWatchdog(context.Background(), time.Hour, "no first byte")
+	defer wd.done(nil)
+	wd.expect(20*time.Millisecond, "stalled")
 	wd.kick()
 	select {
-	case <-fired:
+	case <-wd.ctx.Done():
+		if got := wd.done(errors.New("transfer failed")); got.Error() != "stalled" {
+			t.Fatalf("the watchdog reported %q, want the current stage's reason", got)
+		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("after the first byte a kick re-armed the watchdog with the first-byte deadline")
+	}
+}
+
+// A failed restore undoes itself while the source's abort arrives: both end the move
+// once, and the second finds nothing left to do (not a failed removal).
+func TestConcurrentUndoEndsTheMoveOnce(t *testing.T) {
+	w := newWorld(t)
+	w.moveUpToRestored()
+	b := w.hosts["b"]
+	var in incomingMove
+	if err := b.in.get("web", &in); err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 2)
+	for i := 0; i < 2; i++ {
+		go func() { copy := in; errs <- b.undoIncoming(context.Background(), &copy) }()
+	}
+	for i := 0; i < 2; i++ {
+		if err := <-errs; err != nil {
+			t.Fatalf("undo: %v", err)
+		}
+	}
+	if _, ok := w.rts["b"].containers["web"]; ok || len(b.in.list()) != 0 {
+		t.Fatalf("b still holds the move: %v %v", w.rts["b"].containers, b.in.list())
 	}
 }

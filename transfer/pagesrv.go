@@ -177,12 +177,6 @@ func (a *Agent) decodeArchive(ctx context.Context, r *http.Request, sess *pages.
 	pr, pw := io.Pipe()
 	goSafe("decode archive", func() {
 		defer done()
-		defer func() {
-			if p := recover(); p != nil {
-				pw.CloseWithError(fmt.Errorf("decode archive: internal error: %v", p))
-				panic(p) // goSafe logs it and keeps the agent up
-			}
-		}()
 		st, err := pages.Decode(body, pw, sess, a.store, maxArchive())
 		*stats = st
 		if err == nil {
@@ -192,7 +186,7 @@ func (a *Agent) decodeArchive(ctx context.Context, r *http.Request, sess *pages.
 			err = io.EOF
 		}
 		pw.CloseWithError(err)
-	})
+	}, func(p any) { pw.CloseWithError(fmt.Errorf("decode archive: internal error: %v", p)) })
 	context.AfterFunc(ctx, func() { pr.CloseWithError(ctx.Err()) })
 	return pr, nil
 }

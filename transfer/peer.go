@@ -13,7 +13,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"time"
 )
@@ -63,9 +62,6 @@ func (p *Peer) classify(err error) error {
 	}
 	return fmt.Errorf("host %s (%s): %w", p.Name, p.Addr, err)
 }
-
-// Close drops the peer's idle connections.
-func (p *Peer) Close() { p.hc.CloseIdleConnections() }
 
 // Call sends in as JSON (nil: GET) and decodes the response into out. Without a deadline
 // of ctx's own, it gives up after DefaultCallTimeout.
@@ -153,7 +149,7 @@ func (p *Peer) LoadImage(ctx context.Context, r io.Reader, progress func(int64))
 func (p *Peer) upload(ctx context.Context, path string, r io.Reader, progress func(int64), out any) error {
 	h := sha256.New()
 	body := io.TeeReader(r, h)
-	if os.Getenv("MIGRATE_FAULT") == "flip-image-byte" && path == PathImage {
+	if path == PathImage && damaged("image-upload") {
 		body = &flipReader{r: body, at: 4096} // damage in transit, after the digest
 	}
 	digest := func() string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
@@ -189,7 +185,7 @@ func (p *Peer) send(ctx context.Context, path string, body io.Reader, header htt
 }
 
 // flipReader flips one bit of the byte at offset at: a test's stand-in for a link that
-// damages data (MIGRATE_FAULT=flip-image-byte).
+// damages data (MIGRATE_FAULT=damage:image-upload).
 type flipReader struct {
 	r  io.Reader
 	n  int64

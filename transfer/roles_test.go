@@ -3,6 +3,11 @@ package transfer
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -37,6 +42,12 @@ func testPKI(t *testing.T) string {
 // which the server turns into a 500 (not the 403 the test wants).
 func testAgent(t *testing.T, dir string) (*Agent, *httptest.Server) {
 	t.Helper()
+	return testAgentWith(t, dir, nil)
+}
+
+// testAgentWith is testAgent with connState watching the server's connections.
+func testAgentWith(t *testing.T, dir string, connState func(net.Conn, http.ConnState)) (*Agent, *httptest.Server) {
+	t.Helper()
 	conf, err := TLSConfig(dir, "a")
 	if err != nil {
 		t.Fatal(err)
@@ -52,6 +63,7 @@ func testAgent(t *testing.T, dir string) (*Agent, *httptest.Server) {
 	a.mv = &mover{self: "a", out: journal{filepath.Join(a.cfg.StateDir, "outgoing")}, in: journal{filepath.Join(a.cfg.StateDir, "incoming")}}
 	srv := httptest.NewUnstartedServer(a.mux())
 	srv.TLS = conf
+	srv.Config.ConnState = connState
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	return a, srv
@@ -128,7 +140,7 @@ func TestAgentCallsMustComeFromTheMovesHost(t *testing.T) {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode != http.StatusForbidden && !(tc.path == PathPrepare && resp.StatusCode == http.StatusBadRequest) {
+		if resp.StatusCode != http.StatusForbidden {
 			t.Errorf("POST %s as b: %s, want 403", tc.path, resp.Status)
 		}
 	}
@@ -167,6 +179,33 @@ func TestNamesThatEscapePathsAreRefused(t *testing.T) {
 // over an existing key needs --force.
 func TestCertificatesWithoutRoleAndOverwrites(t *testing.T) {
 	dir := testPKI(t)
+	_, srv := testAgent(t, dir)
+	// As `certs issue` wrote them before roles: same authority, no role in the subject.
+	caCert, caKey, err := loadCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: serial(),
+		Subject: pkix.Name{CommonName: "old", Organization: []string{"migrate"}}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writePair(dir, "old", der, key); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{PathInfo, PathLocations, PathStatus} {
+		resp, err := clientAs(t, dir, "old").Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("GET %s with a certificate without a role: %s, want 403", path, resp.Status)
+		}
+	}
 	if err := Issue(dir, "a", IssueOptions{Role: RoleHost}); err == nil || !strings.Contains(err.Error(), "--force") {
 		t.Fatalf("overwrote a key: %v", err)
 	}
@@ -182,14 +221,12 @@ func TestCertificatesWithoutRoleAndOverwrites(t *testing.T) {
 // they started.
 func TestRepeatedCallsDoNotGrowConnectionsOrGoroutines(t *testing.T) {
 	dir := testPKI(t)
-	a, srv := testAgent(t, dir)
 	var conns atomic.Int64
-	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+	_, srv := testAgentWith(t, dir, func(_ net.Conn, s http.ConnState) {
 		if s == http.StateNew {
 			conns.Add(1)
 		}
-	}
-	a.cfg.Inventory.Hosts[1].Agent = srv.Listener.Addr().String()
+	})
 	// b's agent calling a: the same peer client each time, as the agent does.
 	conf, _ := TLSConfig(dir, "b")
 	b := &Agent{cfg: AgentConfig{Name: "b", Inventory: &Inventory{Hosts: []HostEntry{{Name: "a", Agent: srv.Listener.Addr().String()}}}}, tls: conf, peers: map[string]*Peer{}}

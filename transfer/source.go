@@ -51,7 +51,7 @@ func (a *Agent) handlePush(w http.ResponseWriter, r *http.Request) {
 		ev.Time = time.Now()
 		select {
 		case events <- ev:
-		default: // the operator is slow: progress is dropped rather than waited for
+		default: // 256 events behind, the operator is too slow: events are dropped, not waited for
 		}
 	}
 	res := a.Push(context.WithoutCancel(r.Context()), req, emit)
@@ -66,26 +66,6 @@ func (a *Agent) handlePush(w http.ResponseWriter, r *http.Request) {
 
 // eventWriteTimeout bounds one write of an event to the operator.
 const eventWriteTimeout = 10 * time.Second
-
-// watchdog calls fire if kick is not called for d (until stopped).
-type watchdog struct {
-	t *time.Timer
-	d time.Duration
-}
-
-func newWatchdog(d time.Duration, fire func()) *watchdog {
-	return &watchdog{d: d, t: time.AfterFunc(d, fire)}
-}
-
-func (w *watchdog) kick() { w.t.Reset(w.d) }
-func (w *watchdog) stop() { w.t.Stop() }
-
-// setPeriod makes d the watchdog's period from now on. Call it from the goroutine that
-// kicks.
-func (w *watchdog) setPeriod(d time.Duration) {
-	w.d = d
-	w.t.Reset(d)
-}
 
 func stallTimeout(req PushRequest) time.Duration {
 	if req.StallTimeout <= 0 {
@@ -266,19 +246,13 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		t1 := time.Now()
 		emit(Event{Kind: "phase", Phase: "image"})
 		// Under a stall watchdog too (podman's save gets a minute before its first byte).
-		ictx, icancel := context.WithCancelCause(pctx)
-		iwd := newWatchdog(stallTimeout(req)+time.Minute, func() {
-			icancel(fmt.Errorf("the image transfer to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
-		})
-		ir, err := a.shipImage(ictx, plan, func(n int64) {
-			iwd.setPeriod(stallTimeout(req))
+		stalled := fmt.Sprintf("the image transfer to %s made no progress for %s (link cut?)", req.To, stallTimeout(req))
+		wd := newWatchdog(pctx, stallTimeout(req)+time.Minute, stalled)
+		ir, err := a.shipImage(wd.ctx, plan, func(n int64) {
+			wd.expect(stallTimeout(req), stalled)
 			res.ImageBytes = n
 		})
-		iwd.stop()
-		if cause := context.Cause(ictx); cause != nil && err != nil {
-			err = cause
-		}
-		icancel(nil)
+		err = wd.done(err)
 		if err != nil {
 			return fail(fmt.Errorf("%w (nothing was frozen: %s runs on %s)", err, c.Name, a.cfg.Name))
 		}
@@ -372,18 +346,11 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		t0 = time.Now()
 		emit(Event{Kind: "phase", Phase: "precopy"})
 		// Rounds are under a stall watchdog too: a cut link may send no reset.
-		rctx, rcancel := context.WithCancelCause(pctx)
-		pwd := newWatchdog(stallTimeout(req), func() {
-			rcancel(fmt.Errorf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
-		})
-		l.progress = pwd.kick
-		rounds, why, err := a.precopy(rctx, target, c, req, l, sess, seen, emit)
-		pwd.stop()
+		wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		l.progress = wd.kick
+		rounds, why, err := a.precopy(wd.ctx, target, c, req, l, sess, seen, emit)
 		l.progress = nil
-		if cause := context.Cause(rctx); cause != nil && err != nil {
-			err = cause
-		}
-		rcancel(nil)
+		err = wd.done(err)
 		res.Rounds, res.StopReason = rounds, why
 		for _, r := range rounds {
 			res.RoundBytes += r.WireBytes
@@ -424,29 +391,16 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if err := fault("source-freeze"); err != nil {
 		return rollback(err)
 	}
-	// Until podman's first byte the watchdog allows for the checkpoint's own work; then a
-	// stall of the transfer (a cut link may send no reset); after the last byte, the
-	// restore's deadline.
+	// The watchdog's stages: podman's checkpoint before its first byte, then the link (a
+	// stall: a cut link may send no reset), then the target's restore after the last byte.
 	stall := stallTimeout(req)
-	tctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	var wd *watchdog
 	firstByte := firstByteDeadline(stall, memBytes)
-	wd = newWatchdog(firstByte, func() {
-		cancel(fmt.Errorf("the transfer to %s made no progress for %s, or podman gave no first byte within %s (link cut?)", req.To, stall, firstByte))
-	})
-	defer wd.stop()
-	var restoreTimer *time.Timer
-	defer func() {
-		if restoreTimer != nil {
-			restoreTimer.Stop()
-		}
-	}()
+	wd := newWatchdog(ctx, firstByte, fmt.Sprintf("podman gave no first byte of the checkpoint within %s", firstByte))
 	var lastEmit time.Time
 	var archived int64
-	rr, fst, ft, rerr := a.finalCopy(tctx, target, c, self.move, l, sess, seen, func(n int64) {
+	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, l, sess, seen, func(n int64) {
 		if archived == 0 {
-			wd.setPeriod(stall) // podman's work is done: from now on, a stall is the link's
+			wd.expect(stall, fmt.Sprintf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
 			fault("source-stream")
 		}
 		archived = n
@@ -457,16 +411,11 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			emit(Event{Kind: "progress", Phase: "transfer", Bytes: res.Bytes})
 		}
 	}, func(archiveBytes int64) {
-		wd.stop()
 		d := restoreDeadline(archiveBytes)
-		restoreTimer = time.AfterFunc(d, func() {
-			cancel(fmt.Errorf("%s did not finish restoring %s within %s", req.To, c.Name, d))
-		})
+		wd.expect(d, fmt.Sprintf("%s did not finish restoring %s within %s", req.To, c.Name, d))
 	})
 	restoredAt := time.Now()
-	if cause := context.Cause(tctx); cause != nil && rerr != nil {
-		rerr = cause
-	}
+	rerr = wd.done(rerr)
 	var ee exportError
 	if errors.As(rerr, &ee) {
 		err := ee.error

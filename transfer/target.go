@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -26,9 +27,6 @@ import (
 // prepare runs the target's part of the pre-flight gate and, if it passes (and this is not
 // a dry run), journals the move and plumbs the container's endpoint without announcing it.
 func (a *Agent) prepare(r *http.Request) (any, error) {
-	if err := a.needPodman(); err != nil {
-		return nil, err
-	}
 	var req PrepareRequest
 	if err := decodeBody(r, &req); err != nil {
 		return nil, err
@@ -37,6 +35,9 @@ func (a *Agent) prepare(r *http.Request) (any, error) {
 		return nil, err
 	}
 	if err := mustBe(r.Context(), req.Source, "prepare a move from "+req.Source); err != nil {
+		return nil, err
+	}
+	if err := a.needPodman(); err != nil {
 		return nil, err
 	}
 	if req.Move == "" && !req.DryRun {
@@ -236,7 +237,7 @@ func (a *Agent) commit(r *http.Request) (any, error) {
 		if err := mustBe(ctx, mv.Prepare.Source, "commit the move of "+ref.Container); err != nil {
 			return nil, err
 		}
-		if mv.State != InRestored && !a.runsHere(ctx, ref.Container) {
+		if mv.State != InRestored && !a.mv.runs(ctx, ref.Container) {
 			return nil, badRequest{fmt.Errorf("commit of %s: it was not restored on %s (state %s)", ref.Container, a.cfg.Name, mv.State)}
 		}
 		return nil, a.mv.keepIncoming(ctx, &mv)
@@ -244,22 +245,11 @@ func (a *Agent) commit(r *http.Request) (any, error) {
 	if err != nil && !errors.Is(err, errNoEntry) {
 		return nil, err
 	}
-	if err := mustBe(ctx, callerOf(ctx).Name, "commit"); err != nil {
-		return nil, err
-	}
 	// No entry: committed before (the answer was lost), if the container runs here.
-	if a.runsHere(ctx, ref.Container) {
+	if a.mv.runs(ctx, ref.Container) {
 		return nil, nil
 	}
 	return nil, badRequest{fmt.Errorf("commit: no move %s of %s on %s, and it does not run here", ref.Move, ref.Container, a.cfg.Name)}
-}
-
-func (a *Agent) runsHere(ctx context.Context, name string) bool {
-	if a.podman == nil {
-		return false
-	}
-	st, err := a.podman.State(ctx, name)
-	return err == nil && st == "running"
 }
 
 // abort: the source rolled the move back. Only the move the abort names is undone: a
@@ -276,7 +266,7 @@ func (a *Agent) abort(r *http.Request) (any, error) {
 	var mv incomingMove
 	if err := a.mv.in.get(req.Container, &mv); err != nil {
 		if errors.Is(err, errNoEntry) {
-			return nil, mustBe(ctx, callerOf(ctx).Name, "abort") // nothing to undo
+			return nil, nil // nothing to undo
 		}
 		return nil, err
 	}
@@ -326,7 +316,7 @@ func (a *Agent) settleOnce(ctx context.Context, all bool) {
 		}
 		done, f, err := a.mv.resolveOutgoing(ctx, name)
 		if !done {
-			why := joinPending(f.Pending)
+			why := strings.Join(f.Pending, "; ")
 			if err != nil {
 				why = err.Error()
 			}

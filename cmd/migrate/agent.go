@@ -347,10 +347,12 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		// Ctrl-C asks the source to cancel: before the freeze the move stops and rolls
 		// back; once frozen it runs to its end. Either way push waits for the result.
 		pctx := context.WithoutCancel(c.Context)
+		pushed := make(chan struct{})
+		defer close(pushed)
 		go func() {
 			select {
 			case <-c.Context.Done():
-			case <-pctx.Done():
+			case <-pushed:
 				return
 			}
 			cctx, cancel := context.WithTimeout(pctx, 10*time.Second)
