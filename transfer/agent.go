@@ -503,9 +503,10 @@ func (a *Agent) syncLocations(ctx context.Context) {
 		}
 		go func(h HostEntry) {
 			p, _ := a.peer(h.Name)
-			// Until the peer answers, however long: backing off to a minute, and saying
-			// so once a minute has passed.
-			wait, start, warned := time.Second, time.Now(), false
+			// Until the peer answers, however long: every second for the first minute
+			// (peers start together, and until a host knows a node's endpoints it drops
+			// the replies to it), then every 10 s, saying so once.
+			start, warned := time.Now(), false
 			for ctx.Err() == nil {
 				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 				locs, err := p.Locations(cctx)
@@ -525,11 +526,14 @@ func (a *Agent) syncLocations(ctx context.Context) {
 					slog.Warn("cannot learn the peer's endpoints yet; still trying", "peer", h.Name, "err", err)
 					warned = true
 				}
+				wait := time.Second
+				if warned {
+					wait = 10 * time.Second
+				}
 				select {
 				case <-ctx.Done():
 				case <-time.After(wait):
 				}
-				wait = min(2*wait, time.Minute)
 			}
 		}(h)
 	}
