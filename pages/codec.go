@@ -100,13 +100,24 @@ func IsPageImage(name string) bool {
 //	                        place in the session: the content its address had when it
 //	                        was last sent (a pre-copy round)
 //	'E'                     the end
+//
+// A dump whose memory came from CRIU's page server (MemoryWriter) puts it before the
+// archive:
+//
+//	'A' kind id vaddr n flags   a pagemap entry; a present one's n pages follow as C, P
+//	                            and D operations
+//	'M'                         the memory's end; the archive follows
 const (
-	opRaw   = 'R'
-	opCopy  = 'C'
-	opPages = 'P'
-	opDelta = 'D'
-	opEnd   = 'E'
+	opRaw       = 'R'
+	opCopy      = 'C'
+	opPages     = 'P'
+	opDelta     = 'D'
+	opEnd       = 'E'
+	opEntry     = 'A'
+	opMemoryEnd = 'M'
 )
+
+func newBufWriter(w io.Writer) *bufio.Writer { return bufio.NewWriterSize(w, 1<<20) }
 
 // Stats counts what an encoded archive carried.
 type Stats struct {
@@ -377,12 +388,32 @@ var ErrTooLarge = errors.New("encoded archive: larger than allowed")
 // host can hold): the encoding is untrusted input, and a reference of a few bytes stands
 // for many pages.
 func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int64) (Stats, error) {
+	return DecodeMemory(src, dst, sess, store, limit, nil)
+}
+
+// DecodeMemory is Decode for a stream that may begin with a dump's memory (MemoryWriter):
+// its pagemaps and the names of its pages go to mem, its pages to the store, nothing of it
+// to dst. Without mem, such a stream is an error. The memory counts against limit.
+func DecodeMemory(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int64, mem *Memory) (Stats, error) {
 	var st Stats
+	var memLeft uint64 // pages of the current memory entry still to come
+	var used int64     // memory bytes, towards limit
 	grow := func(n int64) error {
-		if n < 0 || n > limit-st.ArchiveBytes {
-			return fmt.Errorf("%w: %d bytes after %d, limit %d", ErrTooLarge, n, st.ArchiveBytes, limit)
+		if n < 0 || n > limit-st.ArchiveBytes-used {
+			return fmt.Errorf("%w: %d bytes after %d, limit %d", ErrTooLarge, n, st.ArchiveBytes+used, limit)
 		}
 		return nil
+	}
+	// inMemory takes n pages of the current memory entry, if one is open.
+	inMemory := func(n int) (bool, error) {
+		if memLeft == 0 {
+			return false, nil
+		}
+		if uint64(n) > memLeft {
+			return false, fmt.Errorf("encoded archive: %d pages for a memory entry that has %d left", n, memLeft)
+		}
+		memLeft -= uint64(n)
+		return true, nil
 	}
 	br := bufio.NewReaderSize(src, 1<<20)
 	buf := make([]byte, chunk*Size)
@@ -402,9 +433,44 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int
 		if err != nil {
 			return st, fmt.Errorf("encoded archive: %w", noEOF(err))
 		}
+		if memLeft != 0 && code != opCopy && code != opPages && code != opDelta {
+			return st, fmt.Errorf("encoded archive: operation %q inside a memory entry (%d pages left)", code, memLeft)
+		}
 		switch code {
 		case opEnd:
 			return st, nil
+		case opEntry:
+			if mem == nil {
+				return st, fmt.Errorf("encoded archive: memory where none was expected")
+			}
+			var v [5]uint64
+			for i := range v {
+				x, err := binary.ReadUvarint(br)
+				if err != nil {
+					return st, fmt.Errorf("encoded archive: %w", noEOF(err))
+				}
+				v[i] = x
+			}
+			kind, id, vaddr, n, flags := int(v[0]), v[1], v[2], v[3], v[4]
+			if (kind != KindProcess && kind != KindShmem) || vaddr%Size != 0 || n == 0 || n > 1<<36 || flags > 0xffff ||
+				vaddr > ^uint64(0)-n*Size {
+				return st, fmt.Errorf("encoded archive: memory entry %d/%d at %#x, %d pages, flags %#x", kind, id, vaddr, n, flags)
+			}
+			e, err := mem.add(kind, id, vaddr, n, uint32(flags))
+			if err != nil {
+				return st, err
+			}
+			if e.Present() {
+				if err := grow(int64(n) * Size); err != nil {
+					return st, err
+				}
+				used += int64(n) * Size
+				memLeft = n
+			}
+		case opMemoryEnd:
+			if mem == nil {
+				return st, fmt.Errorf("encoded archive: memory where none was expected")
+			}
 		case opRaw:
 			n, err := arg()
 			if err != nil {
@@ -429,6 +495,22 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int
 			}
 			if l := sess.Len(); at > l || n > l-at {
 				return st, fmt.Errorf("encoded archive: pages %d+%d: the session names only %d pages", at, n, l)
+			}
+			if ok, err := inMemory(n); err != nil {
+				return st, err
+			} else if ok {
+				names, err := sess.Slice(at, n)
+				if err != nil {
+					return st, err
+				}
+				for i, ok := range store.Has(names) {
+					if !ok {
+						return st, fmt.Errorf("encoded archive: memory page %s: %w", names[i], ErrMissing)
+					}
+				}
+				mem.Hashes = append(mem.Hashes, names...)
+				st.PagesCopied += int64(n)
+				continue
 			}
 			if err := grow(int64(n) * Size); err != nil {
 				return st, err
@@ -455,8 +537,14 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int
 			if err != nil {
 				return st, err
 			}
-			if err := grow(int64(n) * Size); err != nil {
+			toMem, err := inMemory(n)
+			if err != nil {
 				return st, err
+			}
+			if !toMem {
+				if err := grow(int64(n) * Size); err != nil {
+					return st, err
+				}
 			}
 			for n > 0 {
 				k := min(n, chunk)
@@ -475,12 +563,16 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int
 				if err := store.AddTrusted(hs[:k], buf[:k*Size]); err != nil {
 					return st, err
 				}
+				st.PagesSent += int64(k)
+				n -= k
+				if toMem {
+					mem.Hashes = append(mem.Hashes, hs[:k]...)
+					continue
+				}
 				if _, err := dst.Write(buf[:k*Size]); err != nil {
 					return st, err
 				}
-				st.PagesSent += int64(k)
 				st.ArchiveBytes += int64(k) * Size
-				n -= k
 			}
 		default:
 			return st, fmt.Errorf("encoded archive: unknown operation %q", code)

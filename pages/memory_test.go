@@ -1,0 +1,142 @@
+package pages
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestMemoryCrossesAsReferencesAndRebuildsLazyImages: a dump's memory goes before the
+// archive; pages the receiver holds go as references, the rest whole; the receiver knows
+// every page's name, serves lazy pages from its store and writes only the others.
+func TestMemoryCrossesAsReferencesAndRebuildsLazyImages(t *testing.T) {
+	dir := t.TempDir()
+	src, err := OpenStore(filepath.Join(dir, "src"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dstStore, err := OpenStore(filepath.Join(dir, "dst"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := randomPages(t, 40)
+	// The receiver already holds the first 30 pages (a pre-copy round), in both sessions.
+	held, err := dstStore.Add(mem[:30*Size])
+	if err != nil {
+		t.Fatal(err)
+	}
+	sSess, dSess := NewSession(), NewSession()
+	sSess.Append(held...)
+	dSess.Append(held...)
+
+	var wire bytes.Buffer
+	mw := NewMemoryWriter(&wire, sSess, EncodeOptions{Sent: func(hs []Hash, p []byte) { src.AddTrusted(hs, p) }})
+	// process 1: a lazy entry of 32 pages, a hole, a non-lazy entry of 4; shmem 7: 4 pages.
+	steps := []struct {
+		kind      int
+		id, vaddr uint64
+		n         int
+		flags     uint32
+		from      int
+	}{
+		{KindProcess, 1, 0x10000, 32, FlagPresent | FlagLazy, 0},
+		{KindProcess, 1, 0x40000, 4, FlagPresent, 32},
+		{KindShmem, 7, 0, 4, FlagPresent, 36},
+	}
+	for _, s := range steps {
+		if err := mw.Entry(s.kind, s.id, s.vaddr, uint64(s.n), s.flags); err != nil {
+			t.Fatal(err)
+		}
+		// In two pieces, as the page server hands them over.
+		half := s.n / 2
+		if err := mw.Pages(s.vaddr, mem[s.from*Size:(s.from+half)*Size]); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Pages(s.vaddr+uint64(half)*Size, mem[(s.from+half)*Size:(s.from+s.n)*Size]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sent, st, err := mw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PagesCopied != 30 || st.PagesSent != 10 {
+		t.Fatalf("referenced %d, sent %d; want 30 and 10", st.PagesCopied, st.PagesSent)
+	}
+	archive := tarOf(t, map[string][]byte{"checkpoint/core-1.img": []byte("core")}, []string{"checkpoint/core-1.img"})
+	if _, err := Encode(bytes.NewReader(archive), &wire, sSess, EncodeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if wire.Len() > 11*Size {
+		t.Fatalf("%d bytes on the wire for 10 new pages", wire.Len())
+	}
+
+	// Without a memory to fill, the stream is refused.
+	if _, err := Decode(bytes.NewReader(wire.Bytes()), &bytes.Buffer{}, NewSession(), dstStore, 1<<30); err == nil {
+		t.Fatal("Decode took a stream with memory")
+	}
+	var got Memory
+	var out bytes.Buffer
+	if _, err := DecodeMemory(bytes.NewReader(wire.Bytes()), &out, dSess, dstStore, 1<<30, &got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), archive) {
+		t.Fatal("the archive did not come out whole")
+	}
+	if len(got.Hashes) != 40 || len(got.Maps) != 2 || len(sent.Hashes) != 40 {
+		t.Fatalf("memory: %d pages in %d maps", len(got.Hashes), len(got.Maps))
+	}
+	// Lazy pages come from the store, in pieces no longer than their entry.
+	buf := make([]byte, 64*Size)
+	n, err := got.ReadPages(dstStore, 1, 0x10000+30*Size, buf)
+	if err != nil || n != 2 || !bytes.Equal(buf[:2*Size], mem[30*Size:32*Size]) {
+		t.Fatalf("ReadPages: %d pages, %v", n, err)
+	}
+	if _, err := got.ReadPages(dstStore, 1, 0x30000, buf); err == nil {
+		t.Fatal("a page outside every entry was served")
+	}
+	// The images: lazy pages out of the pages image, the others in it.
+	img := t.TempDir()
+	w, err := got.WriteImages(img, dstStore, true)
+	if err != nil || w != 8*Size {
+		t.Fatalf("WriteImages wrote %d bytes, %v", w, err)
+	}
+	pmBytes, _ := os.ReadFile(filepath.Join(img, "pagemap-1.img"))
+	pm, err := ParsePageMap(1, pmBytes)
+	if err != nil || pm.Len() != 4 {
+		t.Fatalf("pagemap-1: %v, %v", pm, err)
+	}
+	p1, _ := os.ReadFile(filepath.Join(img, "pages-1.img"))
+	if !bytes.Equal(p1, mem[32*Size:36*Size]) {
+		t.Fatal("pages-1.img does not hold the non-lazy pages")
+	}
+	// The sender kept the pages it sent: it can rebuild the whole memory for a rollback.
+	all := t.TempDir()
+	if _, err := sent.WriteImages(all, src, false); err == nil {
+		t.Fatal("the sender's store lacks the pre-copied pages here, yet WriteImages succeeded")
+	}
+	src.AddTrusted(held, mem[:30*Size])
+	if w, err := sent.WriteImages(all, src, false); err != nil || w != 40*Size {
+		t.Fatalf("rollback images: %d bytes, %v", w, err)
+	}
+}
+
+func TestDecodeMemoryRefusesEntriesBeyondTheLimitAndStrayOps(t *testing.T) {
+	store, _ := OpenStore(t.TempDir(), 1<<30)
+	var wire bytes.Buffer
+	mw := NewMemoryWriter(&wire, NewSession(), EncodeOptions{})
+	mw.Entry(KindProcess, 1, 0, 1<<20, FlagPresent) // 4 GiB announced
+	mw.ow.w.Flush()
+	if _, err := DecodeMemory(bytes.NewReader(wire.Bytes()), &bytes.Buffer{}, NewSession(), store, 1<<30, &Memory{}); err == nil {
+		t.Fatal("a 4 GiB entry passed a 1 GiB limit")
+	}
+	wire.Reset()
+	mw = NewMemoryWriter(&wire, NewSession(), EncodeOptions{})
+	mw.Entry(KindProcess, 1, 0, 2, FlagPresent)
+	mw.ow.op(opEnd)
+	mw.ow.w.Flush()
+	if _, err := DecodeMemory(bytes.NewReader(wire.Bytes()), &bytes.Buffer{}, NewSession(), store, 1<<30, &Memory{}); err == nil {
+		t.Fatal("the stream ended inside a memory entry without an error")
+	}
+}
