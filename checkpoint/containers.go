@@ -22,7 +22,14 @@ type Container struct {
 	StaticDir string `json:"static_dir,omitempty"`
 	// PID is the host PID of the container's first process (0 unless running).
 	PID int `json:"pid,omitempty"`
+	// CRIUConfig is the CRIU configuration file runc hands CRIU for this container (its
+	// org.criu.config annotation; "" when it has none).
+	CRIUConfig string `json:"criu_config,omitempty"`
 }
+
+// AnnotationCRIUConfig names the CRIU configuration file runc passes to CRIU, for dump and
+// restore alike; its settings override runc's. A missing file is ignored.
+const AnnotationCRIUConfig = "org.criu.config"
 
 // Spec describes a container to create on a given network namespace.
 type Spec struct {
@@ -32,6 +39,8 @@ type Spec struct {
 	Env     map[string]string
 	Labels  map[string]string
 	NetNS   string // path of the network namespace the container joins
+	// CRIUConfig, if set, becomes the container's org.criu.config annotation.
+	CRIUConfig string
 }
 
 // Run creates and starts a container.
@@ -41,6 +50,9 @@ func (p *Podman) Run(ctx context.Context, s Spec) (string, error) {
 	g.Command = s.Command
 	g.Env = s.Env
 	g.Labels = s.Labels
+	if s.CRIUConfig != "" {
+		g.Annotations = map[string]string{AnnotationCRIUConfig: s.CRIUConfig}
+	}
 	if s.NetNS != "" {
 		g.NetNS = specgen.Namespace{NSMode: specgen.Path, Value: s.NetNS}
 	}
@@ -61,7 +73,8 @@ func (p *Podman) Inspect(ctx context.Context, name string) (*Container, error) {
 	if err != nil {
 		return nil, p.apiError("inspect", name, err)
 	}
-	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels, StaticDir: d.StaticDir, PID: d.State.Pid}, nil
+	return &Container{ID: d.ID, Name: d.Name, Image: d.ImageName, State: d.State.Status, Labels: d.Config.Labels, StaticDir: d.StaticDir, PID: d.State.Pid,
+		CRIUConfig: d.Config.Annotations[AnnotationCRIUConfig]}, nil
 }
 
 // List returns every container on the host.

@@ -68,6 +68,9 @@ type Options struct {
 type RestoreOptions struct {
 	TCPEstablished bool
 	Name           string // restore under this name instead of the one in the archive
+	// NoStats: do not ask podman for CRIU's statistics (it looks for them in the bundle,
+	// where a restore whose work directory is elsewhere left none).
+	NoStats bool
 }
 
 // Result describes a checkpoint or restore.
@@ -116,7 +119,7 @@ func (p *Podman) Import(ctx context.Context, r io.Reader, o RestoreOptions) (*Re
 	if err != nil {
 		return nil, err
 	}
-	opts := new(containers.RestoreOptions).WithTCPEstablished(o.TCPEstablished).WithPrintStats(true)
+	opts := new(containers.RestoreOptions).WithTCPEstablished(o.TCPEstablished).WithPrintStats(!o.NoStats)
 	if o.Name != "" {
 		opts = opts.WithName(o.Name)
 	}

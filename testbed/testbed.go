@@ -48,6 +48,7 @@ var podmanPaths = []string{
 	"/run/libpod",
 	"/run/runc",
 	"/run/netns",
+	"/run/migrate", // the agents' CRIU configuration files (transfer.CRIUConfigDir)
 }
 
 // Link shapes one host's (or the client's) link to the underlay, in each direction.

@@ -125,7 +125,7 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	a.mv = &mover{self: cfg.Name, ov: a.ovs, peers: agentPeers{a}, closeSession: a.closeSession,
 		out: journal{filepath.Join(cfg.StateDir, "outgoing")}, in: journal{filepath.Join(cfg.StateDir, "incoming")}}
 	if a.podman != nil {
-		a.mv.rt = podmanRuntime{a.podman}
+		a.mv.rt = podmanRuntime{a.podman, a}
 	}
 	// Containers that run here get their flows back before anything else; moves left
 	// unfinished are settled once the agent serves (settle), since that may mean asking
@@ -365,7 +365,10 @@ func (ap agentPeers) Announce(ctx context.Context, loc overlaynet.Location) []st
 }
 
 // podmanRuntime is podman as a move's containerRuntime.
-type podmanRuntime struct{ p *checkpoint.Podman }
+type podmanRuntime struct {
+	p *checkpoint.Podman
+	a *Agent
+}
 
 func (r podmanRuntime) State(ctx context.Context, name string) (string, bool, error) {
 	ok, err := r.p.Exists(ctx, name)
@@ -376,10 +379,25 @@ func (r podmanRuntime) State(ctx context.Context, name string) (string, bool, er
 	return st, err == nil, err
 }
 
-func (r podmanRuntime) Remove(ctx context.Context, name string) error { return r.p.Remove(ctx, name) }
+func (r podmanRuntime) Remove(ctx context.Context, name string) error {
+	if err := r.p.Remove(ctx, name); err != nil {
+		return err
+	}
+	r.a.dropMemory(name)
+	return nil
+}
 
+// RestoreLocal restores the checkpoint podman kept; one whose memory went through the
+// page server gets its page images back first.
 func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
-	return r.p.RestoreLocal(ctx, name, true)
+	if err := r.a.rebuildMemory(ctx, name); err != nil {
+		return err
+	}
+	if err := r.p.RestoreLocal(ctx, name, true); err != nil {
+		return err
+	}
+	r.a.dropMemory(name)
+	return nil
 }
 
 func (a *Agent) hostInfo(ctx context.Context) HostInfo {
@@ -409,6 +427,9 @@ func (a *Agent) hostInfo(ctx context.Context) HostInfo {
 			slog.Warn("podman info", "err", err)
 		}
 		info.Runtime = rt
+		if info.CRIUProblem == "" {
+			info.MemoryProblem = memoryProblem(ctx, rt)
+		}
 	}
 	return info
 }
@@ -620,7 +641,7 @@ func (a *Agent) run(r *http.Request) (any, error) {
 	}
 	labels := map[string]string{LabelIP: req.IP.String(), LabelMAC: ep.MAC}
 	id, err := a.podman.Run(ctx, checkpoint.Spec{Name: req.Name, Image: req.Image, Command: req.Command,
-		Env: req.Env, Labels: labels, NetNS: ep.NetNSPath()})
+		Env: req.Env, Labels: labels, NetNS: ep.NetNSPath(), CRIUConfig: CRIUConfigPath(req.Name)})
 	if err != nil {
 		a.ovs.Unplumb(context.WithoutCancel(ctx), ep)
 		return nil, err

@@ -33,6 +33,9 @@ type HostInfo struct {
 	Podman      bool   `json:"podman"`
 	// DirtyTracking: the kernel tracks dirty pages for CRIU (soft-dirty).
 	DirtyTracking bool              `json:"dirty_tracking"`
+	// MemoryProblem says why this host cannot take the memory path (page server and
+	// lazy pages); empty when it can.
+	MemoryProblem string            `json:"memory_problem,omitempty"`
 	PageStore     *pages.StoreStats `json:"page_store,omitempty"`
 	// The agent's own resources, for operators and leak tests.
 	Goroutines      int   `json:"goroutines"`
@@ -168,10 +171,18 @@ type PushRequest struct {
 	Compress string `json:"compress,omitempty"`
 	// BWLimitMbit caps the rate of everything the move sends (0: no cap).
 	BWLimitMbit float64 `json:"bwlimit_mbit,omitempty"`
+	// MemoryPath is PathAuto (the default), PathMemory (fail unless it can be taken) or
+	// PathArchive (the pages inside podman's archive, as before the memory path).
+	MemoryPath string `json:"memory_path,omitempty"`
 }
 
 // Validate checks the options a user gives.
 func (r PushRequest) Validate() error {
+	switch r.MemoryPath {
+	case "", PathAuto, PathMemory, PathArchive:
+	default:
+		return fmt.Errorf("--memory-path %q: want %s, %s or %s", r.MemoryPath, PathAuto, PathMemory, PathArchive)
+	}
 	if r.Mode != "" && r.Mode != ModePrecopy && r.Mode != ModeStopCopy {
 		return fmt.Errorf("--mode %q: want %s or %s", r.Mode, ModePrecopy, ModeStopCopy)
 	}
@@ -261,6 +272,8 @@ type PushResult struct {
 	Final      *pages.Stats  `json:"final,omitempty"`       // what the frozen phase's archive carried
 	Downtime   []Phase       `json:"downtime,omitempty"`    // the frozen phase, step by step
 	DirtyTrack string        `json:"dirty_tracking,omitempty"`
+	// MemoryPath is the path the memory took: PathMemory or PathArchive.
+	MemoryPath string `json:"memory_path,omitempty"`
 	HeldFrames int           `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
 	LostFrames int           `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
 	ImageBytes int64         `json:"image_bytes"`           // image archive bytes over the agent connection

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -427,17 +428,30 @@ func finalCopyEstimate(r Round) time.Duration {
 // target has restored it, with the times at which the archive started and ended.
 type finalTimes struct {
 	firstByte, lastByte time.Time
+	memoryDone          time.Time    // the memory path: CRIU closed the page server
+	memory              *pages.Stats // what the memory carried
+	memoryBytes         int64
 	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, l *link, sess *pages.Session, seen *lastSent,
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
+	var ps *dumpServer
+	if memory {
+		var err error
+		if ps, err = startDumpServer(c.Name); err != nil {
+			return nil, nil, ft, exportError{err}
+		}
+		defer ps.close()
+	}
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
+	exported := make(chan struct{})
 	go func() {
 		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
 		expW.CloseWithError(err)
+		close(exported)
 		expDone <- err
 	}()
 	h := sha256.New()
@@ -445,6 +459,25 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
+		if ps != nil {
+			// The memory first: CRIU sends it while it dumps, before podman's archive.
+			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
+				if err := a.store.AddTrusted(hs, p); err != nil {
+					slog.Warn("page store", "err", err)
+				}
+			}})
+			mem, mst, err := ps.receive(ctx, mw, exported)
+			ft.memoryDone = time.Now()
+			if err != nil {
+				return exportError{fmt.Errorf("memory of %s: %w", c.Name, err)}
+			}
+			ft.memory = &mst
+			ft.memoryBytes = mem.Bytes()
+			// A rollback rebuilds the page images from it.
+			if err := a.saveMemory(c.Name, mem); err != nil {
+				return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
+			}
+		}
 		var err error
 		st, err = pages.Encode(src, w, sess, pages.EncodeOptions{Base: seen.base,
 			Observe: map[string]func([]byte){checkpoint.DumpStatsFile: func(img []byte) {
@@ -464,17 +497,31 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		return "sha256:" + hex.EncodeToString(h.Sum(nil))
 	}
 	var rr RestoreResult
-	rerr := target.send(ctx, withQuery(PathRestore, "encoding", "pages", "container", c.Name, "move", move), body, encodingHeader(enc), digest, progress, &rr)
+	q := []string{"encoding", "pages", "container", c.Name, "move", move}
+	if memory {
+		q = append(q, "memory", "lazy")
+	}
+	rerr := target.send(ctx, withQuery(PathRestore, q...), body, encodingHeader(enc), digest, progress, &rr)
 	encErr := wait()
 	exp.CloseWithError(fmt.Errorf("the target stopped reading"))
 	if err := <-expDone; err != nil {
 		return nil, nil, ft, exportError{err}
+	}
+	var ee exportError
+	if errors.As(encErr, &ee) {
+		return nil, nil, ft, ee
 	}
 	if rerr != nil {
 		return nil, nil, ft, rerr
 	}
 	if encErr != nil && encErr != io.ErrClosedPipe {
 		return nil, nil, ft, encErr
+	}
+	if m := ft.memory; m != nil {
+		// What the frozen phase carried: the memory and the archive together.
+		st.PagesCopied += m.PagesCopied
+		st.PagesSent += m.PagesSent
+		st.PagesDelta += m.PagesDelta
 	}
 	return &rr, &st, ft, nil
 }

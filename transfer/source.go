@@ -226,12 +226,36 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	emitChecks := func() {
 		for i := range res.Checks {
-			if res.Checks[i].OK {
+			if res.Checks[i].OK && res.Checks[i].Property != "memory path" {
 				res.Checks[i].Detail = ""
 			}
 			emit(Event{Kind: "check", Check: &res.Checks[i]})
 		}
 	}
+	// The memory path: where both hosts and the container allow it, the frozen phase
+	// hands memory over through CRIU's page server and the target restores lazily.
+	memProblem := ""
+	switch {
+	case req.MemoryPath == PathArchive:
+		memProblem = "--memory-path archive"
+	case c.CRIUConfig != CRIUConfigPath(c.Name):
+		memProblem = fmt.Sprintf("the container's %s annotation is %q, not %s (start it with `migrate run`)", annotationCRIUConfig, c.CRIUConfig, CRIUConfigPath(c.Name))
+	case a.info.MemoryProblem != "":
+		memProblem = a.cfg.Name + ": " + a.info.MemoryProblem
+	case tinfo.MemoryProblem != "":
+		memProblem = req.To + ": " + tinfo.MemoryProblem
+	}
+	res.MemoryPath = PathMemory
+	pathCheck := Check{Property: "memory path", OK: true, Source: "page server", Target: "lazy pages"}
+	if memProblem != "" {
+		res.MemoryPath = PathArchive
+		pathCheck.Source, pathCheck.Target = "in podman's archive", "in podman's archive"
+		pathCheck.Detail = "memory goes inside podman's archive: " + memProblem
+		if req.MemoryPath == PathMemory {
+			pathCheck.OK = false
+		}
+	}
+	res.Checks = append(res.Checks, pathCheck)
 	if err := failedCheck(); err != nil {
 		emitChecks()
 		return fail(err)
@@ -398,7 +422,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	wd := newWatchdog(ctx, firstByte, fmt.Sprintf("podman gave no first byte of the checkpoint within %s", firstByte))
 	var lastEmit time.Time
 	var archived int64
-	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, l, sess, seen, func(n int64) {
+	a.dropMemory(c.Name) // an earlier move's: a rollback must not rebuild from it
+	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, l, sess, seen, func(n int64) {
 		if archived == 0 {
 			wd.expect(stall, fmt.Sprintf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
 			fault("source-stream")
@@ -464,6 +489,7 @@ const (
 	StepCRIUDump      = "  of checkpoint: CRIU dumping them (frozen)"
 	StepCRIUMemory    = "  of checkpoint: CRIU memory drain + page image write" // its own counters; may overlap the dump
 	StepPodmanArchive = "  of checkpoint: podman (runtime, archive) before its first byte"
+	StepMemory        = "  of checkpoint: memory handed over (CRIU to the page server, on to the target)"
 	StepStream        = "stream (archive read, encoded, sent)"
 	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
 	StepCRIURestore   = "  of restore: CRIU itself"
@@ -481,6 +507,9 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 			Phase{Name: StepCRIUDump, Duration: d.Frozen},
 			Phase{Name: StepCRIUMemory, Duration: d.MemDump + d.MemWrite},
 			Phase{Name: StepPodmanArchive, Duration: max(0, checkpoint-d.Freezing-d.Frozen)})
+	}
+	if !ft.memoryDone.IsZero() {
+		steps = append(steps, Phase{Name: StepMemory, Duration: ft.memoryDone.Sub(frozenAt)})
 	}
 	steps = append(steps,
 		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},

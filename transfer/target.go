@@ -6,6 +6,7 @@ package transfer
 // not know (it restarted, or the source went silent), by asking the source.
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -165,12 +166,34 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	var src io.Reader = r.Body
 	var pst pages.Stats
 	encoded := r.URL.Query().Get("encoding") == "pages"
+	var lr *lazyRestore // the memory path: the container's memory is restored lazily
 	if encoded {
 		sess, err := a.session(r.Context(), name)
 		if err != nil {
 			return nil, err
 		}
-		if src, err = a.decodeArchive(r.Context(), r, sess, &pst); err != nil {
+		if r.URL.Query().Get("memory") == "lazy" {
+			if a.info.MemoryProblem != "" {
+				return nil, badRequest{fmt.Errorf("%s cannot restore lazily: %s", a.cfg.Name, a.info.MemoryProblem)}
+			}
+			body, done, err := bodyReader(r)
+			if err != nil {
+				return nil, err
+			}
+			var archive []byte
+			lr, archive, err = a.prepareLazy(r.Context(), name, body, sess, &pst)
+			if err == nil {
+				_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
+			}
+			done()
+			if err != nil {
+				if lr != nil {
+					lr.restored(false)
+				}
+				return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+			}
+			src = bytes.NewReader(archive)
+		} else if src, err = a.decodeArchive(r.Context(), r, sess, &pst); err != nil {
 			return nil, err
 		}
 	}
@@ -178,7 +201,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, err
 	}
 	vr := newVerifyingReader(src, r)
-	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true})
+	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil})
 	if vr.err != nil {
 		err = vr.err
 	}
@@ -188,6 +211,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	if err == nil {
 		// Before the answer leaves: from here on only the source's word removes it.
 		err = a.mv.setIn(&mv, InRestored)
+	}
+	if lr != nil {
+		lr.restored(err == nil)
 	}
 	if err != nil {
 		// Nothing half-restored may stay: the source will take the container back. The

@@ -297,6 +297,17 @@ with CRIU (TCP connections included) and streams the archive, pages the target h
 reference, into a restore on the target; the target rebuilds the archive, checks its
 SHA-256, restores, and the overlay re-points to it. The source's copy is removed.
 
+Memory path (--memory-path auto, the default, for containers started with 'migrate run'
+on hosts with runc and userfaultfd): while frozen, CRIU hands the container's pages to the
+source agent (CRIU's page-server protocol), which sends only the pages changed since the
+last round; podman's archive carries the rest of the state. The target restores with
+lazy pages: the container runs as soon as its non-memory state is back, and CRIU's
+lazy-pages daemon fills its memory from the target's page store, at local memory speed.
+Every page is on the target before the container resumes, so it never depends on the
+source afterwards. Elsewhere, or with --memory-path archive, the pages travel inside
+podman's archive and are restored before the container resumes. The pre-flight gate
+says which path a move takes, and why.
+
 A move is a transaction: both agents journal each step before taking it, and the source
 decides. On any failure before the decision the container resumes on the source with its
 connections (exit code 4); after it, the move completes on the target even if an agent
@@ -317,6 +328,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		&cli.IntFlag{Name: "max-rounds", Value: 8, Usage: "at most this many pre-copy rounds"},
 		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd level: auto (fitted to the measured link), none, fastest, default, better, best"},
 		&cli.Float64Flag{Name: "bwlimit", Usage: "cap what the move sends to this many Mbit/s (0: no cap)"},
+		&cli.StringFlag{Name: "memory-path", Value: transfer.PathAuto, Usage: "auto (page server + lazy restore where possible), memory (that or fail), archive (pages inside podman's archive)"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() != 1 {
@@ -324,7 +336,8 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		}
 		name := c.Args().First()
 		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
-			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit")}
+			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit"),
+			MemoryPath: c.String("memory-path")}
 		if err := req.Validate(); err != nil {
 			return usageError{err}
 		}

@@ -1,0 +1,445 @@
+package transfer
+
+// The memory path: in the frozen phase CRIU hands the container's pages to this agent
+// (its page-server protocol, steered through runc's CRIU configuration file), the agent
+// sends the target only what it lacks, and the target restores with lazy pages: CRIU's
+// lazy-pages daemon asks the target agent for each page, which answers from its page
+// store. Podman's archive carries only the non-memory images, and no copy of the memory
+// is written to a file on either side while the container is frozen.
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/pages"
+	"github.com/migrate-project/migrate/pageserver"
+)
+
+// CRIUConfigDir holds the per-container CRIU configuration files. `migrate run` points a
+// container's org.criu.config annotation at CRIUConfigPath(name); an agent writes that
+// file only for the duration of a dump or a restore, so at any other time CRIU runs as
+// runc asks it to.
+const CRIUConfigDir = "/run/migrate/criu"
+
+// CRIUConfigPath is the CRIU configuration file of the container name.
+func CRIUConfigPath(name string) string { return filepath.Join(CRIUConfigDir, name+".conf") }
+
+// Memory paths a push may take, as PushRequest.MemoryPath and PushResult.MemoryPath.
+const (
+	PathAuto    = "auto"    // the memory path where both hosts and the container allow it
+	PathMemory  = "memory"  // page server on the source, lazy pages on the target
+	PathArchive = "archive" // the pages inside podman's checkpoint archive
+)
+
+// memoryProblem says why this host cannot take the memory path ("" if it can).
+func memoryProblem(ctx context.Context, runtime string) string {
+	if runtime != "" && path.Base(runtime) != "runc" {
+		return fmt.Sprintf("OCI runtime %s: only runc is known to pass CRIU its configuration file", runtime)
+	}
+	if out, err := exec.CommandContext(ctx, "criu", "check", "--feature", "uffd-noncoop").CombinedOutput(); err != nil {
+		return "criu check --feature uffd-noncoop fails (no userfaultfd for lazy pages): " + lastLine(string(out))
+	}
+	return ""
+}
+
+// writeCRIUConfig writes the container's CRIU configuration file (one option a line).
+func writeCRIUConfig(name string, lines ...string) error {
+	if err := os.MkdirAll(CRIUConfigDir, 0o755); err != nil {
+		return fmt.Errorf("CRIU configuration: %w", err)
+	}
+	tmp := CRIUConfigPath(name) + ".tmp"
+	if err := os.WriteFile(tmp, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		return fmt.Errorf("CRIU configuration: %w", err)
+	}
+	return os.Rename(tmp, CRIUConfigPath(name))
+}
+
+func removeCRIUConfig(name string) {
+	if err := os.Remove(CRIUConfigPath(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		slog.Warn("CRIU configuration", "container", name, "err", err)
+	}
+}
+
+// dumpServer is the source's page server for one dump: CRIU, told by the container's
+// configuration file, connects here and sends its pages.
+type dumpServer struct {
+	name string
+	ln   net.Listener
+}
+
+func startDumpServer(name string) (*dumpServer, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("page server: %w", err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	if err := writeCRIUConfig(name, "page-server", "address 127.0.0.1", "port "+strconv.Itoa(port)); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return &dumpServer{name: name, ln: ln}, nil
+}
+
+func (d *dumpServer) close() {
+	removeCRIUConfig(d.name)
+	d.ln.Close()
+}
+
+// receive takes the one dump's connection (until exported says podman finished without
+// CRIU ever connecting) and hands its memory to mw.
+func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}) (*pages.Memory, pages.Stats, error) {
+	type accepted struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan accepted, 1)
+	go func() {
+		c, err := d.ln.Accept()
+		ch <- accepted{c, err}
+	}()
+	var conn net.Conn
+	select {
+	case a := <-ch:
+		if a.err != nil {
+			return nil, pages.Stats{}, fmt.Errorf("page server: %w", a.err)
+		}
+		conn = a.c
+	case <-exported:
+		return nil, pages.Stats{}, errors.New("CRIU never connected to the page server: the runtime ignored the container's CRIU configuration file")
+	case <-ctx.Done():
+		return nil, pages.Stats{}, context.Cause(ctx)
+	}
+	// The configuration file has done its job: a restore on this host must not see it.
+	removeCRIUConfig(d.name)
+	d.ln.Close()
+	defer conn.Close()
+	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive()}); err != nil {
+		return nil, pages.Stats{}, err
+	}
+	return mw.Close()
+}
+
+type memorySink struct{ mw *pages.MemoryWriter }
+
+func (s memorySink) Entry(img pageserver.Image, vaddr, n uint64, flags uint32) error {
+	return s.mw.Entry(int(img.Kind), img.ID, vaddr, n, flags)
+}
+
+func (s memorySink) Pages(_ pageserver.Image, vaddr uint64, data []byte) error {
+	return s.mw.Pages(vaddr, data)
+}
+
+// The source keeps what a dump's memory was (the names of its pages, which its page store
+// holds) until the move ends: a rollback rebuilds the page images of the checkpoint podman
+// kept from it. It is on disk, so a restarted agent can roll back too.
+func (a *Agent) memoryFile(name string) string {
+	return filepath.Join(a.cfg.StateDir, "memory", name+".gob")
+}
+
+func (a *Agent) saveMemory(name string, mem *pages.Memory) error {
+	f := a.memoryFile(name)
+	if err := os.MkdirAll(filepath.Dir(f), 0o700); err != nil {
+		return err
+	}
+	var b bytes.Buffer
+	if err := gob.NewEncoder(&b).Encode(mem); err != nil {
+		return err
+	}
+	return writeFileSync(f, b.Bytes())
+}
+
+func (a *Agent) dropMemory(name string) {
+	if err := os.Remove(a.memoryFile(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		slog.Warn("kept memory", "container", name, "err", err)
+	}
+}
+
+// rebuildMemory writes the page images of a container whose memory went through the page
+// server into the checkpoint podman kept, so that podman can restore it here. It does
+// nothing for a container without kept memory.
+func (a *Agent) rebuildMemory(ctx context.Context, name string) error {
+	b, err := os.ReadFile(a.memoryFile(name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var mem pages.Memory
+	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&mem); err != nil {
+		return fmt.Errorf("kept memory of %s: %w", name, err)
+	}
+	c, err := a.podman.Inspect(ctx, name)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(c.StaticDir, "checkpoint")
+	t0 := time.Now()
+	n, err := mem.WriteImages(dir, a.store, false)
+	if err != nil {
+		return fmt.Errorf("rebuild the memory of %s into %s: %w", name, dir, err)
+	}
+	slog.Info("memory rebuilt for a local restore", "container", name, "bytes", n, "took", time.Since(t0))
+	return nil
+}
+
+// writeFileSync writes a file atomically and durably.
+func writeFileSync(name string, data []byte) error {
+	tmp := name + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, name)
+}
+
+// lazyRestore is the target's half of the memory path: the archive (non-memory images)
+// and the memory's page names arrive together; the images go to a directory of their
+// own with lazy pagemaps, a lazy-pages daemon starts that asks this agent for pages, and
+// podman restores the container through a CRIU configuration file that points CRIU at
+// both. The container runs once its non-memory state is restored; its memory is filled
+// in the background from the page store.
+type lazyRestore struct {
+	a      *Agent
+	name   string
+	dir    string
+	mem    pages.Memory
+	ln     net.Listener
+	daemon *exec.Cmd
+	exited chan error
+	unpin  func()
+	served atomic.Int64
+	start  time.Time
+}
+
+// lazyDir is where a lazy restore's images and CRIU's logs live.
+func (a *Agent) lazyDir(name string) string { return filepath.Join(a.cfg.StateDir, "lazy", name) }
+
+// prepareLazy decodes the stream into the archive (returned) and the memory, writes the
+// images and starts the daemon and the page server it asks.
+func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, sess *pages.Session, st *pages.Stats) (*lazyRestore, []byte, error) {
+	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now()}
+	var archive bytes.Buffer
+	var err error
+	if *st, err = pages.DecodeMemory(body, &archive, sess, a.store, maxArchive(), &lr.mem); err != nil {
+		lr.unpin()
+		return nil, nil, err
+	}
+	if err := lr.setUp(ctx, archive.Bytes()); err != nil {
+		lr.stop(false)
+		return nil, nil, err
+	}
+	return lr, archive.Bytes(), nil
+}
+
+func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
+	if err := os.RemoveAll(lr.dir); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(lr.dir, 0o700); err != nil {
+		return err
+	}
+	if err := extractCheckpoint(archive, lr.dir); err != nil {
+		return err
+	}
+	if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("lazy page server: %w", err)
+	}
+	lr.ln = ln
+	goSafe("lazy page server", lr.serve, nil)
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	lr.daemon = exec.Command("criu", "lazy-pages", "-D", lr.dir, "-W", lr.dir, "-o", "lazy-pages.log",
+		"--page-server", "--address", "127.0.0.1", "--port", port)
+	var stderr bytes.Buffer
+	lr.daemon.Stderr = &stderr
+	if err := lr.daemon.Start(); err != nil {
+		return fmt.Errorf("criu lazy-pages: %w", err)
+	}
+	go func() {
+		err := lr.daemon.Wait()
+		if err != nil {
+			err = fmt.Errorf("criu lazy-pages: %w: %s%s", err, strings.TrimSpace(stderr.String()), criuErrors(filepath.Join(lr.dir, "lazy-pages.log")))
+		}
+		lr.exited <- err
+	}()
+	sock := filepath.Join(lr.dir, "lazy-pages.socket")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		select {
+		case err := <-lr.exited:
+			lr.exited <- err
+			return fmt.Errorf("criu lazy-pages ended before it listened: %v", err)
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return errors.New("criu lazy-pages did not listen within 10 s")
+		}
+	}
+	return writeCRIUConfig(lr.name, "lazy-pages", "images-dir "+lr.dir, "work-dir "+lr.dir)
+}
+
+// serve answers the daemon's connection (one) from the page store.
+func (lr *lazyRestore) serve() {
+	conn, err := lr.ln.Accept()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	src := memorySource{&lr.mem, lr.a.store}
+	err = pageserver.Serve(context.Background(), conn, src, pageserver.ServeOptions{Served: func(n int) { lr.served.Add(int64(n)) }})
+	if err != nil {
+		slog.Error("lazy pages", "container", lr.name, "err", err)
+	}
+}
+
+type memorySource struct {
+	mem   *pages.Memory
+	store *pages.Store
+}
+
+func (s memorySource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
+	return s.mem.ReadPages(s.store, pid, vaddr, buf)
+}
+
+// restored: podman has answered. The configuration file goes at once; on success the
+// daemon fills the memory in the background and everything is cleaned up when it ends.
+func (lr *lazyRestore) restored(ok bool) {
+	removeCRIUConfig(lr.name)
+	if !ok {
+		lr.stop(true)
+		return
+	}
+	goSafe("lazy fill", func() {
+		d := lazyFillDeadline(lr.mem.Bytes())
+		select {
+		case err := <-lr.exited:
+			if err != nil {
+				slog.Error("lazy fill", "container", lr.name, "err", err, "logs", lr.dir)
+				lr.stop(true)
+				return
+			}
+			slog.Info("lazy fill done", "container", lr.name, "pages", lr.served.Load(), "bytes", lr.mem.Bytes(), "since_restore_began", time.Since(lr.start))
+			lr.stop(false)
+		case <-time.After(d):
+			slog.Error("lazy fill did not end in time; its daemon is stopped", "container", lr.name, "deadline", d, "served_pages", lr.served.Load())
+			lr.stop(true)
+		}
+	}, nil)
+}
+
+// lazyFillDeadline bounds the background fill: pages come from the local store.
+func lazyFillDeadline(memBytes int64) time.Duration {
+	return 2*time.Minute + time.Duration(memBytes/(20<<20))*time.Second
+}
+
+// stop ends the daemon (if it still runs: it is ours, by PID), the server and the pin,
+// and removes the directory unless its logs are worth keeping.
+func (lr *lazyRestore) stop(keep bool) {
+	removeCRIUConfig(lr.name)
+	if lr.daemon != nil && lr.daemon.Process != nil {
+		select {
+		case err := <-lr.exited:
+			lr.exited <- err
+		default:
+			lr.daemon.Process.Kill()
+		}
+	}
+	if lr.ln != nil {
+		lr.ln.Close()
+	}
+	lr.unpin()
+	if keep {
+		if dir := lr.a.keepLogs(lr.name, lr.dir, "restore.log", "lazy-pages.log"); dir != "" {
+			slog.Info("CRIU logs kept", "container", lr.name, "dir", dir)
+		}
+	}
+	os.RemoveAll(lr.dir)
+}
+
+// extractCheckpoint writes the archive's checkpoint/ images (regular files, flat) into dir.
+func extractCheckpoint(archive []byte, dir string) error {
+	tr := tar.NewReader(bytes.NewReader(archive))
+	for {
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("checkpoint archive: %w", err)
+		}
+		d, base := path.Split(strings.TrimPrefix(path.Clean(hdr.Name), "./"))
+		if strings.TrimSuffix(d, "/") != "checkpoint" || hdr.Typeflag != tar.TypeReg || base == "" || base == "." || base == ".." {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(dir, base), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(f, tr)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("checkpoint image %s: %w", base, err)
+		}
+	}
+}
+
+// criuErrors quotes the error lines of a CRIU log (empty if none or no log).
+func criuErrors(log string) string {
+	b, err := os.ReadFile(log)
+	if err != nil {
+		return ""
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "Error") || strings.Contains(l, "rror (") {
+			out = append(out, strings.TrimSpace(l))
+		}
+	}
+	if len(out) > 5 {
+		out = out[len(out)-5:]
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "; " + log + ": " + strings.Join(out, " | ")
+}
+
+
+const annotationCRIUConfig = checkpoint.AnnotationCRIUConfig
