@@ -32,7 +32,7 @@ type HostInfo struct {
 	Datapath    string `json:"ovs_datapath"`
 	Podman      bool   `json:"podman"`
 	// DirtyTracking: the kernel tracks dirty pages for CRIU (soft-dirty).
-	DirtyTracking bool              `json:"dirty_tracking"`
+	DirtyTracking bool `json:"dirty_tracking"`
 	// MemoryProblem says why this host cannot take the memory path (page server and
 	// lazy pages); empty when it can.
 	MemoryProblem string            `json:"memory_problem,omitempty"`
@@ -261,19 +261,19 @@ type PushResult struct {
 	Attention []string `json:"attention,omitempty"`
 	// Where is the host that runs the container when the push ended, as far as the
 	// source knows ("" if it does not know: see Attention).
-	Where      string        `json:"where,omitempty"`
-	Error      string        `json:"error,omitempty"`
-	Checks     []Check       `json:"checks,omitempty"`
-	Mode       string        `json:"mode,omitempty"`
-	Bytes      int64         `json:"bytes"`       // memory and checkpoint bytes over the agent connection (rounds + final)
-	RoundBytes int64         `json:"round_bytes"` // of those, sent while the container ran
-	Rounds     []Round       `json:"rounds,omitempty"`
-	StopReason string        `json:"stop_reason,omitempty"` // why pre-copy stopped iterating
-	Final      *pages.Stats  `json:"final,omitempty"`       // what the frozen phase's archive carried
-	Downtime   []Phase       `json:"downtime,omitempty"`    // the frozen phase, step by step
-	DirtyTrack string        `json:"dirty_tracking,omitempty"`
+	Where      string       `json:"where,omitempty"`
+	Error      string       `json:"error,omitempty"`
+	Checks     []Check      `json:"checks,omitempty"`
+	Mode       string       `json:"mode,omitempty"`
+	Bytes      int64        `json:"bytes"`       // memory and checkpoint bytes over the agent connection (rounds + final)
+	RoundBytes int64        `json:"round_bytes"` // of those, sent while the container ran
+	Rounds     []Round      `json:"rounds,omitempty"`
+	StopReason string       `json:"stop_reason,omitempty"` // why pre-copy stopped iterating
+	Final      *pages.Stats `json:"final,omitempty"`       // what the frozen phase's archive carried
+	Downtime   []Phase      `json:"downtime,omitempty"`    // the frozen phase, step by step
+	DirtyTrack string       `json:"dirty_tracking,omitempty"`
 	// MemoryPath is the path the memory took: PathMemory or PathArchive.
-	MemoryPath string `json:"memory_path,omitempty"`
+	MemoryPath string        `json:"memory_path,omitempty"`
 	HeldFrames int           `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
 	LostFrames int           `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
 	ImageBytes int64         `json:"image_bytes"`           // image archive bytes over the agent connection

@@ -441,5 +441,4 @@ func criuErrors(log string) string {
 	return "; " + log + ": " + strings.Join(out, " | ")
 }
 
-
 const annotationCRIUConfig = checkpoint.AnnotationCRIUConfig
