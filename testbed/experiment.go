@@ -14,8 +14,14 @@ import (
 const (
 	CaseStock    = "stock"     // podman checkpoint --export, copy, podman restore --import
 	CaseStopCopy = "stop-copy" // migrate push --mode stop-copy
-	CasePrecopy  = "precopy"   // migrate push (pre-copy)
+	CasePrecopy  = "precopy"   // migrate push: pre-copy, the memory path (page server, lazy restore)
+	// CasePrecopyArchive is pre-copy with the pages inside podman's archive (the path
+	// before the memory path, and the fallback).
+	CasePrecopyArchive = "precopy-archive"
 )
+
+// Cases are the experiment's cases, in the order they run.
+var Cases = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopy}
 
 // ExpRow is one move of the experiment.
 type ExpRow struct {
@@ -82,8 +88,8 @@ func Ratios(rows []ExpRow) []string {
 		if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
 			continue
 		}
-		out = append(out, fmt.Sprintf("%-16s pre-copy / stock: downtime %.3f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
-			k.String(), float64(p.Gap)/float64(s.Gap), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
+		out = append(out, fmt.Sprintf("%-16s pre-copy / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
+			k.String(), float64(p.Gap)/float64(s.Gap), float64(s.Gap)/float64(max(p.Gap, time.Millisecond)), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
 			float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
 			float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
 	}
@@ -93,8 +99,8 @@ func Ratios(rows []ExpRow) []string {
 // WriteSVG draws two bar charts, downtime and bytes on the wire, one group of bars per
 // configuration and one bar per case, on a log scale.
 func WriteSVG(w io.Writer, rows []ExpRow) error {
-	cases := []string{CaseStock, CaseStopCopy, CasePrecopy}
-	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopy: "#2070c0"}
+	cases := Cases
+	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopyArchive: "#90b0e0", CasePrecopy: "#2070c0"}
 	keys, by := byConfig(rows)
 	const bw, gap, left, panelH, top = 18, 24, 70, 220, 40
 	groupW := len(cases)*bw + gap

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
 )
 
 // envList reads a comma-separated list of numbers, or def.
@@ -51,8 +52,8 @@ func TestExperimentDowntime(t *testing.T) {
 	for _, size := range sizes {
 		for _, pct := range dirty {
 			rate := int(size * 256 * pct / 100) // pages per second
-			transfer := size * 1.05 * 8 / 92    // seconds for the memory at the link's rate
-			for _, c := range []string{testbed.CaseStock, testbed.CaseStopCopy, testbed.CasePrecopy} {
+			xfer := size * 1.05 * 8 / 92    // seconds for the memory at the link's rate
+			for _, c := range testbed.Cases {
 				seed++
 				row := testbed.ExpRow{SizeMiB: int(size), DirtyPct: pct, Case: c}
 				// A name and address per move: each starts from nothing.
@@ -61,9 +62,9 @@ func TestExperimentDowntime(t *testing.T) {
 				mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", cmd)
 				waitMemload(t, tb, ip)
 				// sockperf runs for a fixed time that must cover the move.
-				seconds := 12 + int(transfer*1.3)
-				if c == testbed.CasePrecopy {
-					seconds = 12 + int(transfer*3.3) // rounds, then the frozen copy
+				seconds := 12 + int(xfer*1.3)
+				if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive {
+					seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
 				}
 				t0 := time.Now()
 				gap, _, n := sockperfAt(t, tb, ip, seconds, func() {
@@ -77,10 +78,19 @@ func TestExperimentDowntime(t *testing.T) {
 						row.Phases = fmt.Sprintf("checkpoint %s; copy %s; restore %s; re-point %s", r.Checkpoint.Round(time.Millisecond),
 							r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond), r.Repoint.Round(time.Millisecond))
 					default:
-						mode := map[string]string{testbed.CaseStopCopy: "stop-copy", testbed.CasePrecopy: "precopy"}[c]
-						r := pushArgs(t, tb, name, "--to", "b", "--mode", mode)
+						args := map[string][]string{
+							testbed.CaseStopCopy:       {"--mode", "stop-copy"},
+							testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
+							testbed.CasePrecopy:        {"--mode", "precopy"},
+						}[c]
+						r := pushArgs(t, tb, append([]string{name, "--to", "b"}, args...)...)
 						if !r.OK {
-							t.Fatalf("push %s: %s", mode, r.Error)
+							t.Fatalf("push %v: %s", args, r.Error)
+						}
+						// The default takes the memory path on this testbed; the other
+						// case keeps the archive path measured beside it.
+						if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
+							t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
 						}
 						row.Held, row.Total, row.Bytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
 						var ph []string

@@ -387,6 +387,19 @@ func (r podmanRuntime) Remove(ctx context.Context, name string) error {
 	return nil
 }
 
+// Unfreeze thaws the container's cgroup if it runs.
+func (r podmanRuntime) Unfreeze(ctx context.Context, name string) error {
+	c, err := r.p.Inspect(ctx, name)
+	if err != nil || c.PID == 0 {
+		return err
+	}
+	fz, err := freezerOf(c.PID)
+	if err != nil {
+		return nil // no freezer: nothing can be frozen
+	}
+	return fz.thaw()
+}
+
 // RestoreLocal restores the checkpoint podman kept; one whose memory went through the
 // page server gets its page images back first.
 func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {

@@ -24,6 +24,9 @@ type containerRuntime interface {
 	Remove(ctx context.Context, name string) error
 	// RestoreLocal restores the container from the checkpoint it keeps (a rollback).
 	RestoreLocal(ctx context.Context, name string) error
+	// Unfreeze thaws a running container's cgroup (frozen for a checkpoint that did
+	// not happen or failed).
+	Unfreeze(ctx context.Context, name string) error
 }
 
 // overlayNode is the part of the overlay a move drives.
@@ -209,6 +212,10 @@ func (m *mover) finishAborted(ctx context.Context, mv *outgoingMove) finished {
 			f.Pending = append(f.Pending, fmt.Sprintf("%s no longer exists on %s", mv.Container, m.self))
 		case st == "running":
 			running = true
+			if err := m.rt.Unfreeze(ctx, mv.Container); err != nil {
+				f.Pending = append(f.Pending, fmt.Sprintf("thaw %s on %s: %v", mv.Container, m.self, err))
+				running = false
+			}
 		default:
 			if err := m.rt.RestoreLocal(ctx, mv.Container); err != nil {
 				f.Pending = append(f.Pending, fmt.Sprintf("resume %s on %s: %v", mv.Container, m.self, err))

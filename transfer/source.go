@@ -412,6 +412,13 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return rollback(err)
 	}
 	frozenAt := time.Now()
+	// The processes too, before podman's checkpoint reaches CRIU (which then skips its
+	// freezer loop's 100 ms steps). Without a freezer CRIU freezes them itself.
+	if fz, err := freezerOf(c.PID); err == nil {
+		if err := fz.freeze(ctx, 2*time.Second); err != nil {
+			slog.Warn("freezing the container's cgroup before the checkpoint; CRIU will", "container", c.Name, "err", err)
+		}
+	}
 	if err := fault("source-freeze"); err != nil {
 		return rollback(err)
 	}
