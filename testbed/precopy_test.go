@@ -3,6 +3,7 @@ package testbed_test
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -65,6 +66,14 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	if !r1.OK || r1.Mode != transfer.ModePrecopy || len(r1.Rounds) < 2 || r1.Final == nil {
 		t.Fatalf("pre-copy push: %+v", r1)
 	}
+	// The memory path: the pages left podman's archive (CRIU's page server) and b
+	// restored lazily; the archive holds only the rest of the state.
+	if r1.MemoryPath != transfer.PathMemory {
+		t.Fatalf("push took the %q path, want %q (checks: %+v)", r1.MemoryPath, transfer.PathMemory, r1.Checks)
+	}
+	if f := r1.Final; f.ArchiveBytes > 4<<20 {
+		t.Errorf("podman's archive was %d bytes: the memory should not be in it", f.ArchiveBytes)
+	}
 	if r1.RoundBytes < 128<<20 {
 		t.Errorf("only %d bytes crossed while running; 128 MiB of memory should", r1.RoundBytes)
 	}
@@ -118,4 +127,24 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	}
 	t.Logf("memload counter %d -> %d -> %d, checksums intact; stream %d of %d bytes, largest gap %s",
 		before.counter, mid.counter, after.counter, st.Received, st.Expected, st.LargestGap.Round(time.Millisecond))
+
+	// Back on a, restored lazily, it is an ordinary podman container: inspect says
+	// running, and stop and start work. Nothing of the lazy restore is left behind.
+	ctx := context.Background()
+	if out, err := tb.Run(ctx, "a", "podman", "inspect", "--format", "{{.State.Status}}", "web"); err != nil || strings.TrimSpace(out) != "running" {
+		t.Fatalf("podman inspect web on a: %q %v", out, err)
+	}
+	for _, args := range [][]string{{"podman", "stop", "-t", "1", "web"}, {"podman", "start", "web"}} {
+		if out, err := tb.Run(ctx, "a", args...); err != nil {
+			t.Fatalf("%v on a: %v %s", args, err, out)
+		}
+	}
+	if out, err := tb.Run(ctx, "a", "podman", "inspect", "--format", "{{.State.Status}}", "web"); err != nil || strings.TrimSpace(out) != "running" {
+		t.Fatalf("web after stop and start: %q %v", out, err)
+	}
+	for _, h := range []string{"a", "b"} {
+		if out, err := tb.Run(ctx, h, "sh", "-c", "ls /run/migrate/criu 2>/dev/null; pgrep -x criu || true"); err != nil || strings.TrimSpace(out) != "" {
+			t.Errorf("left behind on %s (CRIU configuration files, lazy-pages daemons): %q %v", h, out, err)
+		}
+	}
 }

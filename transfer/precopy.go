@@ -17,8 +17,12 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/overlaynet"
 	"github.com/migrate-project/migrate/pages"
 )
+
+// neighborsHeader carries the container's neighbour cache with its checkpoint.
+const neighborsHeader = "X-Migrate-Neighbors"
 
 // link is how a move sends: compression and a rate cap, with the bandwidth it measures.
 type link struct {
@@ -434,7 +438,7 @@ type finalTimes struct {
 	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, l *link, sess *pages.Session, seen *lastSent,
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
 	var ps *dumpServer
@@ -501,7 +505,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	if memory {
 		q = append(q, "memory", "lazy")
 	}
-	rerr := target.send(ctx, withQuery(PathRestore, q...), body, encodingHeader(enc), digest, progress, &rr)
+	hdr := encodingHeader(enc)
+	if len(neigh) > 0 {
+		hdr.Set(neighborsHeader, overlaynet.FormatNeighbors(neigh))
+	}
+	rerr := target.send(ctx, withQuery(PathRestore, q...), body, hdr, digest, progress, &rr)
 	encErr := wait()
 	exp.CloseWithError(fmt.Errorf("the target stopped reading"))
 	if err := <-expDone; err != nil {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/migrate-project/migrate/overlaynet"
 	"github.com/migrate-project/migrate/pages"
 )
 
@@ -430,7 +431,12 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	var lastEmit time.Time
 	var archived int64
 	a.dropMemory(c.Name) // an earlier move's: a rollback must not rebuild from it
-	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, l, sess, seen, func(n int64) {
+	// Its neighbour cache goes along: the restored container need not ask ARP first.
+	neigh, err := overlaynet.Neighbors(ep)
+	if err != nil {
+		slog.Warn("neighbour cache", "container", c.Name, "err", err)
+	}
+	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, neigh, l, sess, seen, func(n int64) {
 		if archived == 0 {
 			wd.expect(stall, fmt.Sprintf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
 			fault("source-stream")

@@ -200,6 +200,14 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	if err := a.mv.setIn(&mv, InRestoring); err != nil {
 		return nil, err
 	}
+	// The container's neighbour cache, before it runs: its first packets go out at once.
+	if ns, err := overlaynet.ParseNeighbors(r.Header.Get(neighborsHeader)); err != nil {
+		slog.Warn("neighbour cache from the source", "container", name, "err", err)
+	} else if len(ns) > 0 {
+		if err := overlaynet.SetNeighbors(prep.Endpoint, ns); err != nil {
+			slog.Warn("neighbour cache", "container", name, "err", err)
+		}
+	}
 	vr := newVerifyingReader(src, r)
 	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil})
 	if vr.err != nil {
