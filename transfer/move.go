@@ -34,6 +34,8 @@ type overlayNode interface {
 	AddLocal(loc overlaynet.Location, port string) error
 	Locate(loc overlaynet.Location) error
 	Thaw(mac string) (held, lost int, err error)
+	// Switch is Locate and Thaw in one.
+	Switch(loc overlaynet.Location) (held, lost int, err error)
 	Unplumb(ctx context.Context, e overlaynet.Endpoint) error
 }
 
@@ -94,6 +96,8 @@ type finished struct {
 	Unannounced            []string // nodes that did not learn the new location yet
 	// Running: after a rollback, the container runs on the source.
 	Running bool
+	// Released is when the traffic held during the freeze was let go.
+	Released time.Time
 	// Pending lists what is left (the peer did not acknowledge, a copy not removed);
 	// the journal entry stays and the agent retries in the background.
 	Pending []string
@@ -112,11 +116,15 @@ func (m *mover) setOut(mv *outgoingMove, state string) error {
 // target, the held frames follow, the target is told, the source's copy goes. The caller
 // must know that the container runs on the target (its restore succeeded).
 func (m *mover) commit(ctx context.Context, mv *outgoingMove) (finished, error) {
+	t0 := time.Now()
 	if err := m.setOut(mv, OutCommitted); err != nil {
 		return finished{}, err
 	}
+	journaled := time.Since(t0)
 	fault("source-committed")
-	return m.finishCommitted(ctx, mv), nil
+	f := m.finishCommitted(ctx, mv)
+	slog.Debug("committed", "container", mv.Container, "journal", journaled, "released_after", f.Released.Sub(t0))
+	return f, nil
 }
 
 // finishCommitted carries out a committed move; each step is idempotent, so recovery
@@ -127,13 +135,11 @@ func (m *mover) finishCommitted(ctx context.Context, mv *outgoingMove) finished 
 	// the target as soon as its rules point there. Other nodes learn it next; until they
 	// do, their traffic reaches this node and is forwarded the same way.
 	loc := mv.Endpoint.Location(mv.Target)
-	if err := m.ov.Locate(loc); err != nil {
-		slog.Warn("point this node at the target", "container", mv.Container, "err", err)
-	}
 	var err error
-	if f.HeldFrames, f.LostFrames, err = m.ov.Thaw(mv.Endpoint.MAC); err != nil {
-		slog.Warn("release held frames", "container", mv.Container, "err", err)
+	if f.HeldFrames, f.LostFrames, err = m.ov.Switch(loc); err != nil {
+		slog.Warn("point this node at the target and release held frames", "container", mv.Container, "err", err)
 	}
+	f.Released = time.Now()
 	f.Unannounced = m.peers.Announce(ctx, loc)
 	if !mv.Acked {
 		err := m.call(ctx, mv.Target, peerWait, func(ctx context.Context, c moveClient) error {

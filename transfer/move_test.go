@@ -76,6 +76,11 @@ func (o *fakeOverlay) Thaw(mac string) (int, int, error) {
 	return n, 0, nil
 }
 
+func (o *fakeOverlay) Switch(loc overlaynet.Location) (int, int, error) {
+	o.Locate(loc)
+	return o.Thaw(loc.MAC)
+}
+
 func (o *fakeOverlay) Unplumb(_ context.Context, e overlaynet.Endpoint) error {
 	delete(o.local, e.MAC)
 	if o.locs[e.MAC] == o.host {

@@ -483,8 +483,14 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return rollback(err)
 	}
 	res.HeldFrames, res.LostFrames = f.HeldFrames, f.LostFrames
-	res.Frozen = time.Since(frozenAt)
-	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, time.Now(), rr.CRIURestore)
+	// Traffic flows again once this node points at the target and the held frames
+	// follow (the rest of the commit, announcing and cleaning up, happens meanwhile).
+	released := f.Released
+	if released.IsZero() {
+		released = time.Now()
+	}
+	res.Frozen = released.Sub(frozenAt)
+	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, released, rr.CRIURestore)
 	if len(f.Unannounced) > 0 {
 		res.Attention = append(res.Attention, fmt.Sprintf("nodes %v did not learn the new location yet (they will when they reach %s)", f.Unannounced, req.To))
 	}
@@ -506,7 +512,7 @@ const (
 	StepStream        = "stream (archive read, encoded, sent)"
 	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
 	StepCRIURestore   = "  of restore: CRIU itself"
-	StepOverlaySwitch = "overlay switch"
+	StepOverlaySwitch = "overlay switch (journal the decision, point this node at the target, release held frames)"
 )
 
 // frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
