@@ -137,3 +137,46 @@ func FuzzParseHashes(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeMemory: a stream that begins with a dump's memory (pagemap entries and their
+// pages) is decoded within its limit, memory included, or refused; never a panic.
+func FuzzDecodeMemory(f *testing.F) {
+	mem := make([]byte, 8*Size)
+	for i := range mem {
+		mem[i] = byte(i * 11)
+	}
+	src := NewSession()
+	hs := make([]Hash, 4)
+	SumAll(mem[:4*Size], hs)
+	src.Append(hs...)
+	var enc bytes.Buffer
+	mw := NewMemoryWriter(&enc, src, EncodeOptions{})
+	mw.Entry(KindProcess, 1, 0x10000, 8, FlagPresent|FlagLazy)
+	mw.Pages(0x10000, mem)
+	mw.Close()
+	archive := tarOf(f, map[string][]byte{"checkpoint/core-1.img": []byte("core")}, []string{"checkpoint/core-1.img"})
+	Encode(bytes.NewReader(archive), &enc, src, EncodeOptions{})
+	f.Add(enc.Bytes())
+	f.Add(binary.AppendUvarint(binary.AppendUvarint(binary.AppendUvarint(binary.AppendUvarint(binary.AppendUvarint([]byte{opEntry}, KindProcess), 1), 0), 1<<36), FlagPresent))
+	store, err := OpenStore(f.TempDir(), 4*packPages*Size)
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer store.Close()
+	known := fuzzSession(f, store, mem[:4*Size])
+	const limit = 64 * Size
+	f.Fuzz(func(t *testing.T, in []byte) {
+		sess := NewSession()
+		names, _ := known.Slice(0, known.Len())
+		sess.Append(names...)
+		w := &countingWriter{max: limit}
+		var m Memory
+		_, err := DecodeMemory(bytes.NewReader(in), w, sess, store, limit, &m)
+		if errors.Is(err, errWroteTooMuch) {
+			t.Fatalf("DecodeMemory wrote %d bytes past its limit %d", w.n, limit)
+		}
+		if m.Bytes()+w.n > limit && err == nil {
+			t.Fatalf("memory %d + archive %d bytes decoded past the limit %d", m.Bytes(), w.n, limit)
+		}
+	})
+}

@@ -9,7 +9,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 time=${1:-5s}
 targets=(
-  ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes
+  ./pageserver:FuzzReceive ./pageserver:FuzzServe ./pages:FuzzDecodeMemory ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes
   ./checkpoint:FuzzParseDumpStats
   ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents
 )

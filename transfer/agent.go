@@ -116,6 +116,9 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
+	// No move is under way when an agent starts: CRIU configuration files and lazy
+	// restores a crashed agent left would steer the next dump or restore wrongly.
+	clearMoveLeftovers(cfg.StateDir)
 	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers,
 		NoHold: a.podman == nil, StateFile: filepath.Join(cfg.StateDir, "locations.json")})
 	if err := a.ovs.Setup(ctx); err != nil {

@@ -76,6 +76,22 @@ func removeCRIUConfig(name string) {
 	}
 }
 
+// clearMoveLeftovers removes what a crashed agent left of a move's memory path: CRIU
+// configuration files (a dump would look for a page server that is gone; a restore for a
+// lazy-pages daemon) and lazy restore directories.
+func clearMoveLeftovers(stateDir string) {
+	if ents, err := os.ReadDir(CRIUConfigDir); err == nil {
+		for _, e := range ents {
+			if strings.HasSuffix(e.Name(), ".conf") || strings.HasSuffix(e.Name(), ".tmp") {
+				if err := os.Remove(filepath.Join(CRIUConfigDir, e.Name())); err == nil {
+					slog.Warn("removed a CRIU configuration file an earlier agent left", "file", e.Name())
+				}
+			}
+		}
+	}
+	os.RemoveAll(filepath.Join(stateDir, "lazy"))
+}
+
 // dumpServer is the source's page server for one dump: CRIU, told by the container's
 // configuration file, connects here and sends its pages.
 type dumpServer struct {
