@@ -108,7 +108,34 @@ func OpenStore(dir string, maxBytes int64) (*Store, error) {
 	return s, nil
 }
 
-func (s *Store) packPath(id uint32) string { return filepath.Join(s.dir, fmt.Sprintf("pack-%08d", id)) }
+func (s *Store) packPath(id uint32) string { return PackPath(s.dir, id) }
+
+// Dir is the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+// PageLoc is where the store keeps a page: its pack file and the page's place in it.
+type PageLoc struct {
+	Pack uint32
+	Page uint32
+}
+
+// Locate returns where the store keeps each of hs.
+func (s *Store) Locate(hs []Hash) ([]PageLoc, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]PageLoc, len(hs))
+	for i, h := range hs {
+		l, ok := s.idx[h]
+		if !ok {
+			return nil, fmt.Errorf("page %s: %w", h, ErrMissing)
+		}
+		out[i] = PageLoc{Pack: l.pack, Page: l.page}
+	}
+	return out, nil
+}
+
+// PackPath is the file of pack id in the store in dir.
+func PackPath(dir string, id uint32) string { return filepath.Join(dir, fmt.Sprintf("pack-%08d", id)) }
 
 // Has reports which of hs the store holds.
 func (s *Store) Has(hs []Hash) []bool {

@@ -23,7 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -247,11 +247,12 @@ type lazyRestore struct {
 	name   string
 	dir    string
 	mem    pages.Memory
-	ln     net.Listener
 	daemon *exec.Cmd
 	exited chan error
+	// server is the lazy page server process (migrate lazy-serve).
+	server     *exec.Cmd
+	serverDone chan error
 	unpin  func()
-	served atomic.Int64
 	start  time.Time
 }
 
@@ -288,13 +289,10 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 	if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := lr.startServer()
 	if err != nil {
-		return fmt.Errorf("lazy page server: %w", err)
+		return err
 	}
-	lr.ln = ln
-	goSafe("lazy page server", lr.serve, nil)
-	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 	lr.daemon = exec.Command("criu", "lazy-pages", "-D", lr.dir, "-W", lr.dir, "-o", "lazy-pages.log",
 		"--page-server", "--address", "127.0.0.1", "--port", port)
 	var stderr bytes.Buffer
@@ -329,27 +327,44 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 	return writeCRIUConfig(lr.name, "lazy-pages", "images-dir "+lr.dir, "work-dir "+lr.dir)
 }
 
-// serve answers the daemon's connection (one) from the page store.
-func (lr *lazyRestore) serve() {
-	conn, err := lr.ln.Accept()
-	if err != nil {
-		return
+// startServer starts the process that answers the daemon (migrate lazy-serve, in its
+// own session so that it outlives this agent) and returns its port.
+func (lr *lazyRestore) startServer() (string, error) {
+	index := filepath.Join(lr.dir, "lazy-index")
+	if err := writeLazyIndex(index, &lr.mem, lr.a.store); err != nil {
+		return "", fmt.Errorf("lazy page index: %w", err)
 	}
-	defer conn.Close()
-	src := memorySource{&lr.mem, lr.a.store}
-	err = pageserver.Serve(context.Background(), conn, src, pageserver.ServeOptions{Served: func(n int) { lr.served.Add(int64(n)) }})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		slog.Error("lazy pages", "container", lr.name, "err", err)
+		return "", fmt.Errorf("lazy page server: %w", err)
 	}
-}
-
-type memorySource struct {
-	mem   *pages.Memory
-	store *pages.Store
-}
-
-func (s memorySource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
-	return s.mem.ReadPages(s.store, pid, vaddr, buf)
+	defer ln.Close()
+	lf, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		return "", err
+	}
+	defer lf.Close()
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	logDir := filepath.Join(lr.a.cfg.StateDir, "logs")
+	os.MkdirAll(logDir, 0o755)
+	logf, err := os.Create(filepath.Join(logDir, "lazy-serve-"+lr.name+".log"))
+	if err != nil {
+		return "", err
+	}
+	defer logf.Close()
+	lr.server = exec.Command(exe, "lazy-serve", "--index", index, "--store", lr.a.store.Dir(), "--deadline", lazyFillDeadline(lr.mem.Bytes()).String())
+	lr.server.ExtraFiles = []*os.File{lf}
+	lr.server.Stdout, lr.server.Stderr = logf, logf
+	lr.server.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := lr.server.Start(); err != nil {
+		return "", fmt.Errorf("lazy page server: %w", err)
+	}
+	lr.serverDone = make(chan error, 1)
+	go func() { lr.serverDone <- lr.server.Wait() }()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port), nil
 }
 
 // restored: podman has answered. The configuration file goes at once; on success the
@@ -369,10 +384,10 @@ func (lr *lazyRestore) restored(ok bool) {
 				lr.stop(true)
 				return
 			}
-			slog.Info("lazy fill done", "container", lr.name, "pages", lr.served.Load(), "bytes", lr.mem.Bytes(), "since_restore_began", time.Since(lr.start))
+			slog.Info("lazy fill done", "container", lr.name, "bytes", lr.mem.Bytes(), "since_restore_began", time.Since(lr.start))
 			lr.stop(false)
 		case <-time.After(d):
-			slog.Error("lazy fill did not end in time; its daemon is stopped", "container", lr.name, "deadline", d, "served_pages", lr.served.Load())
+			slog.Error("lazy fill did not end in time; its daemon is stopped", "container", lr.name, "deadline", d)
 			lr.stop(true)
 		}
 	}, nil)
@@ -395,8 +410,15 @@ func (lr *lazyRestore) stop(keep bool) {
 			lr.daemon.Process.Kill()
 		}
 	}
-	if lr.ln != nil {
-		lr.ln.Close()
+	if lr.server != nil && lr.server.Process != nil {
+		// It ends when the daemon closes its transfer; if not soon, it is stopped (ours,
+		// by PID).
+		select {
+		case <-lr.serverDone:
+		case <-time.After(5 * time.Second):
+			lr.server.Process.Kill()
+			<-lr.serverDone
+		}
 	}
 	lr.unpin()
 	if keep {

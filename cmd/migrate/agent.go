@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -180,6 +181,26 @@ at most 12 lower-case letters, digits or '-' (they name network interfaces).`,
 				return nil
 			},
 		},
+	},
+}
+
+// lazyServeCommand is started by an agent for each lazy restore (see transfer.ServeLazy);
+// it inherits its listening socket as file descriptor 3.
+var lazyServeCommand = &cli.Command{
+	Name:   "lazy-serve",
+	Hidden: true,
+	Usage:  "serve a restored container's lazy pages to CRIU's lazy-pages daemon (started by the agent)",
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "index", Required: true},
+		&cli.StringFlag{Name: "store", Required: true},
+		&cli.DurationFlag{Name: "deadline", Value: 10 * time.Minute},
+	},
+	Action: func(c *cli.Context) error {
+		ln, err := net.FileListener(os.NewFile(3, "listener"))
+		if err != nil {
+			return fmt.Errorf("lazy-serve: inherited listener: %w", err)
+		}
+		return transfer.ServeLazy(c.Context, c.String("index"), c.String("store"), ln, c.Duration("deadline"))
 	},
 }
 

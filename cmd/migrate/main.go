@@ -96,6 +96,7 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			layersCommand,
 			testbedCommand,
 			demoCommand,
+			lazyServeCommand,
 		},
 		OnUsageError:   func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {}, // main maps errors to exit codes
