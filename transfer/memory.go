@@ -297,6 +297,9 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 		"--page-server", "--address", "127.0.0.1", "--port", port)
 	var stderr bytes.Buffer
 	lr.daemon.Stderr = &stderr
+	// Its own session, as the page server's: a signal to the agent's process group must
+	// not take the daemon down mid-fill.
+	lr.daemon.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := lr.daemon.Start(); err != nil {
 		return fmt.Errorf("criu lazy-pages: %w", err)
 	}
