@@ -67,6 +67,10 @@ func IsPageMap(name string) (int, bool) {
 
 // ParsePageMap decodes a CRIU pagemap image (go-criu's protobuf types).
 func ParsePageMap(pid int, img []byte) (*PageMap, error) {
+	return parsePageMap(pid, img, nil)
+}
+
+func parsePageMap(pid int, img []byte, each func(e *pagemap.PagemapEntry, n uint64)) (*PageMap, error) {
 	m := magic.LoadMagic()
 	if len(img) < 4 {
 		return nil, fmt.Errorf("pagemap-%d.img: too short", pid)
@@ -124,6 +128,9 @@ func ParsePageMap(pid int, img []byte) (*PageMap, error) {
 		if n > 1<<36 {
 			return nil, fmt.Errorf("pagemap-%d.img: implausible run of %d pages", pid, n)
 		}
+		if each != nil {
+			each(&e, n)
+		}
 		if present && n > 0 {
 			// A process's pages all fit a 48-bit address space.
 			if total += n; total > 1<<36 {
@@ -132,6 +139,21 @@ func ParsePageMap(pid int, img []byte) (*PageMap, error) {
 			pm.Runs = append(pm.Runs, Run{Vaddr: e.GetVaddr(), Pages: int(n)})
 		}
 	}
+}
+
+// PageMapEntries decodes every entry of a pagemap image (present or not), with its flags.
+func PageMapEntries(pid int, img []byte) ([]MemEntry, error) {
+	var out []MemEntry
+	_, err := parsePageMap(pid, img, func(e *pagemap.PagemapEntry, n uint64) {
+		flags := uint32(0)
+		if e.Flags != nil {
+			flags = e.GetFlags()
+		} else if !e.GetInParent() {
+			flags = FlagPresent
+		}
+		out = append(out, MemEntry{Vaddr: e.GetVaddr(), Pages: n, Flags: flags})
+	})
+	return out, err
 }
 
 // nrPages64 reads the 64-bit page count CRIU 4 writes as field 5 (the 32-bit field 2

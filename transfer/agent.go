@@ -59,6 +59,10 @@ type Agent struct {
 	inflight map[string]*inflightMove
 	last     *PushResult
 	sessions map[string]*incoming // page sessions of incoming moves
+	// Post-copy: the target's arrivals, the source's lazy dumps and their targets.
+	postcopies  map[string]*postcopyIn
+	lazyDumps   map[string]*lazyDump
+	lazyTargets map[string]string
 	// unresolved: journal entries the last settling pass could not finish.
 	unresolved []string
 	conns      atomic.Int64 // connections the server holds
@@ -94,7 +98,8 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err := cfg.Inventory.Validate(); err != nil {
 		return nil, fmt.Errorf("inventory: %w", err)
 	}
-	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]*inflightMove{}, sessions: map[string]*incoming{}, peers: map[string]*Peer{}}
+	a := &Agent{cfg: cfg, self: self, tls: tlsConf, inflight: map[string]*inflightMove{}, sessions: map[string]*incoming{}, peers: map[string]*Peer{},
+		postcopies: map[string]*postcopyIn{}, lazyDumps: map[string]*lazyDump{}, lazyTargets: map[string]string{}}
 	if cfg.PageStoreBytes == 0 {
 		cfg.PageStoreBytes = 2 << 30
 	}
@@ -244,6 +249,8 @@ func (a *Agent) mux() *http.ServeMux {
 		{"POST " + PathOutcome, a.handle(a.outcome), hosts},
 		{"GET " + PathLayers, a.handle(a.holdings), hosts},
 		{"POST " + PathImage, a.handle(a.loadImage), hosts},
+		{"POST " + PathPostcopyPages, a.handle(a.postcopyPages), hosts},
+		{"POST " + PathPostcopyWant, a.handle(a.postcopyWant), hosts},
 	}
 	for _, rt := range routes {
 		mux.HandleFunc(rt.pattern, recoverPanics(allow(rt.h, rt.roles...)))

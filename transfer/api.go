@@ -174,6 +174,18 @@ type PushRequest struct {
 	// MemoryPath is PathAuto (the default), PathMemory (fail unless it can be taken) or
 	// PathArchive (the pages inside podman's archive, as before the memory path).
 	MemoryPath string `json:"memory_path,omitempty"`
+	// Postcopy resumes the container on the target before the pages changed since the
+	// last pre-copy round have crossed; the source serves them on demand and in the
+	// background. A source or link failure in that phase loses the container.
+	Postcopy bool `json:"postcopy,omitempty"`
+}
+
+// PostcopyResult is the post-copy phase: from the restore on the target until its last
+// page arrived.
+type PostcopyResult struct {
+	Duration  time.Duration `json:"duration_ns"`
+	WireBytes int64         `json:"wire_bytes"`
+	Error     string        `json:"error,omitempty"`
 }
 
 // Validate checks the options a user gives.
@@ -273,16 +285,18 @@ type PushResult struct {
 	Downtime   []Phase      `json:"downtime,omitempty"`    // the frozen phase, step by step
 	DirtyTrack string       `json:"dirty_tracking,omitempty"`
 	// MemoryPath is the path the memory took: PathMemory or PathArchive.
-	MemoryPath string        `json:"memory_path,omitempty"`
-	HeldFrames int           `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
-	LostFrames int           `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
-	ImageBytes int64         `json:"image_bytes"`           // image archive bytes over the agent connection
-	Plan       *layers.Plan  `json:"layer_plan,omitempty"`
-	Total      time.Duration `json:"total_ns"`         // request to done
-	Frozen     time.Duration `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed
-	Phases     []Phase       `json:"phases,omitempty"` // how long each step took
-	LogsDir    string        `json:"logs_dir,omitempty"`
-	Finished   time.Time     `json:"finished"`
+	MemoryPath string `json:"memory_path,omitempty"`
+	// Postcopy reports the post-copy phase of a --postcopy move.
+	Postcopy   *PostcopyResult `json:"postcopy,omitempty"`
+	HeldFrames int             `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
+	LostFrames int             `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
+	ImageBytes int64           `json:"image_bytes"`           // image archive bytes over the agent connection
+	Plan       *layers.Plan    `json:"layer_plan,omitempty"`
+	Total      time.Duration   `json:"total_ns"`         // request to done
+	Frozen     time.Duration   `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed
+	Phases     []Phase         `json:"phases,omitempty"` // how long each step took
+	LogsDir    string          `json:"logs_dir,omitempty"`
+	Finished   time.Time       `json:"finished"`
 }
 
 // Phase is one timed step of a push.

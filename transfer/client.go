@@ -34,6 +34,8 @@ const (
 	PathLayers        = "/v1/layers"
 	PathLayerPlan     = "/v1/layers/plan"
 	PathImage         = "/v1/image"
+	PathPostcopyPages = "/v1/postcopy/pages"
+	PathPostcopyWant  = "/v1/postcopy/want"
 )
 
 // DefaultCallTimeout bounds a JSON call whose context has no deadline of its own.

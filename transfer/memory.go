@@ -250,8 +250,10 @@ type lazyRestore struct {
 	daemon *exec.Cmd
 	exited chan error
 	// server is the lazy page server process (migrate lazy-serve).
-	server     *exec.Cmd
-	serverDone chan error
+	server      *exec.Cmd
+	serverDone  chan error
+	closeServer func()
+	postcopy    *postcopyIn // post-copy: pages still arrive from the source
 	unpin  func()
 	start  time.Time
 }
@@ -261,11 +263,17 @@ func (a *Agent) lazyDir(name string) string { return filepath.Join(a.cfg.StateDi
 
 // prepareLazy decodes the stream into the archive (returned) and the memory, writes the
 // images and starts the daemon and the page server it asks.
-func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, sess *pages.Session, st *pages.Stats) (*lazyRestore, []byte, error) {
-	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now()}
+func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, sess *pages.Session, st *pages.Stats, pc *postcopyIn) (*lazyRestore, []byte, error) {
+	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now(), postcopy: pc}
 	var archive bytes.Buffer
 	var err error
-	if *st, err = pages.DecodeMemory(body, &archive, sess, a.store, maxArchive(), &lr.mem); err != nil {
+	if pc != nil {
+		// Post-copy: the archive's pagemaps are lazy already; the pages come later.
+		*st, err = pages.Decode(body, &archive, sess, a.store, maxArchive())
+	} else {
+		*st, err = pages.DecodeMemory(body, &archive, sess, a.store, maxArchive(), &lr.mem)
+	}
+	if err != nil {
 		lr.unpin()
 		return nil, nil, err
 	}
@@ -286,10 +294,16 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 	if err := extractCheckpoint(archive, lr.dir); err != nil {
 		return err
 	}
-	if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
-		return err
+	var port string
+	var err error
+	if lr.postcopy != nil {
+		port, err = lr.startPostcopyServer()
+	} else {
+		if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
+			return err
+		}
+		port, err = lr.startServer()
 	}
-	port, err := lr.startServer()
 	if err != nil {
 		return err
 	}
@@ -328,6 +342,31 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 		}
 	}
 	return writeCRIUConfig(lr.name, "lazy-pages", "images-dir "+lr.dir, "work-dir "+lr.dir)
+}
+
+// startPostcopyServer answers the daemon from this agent: the pages arrive from the
+// source while it asks.
+func (lr *lazyRestore) startPostcopyServer() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("lazy page server: %w", err)
+	}
+	lr.serverDone = make(chan error, 1)
+	done := make(chan struct{})
+	goSafe("post-copy ticker", func() { lr.postcopy.ticker(done) }, nil)
+	goSafe("post-copy page server", func() {
+		defer close(done)
+		defer ln.Close()
+		conn, err := ln.Accept()
+		if err != nil {
+			lr.serverDone <- err
+			return
+		}
+		defer conn.Close()
+		lr.serverDone <- pageserver.Serve(context.Background(), conn, lr.postcopy, pageserver.ServeOptions{})
+	}, nil)
+	lr.closeServer = func() { ln.Close() }
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port), nil
 }
 
 // startServer starts the process that answers the daemon (migrate lazy-serve, in its
@@ -383,7 +422,12 @@ func (lr *lazyRestore) restored(ok bool) {
 		select {
 		case err := <-lr.exited:
 			if err != nil {
-				slog.Error("lazy fill", "container", lr.name, "err", err, "logs", lr.dir)
+				// Pages it never filled would read as zeros now: the container must not
+				// go on with them.
+				slog.Error("lazy fill failed; the container is stopped", "container", lr.name, "err", err, "logs", lr.dir)
+				if rerr := lr.a.podman.Remove(context.Background(), lr.name); rerr != nil {
+					slog.Error("stop the container after a failed lazy fill", "container", lr.name, "err", rerr)
+				}
 				lr.stop(true)
 				return
 			}
@@ -412,6 +456,16 @@ func (lr *lazyRestore) stop(keep bool) {
 		default:
 			lr.daemon.Process.Kill()
 		}
+	}
+	if lr.closeServer != nil {
+		lr.closeServer()
+	}
+	if lr.postcopy != nil {
+		lr.a.mu.Lock()
+		if lr.a.postcopies[lr.name] == lr.postcopy {
+			delete(lr.a.postcopies, lr.name)
+		}
+		lr.a.mu.Unlock()
 	}
 	if lr.server != nil && lr.server.Process != nil {
 		// It ends when the daemon closes its transfer; if not soon, it is stopped (ours,

@@ -252,9 +252,14 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		res.MemoryPath = PathArchive
 		pathCheck.Source, pathCheck.Target = "in podman's archive", "in podman's archive"
 		pathCheck.Detail = "memory goes inside podman's archive: " + memProblem
-		if req.MemoryPath == PathMemory {
+		if req.MemoryPath == PathMemory || req.Postcopy {
 			pathCheck.OK = false
+			if req.Postcopy {
+				pathCheck.Detail = "--postcopy needs the memory path: " + memProblem
+			}
 		}
+	} else if req.Postcopy {
+		pathCheck.Source, pathCheck.Target = "lazy dump (post-copy)", "lazy pages from the source (post-copy)"
 	}
 	res.Checks = append(res.Checks, pathCheck)
 	if err := failedCheck(); err != nil {
@@ -436,7 +441,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if err != nil {
 		slog.Warn("neighbour cache", "container", c.Name, "err", err)
 	}
-	rr, fst, ft, rerr := a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, neigh, l, sess, seen, func(n int64) {
+	progress := func(n int64) {
 		if archived == 0 {
 			wd.expect(stall, fmt.Sprintf("the transfer to %s made no progress for %s (link cut?)", req.To, stall))
 			fault("source-stream")
@@ -448,12 +453,50 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			lastEmit = time.Now()
 			emit(Event{Kind: "progress", Phase: "transfer", Bytes: res.Bytes})
 		}
-	}, func(archiveBytes int64) {
+	}
+	sent := func(archiveBytes int64) {
 		d := restoreDeadline(archiveBytes)
 		wd.expect(d, fmt.Sprintf("%s did not finish restoring %s within %s", req.To, c.Name, d))
-	})
+	}
+	var (
+		rr      *RestoreResult
+		fst     *pages.Stats
+		ft      finalTimes
+		rerr    error
+		ld      *lazyDump  // post-copy: CRIU's lazy page server
+		expDone <-chan error // post-copy: podman's checkpoint, which ends after the last page
+	)
+	if req.Postcopy {
+		rr, fst, ft, ld, expDone, rerr = a.postcopyCopy(wd.ctx, target, &PostcopyContainer{Name: c.Name, Move: self.move, StaticDir: c.StaticDir, Neighbors: neigh},
+			l, sess, seen, progress, sent)
+		if ld != nil {
+			defer func() {
+				ld.close()
+				a.mu.Lock()
+				delete(a.lazyDumps, c.Name)
+				delete(a.lazyTargets, c.Name)
+				a.mu.Unlock()
+			}()
+		}
+	} else {
+		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, neigh, l, sess, seen, progress, sent)
+	}
 	restoredAt := time.Now()
 	rerr = wd.done(rerr)
+	if rerr == nil {
+		rerr = fault("source-restored")
+	}
+	if rerr != nil && ld != nil {
+		// Post-copy, not restored on the target: every page comes here instead, so that
+		// CRIU's dump ends as a normal one and the container is restored from it.
+		perr := a.pumpHere(context.WithoutCancel(ctx), ld, c.Name)
+		if perr == nil {
+			perr = <-expDone
+		}
+		if perr != nil {
+			slog.Error("post-copy rollback: fetching the memory back", "container", c.Name, "err", perr)
+		}
+	}
 	var ee exportError
 	if errors.As(rerr, &ee) {
 		err := ee.error
@@ -463,14 +506,28 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		return rollback(fmt.Errorf("checkpoint %s on %s: %w", c.Name, a.cfg.Name, err))
 	}
-	if rerr == nil {
-		rerr = fault("source-restored")
-	}
 	if rerr != nil {
 		return rollback(fmt.Errorf("move %s to %s: %w", c.Name, req.To, rerr))
 	}
 	res.Final = fst
 	phase("checkpoint+transfer+restore", t0)
+
+	// Post-copy: the container runs on the target; its pages follow, the ones it waits
+	// for first. The commit goes on meanwhile (its removal of the source's copy waits
+	// for podman, which ends once CRIU has handed over the last page).
+	var pumped chan error
+	if ld != nil {
+		pumped = make(chan error, 1)
+		emit(Event{Kind: "phase", Phase: "postcopy"})
+		goSafe("post-copy pump", func() {
+			w, err := a.pumpToTarget(context.WithoutCancel(ctx), ld, target, c.Name, self.move, l, sess, seen)
+			res.Postcopy = &PostcopyResult{Duration: time.Since(restoredAt), WireBytes: w}
+			if err == nil {
+				err = <-expDone
+			}
+			pumped <- err
+		}, func(p any) { pumped <- fmt.Errorf("post-copy: internal error: %v", p) })
+	}
 
 	// 5. Commit: the decision is journaled, then every node's rules point at the target,
 	// the held frames follow, the target is told, the source's copy goes. A step that
@@ -496,6 +553,17 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	res.Attention = append(res.Attention, f.Pending...)
 	phase("commit", t0)
+	if pumped != nil {
+		if err := <-pumped; err != nil {
+			res.Postcopy.Error = err.Error()
+			res.Error = fmt.Sprintf("post-copy failed: %v; %s cannot complete its memory and is stopped on %s (the documented risk of --postcopy)", err, c.Name, req.To)
+			res.Where = ""
+			emit(Event{Kind: "error", Error: res.Error})
+			return res
+		}
+		res.Bytes += res.Postcopy.WireBytes
+		emit(Event{Kind: "phase", Phase: "postcopy done"})
+	}
 	res.OK, res.Where = true, req.To
 	return res
 }

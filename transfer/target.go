@@ -172,7 +172,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		if err != nil {
 			return nil, err
 		}
-		if r.URL.Query().Get("memory") == "lazy" {
+		if mode := r.URL.Query().Get("memory"); mode == "lazy" || mode == "postcopy" {
 			if a.info.MemoryProblem != "" {
 				return nil, badRequest{fmt.Errorf("%s cannot restore lazily: %s", a.cfg.Name, a.info.MemoryProblem)}
 			}
@@ -181,7 +181,14 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 				return nil, err
 			}
 			var archive []byte
-			lr, archive, err = a.prepareLazy(r.Context(), name, body, sess, &pst)
+			var pc *postcopyIn
+			if mode == "postcopy" {
+				pc = newPostcopyIn(a, name, move, prep.Source, sess, postcopyStall)
+				a.mu.Lock()
+				a.postcopies[name] = pc
+				a.mu.Unlock()
+			}
+			lr, archive, err = a.prepareLazy(r.Context(), name, body, sess, &pst, pc)
 			if err == nil {
 				_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
 			}
@@ -189,6 +196,10 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			if err != nil {
 				if lr != nil {
 					lr.restored(false)
+				} else if pc != nil {
+					a.mu.Lock()
+					delete(a.postcopies, name)
+					a.mu.Unlock()
 				}
 				return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
 			}

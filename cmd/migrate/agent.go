@@ -329,6 +329,15 @@ source afterwards. Elsewhere, or with --memory-path archive, the pages travel in
 podman's archive and are restored before the container resumes. The pre-flight gate
 says which path a move takes, and why.
 
+Post-copy (--postcopy): the container resumes on the target as soon as its non-memory
+state is there; the pages it changed since the last pre-copy round follow from the
+source, the ones it waits for first. Downtime no longer includes handing over the memory,
+but until the last page has arrived the container depends on the source: if the source
+host, its agent or the link fails in that phase, the container is LOST (the target stops
+it rather than let it run on memory it never got). push reports how long the phase
+lasted. A container that writes to its root file system must not use it (only volumes
+and memory travel in this mode).
+
 A move is a transaction: both agents journal each step before taking it, and the source
 decides. On any failure before the decision the container resumes on the source with its
 connections (exit code 4); after it, the move completes on the target even if an agent
@@ -350,6 +359,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd level: auto (fitted to the measured link), none, fastest, default, better, best"},
 		&cli.Float64Flag{Name: "bwlimit", Usage: "cap what the move sends to this many Mbit/s (0: no cap)"},
 		&cli.StringFlag{Name: "memory-path", Value: transfer.PathAuto, Usage: "auto (page server + lazy restore where possible), memory (that or fail), archive (pages inside podman's archive)"},
+		&cli.BoolFlag{Name: "postcopy", Usage: "resume on the target before the last changed pages crossed (lowest downtime; a source or link failure in that phase LOSES the container)"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() != 1 {
@@ -358,7 +368,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		name := c.Args().First()
 		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
 			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit"),
-			MemoryPath: c.String("memory-path")}
+			MemoryPath: c.String("memory-path"), Postcopy: c.Bool("postcopy")}
 		if err := req.Validate(); err != nil {
 			return usageError{err}
 		}
@@ -459,6 +469,12 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 		}
 		if f := r.Final; f != nil {
 			fmt.Fprintf(w, "  frozen phase: %d pages sent (%d as deltas), %d referenced, %.1f MB of other images\n", f.PagesSent, f.PagesDelta, f.PagesCopied, float64(f.RawBytes)/1e6)
+		}
+		if r.MemoryPath != "" {
+			fmt.Fprintf(w, "  memory path: %s\n", map[string]string{transfer.PathMemory: "page server, lazy restore", transfer.PathArchive: "in podman's archive"}[r.MemoryPath])
+		}
+		if p := r.Postcopy; p != nil {
+			fmt.Fprintf(w, "  post-copy phase: %s, %.1f MB (the container depended on %s until then)\n", p.Duration.Round(time.Millisecond), float64(p.WireBytes)/1e6, r.From)
 		}
 		for _, p := range r.Phases {
 			fmt.Fprintf(w, "  %-28s %s\n", p.Name, p.Duration.Round(time.Millisecond))

@@ -1,0 +1,67 @@
+package pageserver
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+)
+
+// Client asks a page server for pages, as `criu lazy-pages --page-server` does: here, a
+// lazy dump's CRIU, which serves the frozen container's memory until it is closed.
+type Client struct {
+	conn net.Conn
+	br   *bufio.Reader
+	hb   [headerSize]byte
+}
+
+// NewClient speaks to the page server on conn.
+func NewClient(conn net.Conn) *Client {
+	return &Client{conn: conn, br: bufio.NewReaderSize(conn, 1<<20)}
+}
+
+// Get reads process pid's pages from vaddr into buf (a whole number of pages) and returns
+// how many the server sent: at least one, perhaps fewer than asked.
+func (c *Client) Get(pid, vaddr uint64, buf []byte) (int, error) {
+	want := uint64(len(buf) / PageSize)
+	if want == 0 {
+		return 0, fmt.Errorf("page server: no room for a page")
+	}
+	req := header{cmd: cmdGet, nrPages: want, vaddr: vaddr, dstID: pid}
+	req.marshal(&c.hb)
+	if _, err := c.conn.Write(c.hb[:]); err != nil {
+		return 0, fmt.Errorf("page server: ask for %d pages of %d at %#x: %w", want, pid, vaddr, err)
+	}
+	h, err := readHeader(c.br, &c.hb)
+	if err != nil {
+		return 0, fmt.Errorf("page server: pages of %d at %#x: %w", pid, vaddr, noEOF(err))
+	}
+	if h.cmd&cmdMask != cmdAddF || h.vaddr != vaddr || h.dstID != pid || h.nrPages == 0 || h.nrPages > want {
+		return 0, protoErr("answer %#x for %d pages of %d at %#x, asked %d of %d at %#x", h.cmd, h.nrPages, h.dstID, h.vaddr, want, pid, vaddr)
+	}
+	n := int(h.nrPages)
+	if _, err := io.ReadFull(c.br, buf[:n*PageSize]); err != nil {
+		return 0, fmt.Errorf("page server: pages of %d at %#x: %w", pid, vaddr, noEOF(err))
+	}
+	return n, nil
+}
+
+// Close ends the transfer (PS_IOV_CLOSE) and waits for the server's answer: a lazy
+// dump's CRIU then finishes its dump.
+func (c *Client) Close() error {
+	req := header{cmd: cmdClose}
+	req.marshal(&c.hb)
+	if _, err := c.conn.Write(c.hb[:]); err != nil {
+		return fmt.Errorf("page server: close: %w", err)
+	}
+	var st [4]byte
+	if _, err := io.ReadFull(c.br, st[:]); err != nil {
+		// CRIU's lazy page server ends its connection without an answer: fine.
+		return nil
+	}
+	if v := int32(binary.LittleEndian.Uint32(st[:])); v != 0 {
+		return fmt.Errorf("page server: close answered %d", v)
+	}
+	return nil
+}
