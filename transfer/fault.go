@@ -24,7 +24,8 @@ import (
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes); target-prepare
 // (journaled, before plumbing), target-restore (podman restored it, before the journal
-// says so), target-commit (on the commit, before acting); disk-full (every journal write
+// says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,
+// decided: each batch of pages pumped to the target); disk-full (every journal write
 // fails with ENOSPC); image-upload (damage: an image archive sent to a target).
 //
 // Without the variable, fault does nothing.

@@ -29,6 +29,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -92,13 +93,18 @@ type lazyDump struct {
 	pc     *pageserver.Client
 	runs   []pcRun
 
+	store  *pages.Store // every page fetched goes here too (a rollback restores from it)
+	// decided: the move is committed; the post-copy phase proper has begun.
+	decided atomic.Bool
+	pumpMu sync.Mutex   // one pump at a time on CRIU's connection
+
 	mu     sync.Mutex
-	pumped map[pageAddr]bool
+	hashes map[pageAddr]pages.Hash // pages fetched, by address
 	wants  []pcRun
 	wake   chan struct{}
 }
 
-func startLazyDump(name, staticDir string) (*lazyDump, error) {
+func startLazyDump(name, staticDir string, store *pages.Store) (*lazyDump, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -108,8 +114,8 @@ func startLazyDump(name, staticDir string) (*lazyDump, error) {
 	if err := writeCRIUConfig(name, "lazy-pages", "address 127.0.0.1", "port "+strconv.Itoa(port)); err != nil {
 		return nil, err
 	}
-	return &lazyDump{name: name, port: port, static: staticDir, dir: filepath.Join(staticDir, "checkpoint"),
-		pumped: map[pageAddr]bool{}, wake: make(chan struct{}, 1)}, nil
+	return &lazyDump{name: name, port: port, static: staticDir, dir: filepath.Join(staticDir, "checkpoint"), store: store,
+		hashes: map[pageAddr]pages.Hash{}, wake: make(chan struct{}, 1)}, nil
 }
 
 // connect waits for CRIU's page server: the rest of the dump is then written.
@@ -192,12 +198,15 @@ func (d *lazyDump) want(r pcRun) {
 	}
 }
 
-// pump fetches every lazy page from CRIU, wanted ones first, and hands them to send in
-// batches of entries (each a run of pages fetched at once). It closes CRIU's transfer at
-// the end, which lets the dump finish.
+// pump fetches every lazy page from CRIU not fetched yet, wanted ones first, keeps it in
+// the store and hands it to batch in batches of entries (each a run of pages fetched at
+// once). Once all are fetched it closes CRIU's transfer, which lets the dump finish.
 func (d *lazyDump) pump(ctx context.Context, batch func(entries []pcRun, data []byte) error) error {
+	d.pumpMu.Lock()
+	defer d.pumpMu.Unlock()
 	const maxBatch = 4096 // pages
 	buf := make([]byte, 512*pages.Size)
+	hs := make([]pages.Hash, 512)
 	var entries []pcRun
 	var data []byte
 	flush := func() error {
@@ -208,34 +217,40 @@ func (d *lazyDump) pump(ctx context.Context, batch func(entries []pcRun, data []
 		entries, data = entries[:0], data[:0]
 		return err
 	}
-	// fetch gets the not yet pumped pages of r.
+	fetched := func(pid, at uint64) bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		_, ok := d.hashes[pageAddr{int(pid), at}]
+		return ok
+	}
+	// fetch gets the pages of r not fetched yet.
 	fetch := func(r pcRun) error {
 		for i := uint64(0); i < r.n; {
 			at := r.vaddr + i*pages.Size
-			d.mu.Lock()
-			done := d.pumped[pageAddr{int(r.pid), at}]
-			d.mu.Unlock()
-			if done {
+			if fetched(r.pid, at) {
 				i++
 				continue
 			}
 			j := i + 1 // the run of pages not fetched yet
-			d.mu.Lock()
-			for j < r.n && j-i < 512 && !d.pumped[pageAddr{int(r.pid), r.vaddr + j*pages.Size}] {
+			for j < r.n && j-i < 512 && !fetched(r.pid, r.vaddr+j*pages.Size) {
 				j++
 			}
-			d.mu.Unlock()
 			n, err := d.pc.Get(r.pid, at, buf[:(j-i)*pages.Size])
 			if err != nil {
 				return err
 			}
+			page := buf[:n*pages.Size]
+			pages.SumAll(page, hs[:n])
+			if err := d.store.AddTrusted(hs[:n], page); err != nil {
+				return err
+			}
 			d.mu.Lock()
 			for k := 0; k < n; k++ {
-				d.pumped[pageAddr{int(r.pid), at + uint64(k)*pages.Size}] = true
+				d.hashes[pageAddr{int(r.pid), at + uint64(k)*pages.Size}] = hs[k]
 			}
 			d.mu.Unlock()
 			entries = append(entries, pcRun{r.pid, at, uint64(n)})
-			data = append(data, buf[:n*pages.Size]...)
+			data = append(data, page...)
 			i += uint64(n)
 			if len(data)/pages.Size >= maxBatch {
 				if err := flush(); err != nil {
@@ -255,9 +270,15 @@ func (d *lazyDump) pump(ctx context.Context, batch func(entries []pcRun, data []
 		d.wants = d.wants[1:]
 		return w, true
 	}
+	// With a fault armed in the post-copy phase (tests), the pages the restore waits for
+	// are served but the rest held until the decision, so that the fault lands after it.
+	holdUntil := time.Time{}
+	if len(faultsAt("source-postcopy")) > 0 {
+		holdUntil = time.Now().Add(30 * time.Second)
+	}
 	for _, r := range d.runs {
 		// A run in pieces, so that wanted pages overtake it.
-		for off := uint64(0); off < r.n; off += 512 {
+		for off := uint64(0); off < r.n; {
 			for {
 				w, ok := nextWant()
 				if !ok {
@@ -273,18 +294,28 @@ func (d *lazyDump) pump(ctx context.Context, batch func(entries []pcRun, data []
 			if err := ctx.Err(); err != nil {
 				return err
 			}
+			if !d.decided.Load() && time.Now().Before(holdUntil) {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
 			if err := fetch(pcRun{r.pid, r.vaddr + off*pages.Size, min(512, r.n-off)}); err != nil {
 				return err
 			}
-			if err := fault("source-postcopy"); err != nil {
-				return err
+			off += 512
+			if d.decided.Load() {
+				if err := fault("source-postcopy"); err != nil {
+					return err
+				}
 			}
 		}
 	}
 	if err := flush(); err != nil {
 		return err
 	}
-	return d.pc.Close()
+	err := d.pc.Close()
+	// CRIU's page server waits for this side to hang up before its dump ends.
+	d.conn.Close()
+	return err
 }
 
 func (d *lazyDump) close() {
@@ -332,6 +363,7 @@ type postcopyIn struct {
 	source string
 	sess   *pages.Session
 	stall  time.Duration
+	ep     overlaynet.Endpoint
 
 	mu      sync.Mutex
 	cond    *sync.Cond
@@ -340,8 +372,8 @@ type postcopyIn struct {
 	failed  error
 }
 
-func newPostcopyIn(a *Agent, name, move, source string, sess *pages.Session, stall time.Duration) *postcopyIn {
-	p := &postcopyIn{a: a, name: name, move: move, source: source, sess: sess, stall: stall, arrived: map[pageAddr]pages.Hash{}, last: time.Now()}
+func newPostcopyIn(a *Agent, name, move, source string, ep overlaynet.Endpoint, sess *pages.Session, stall time.Duration) *postcopyIn {
+	p := &postcopyIn{a: a, name: name, move: move, source: source, ep: ep, sess: sess, stall: stall, arrived: map[pageAddr]pages.Hash{}, last: time.Now()}
 	p.cond = sync.NewCond(&p.mu)
 	return p
 }
@@ -396,6 +428,8 @@ func (p *postcopyIn) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 			slog.Error("post-copy failed", "container", p.name, "err", p.failed)
 			if err := p.a.podman.Remove(context.Background(), p.name); err != nil {
 				slog.Error("post-copy: stop the container", "container", p.name, "err", err)
+			} else if err := p.a.ovs.Unplumb(context.Background(), p.ep); err != nil {
+				slog.Error("post-copy: remove the container's endpoint", "container", p.name, "err", err)
 			}
 			p.mu.Lock()
 			return 0, p.failed
@@ -493,9 +527,9 @@ type PostcopyWant struct {
 // target has restored it; the pages follow (pump). d is nil if the dump never got as far
 // as its page server.
 func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyContainer, l *link, sess *pages.Session, seen *lastSent,
-	progress func(int64), sent func(int64)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, <-chan error, error) {
+	progress func(int64), sent func(int64), startPump func(*lazyDump)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, <-chan error, error) {
 	var ft finalTimes
-	d, err := startLazyDump(c.Name, c.StaticDir)
+	d, err := startLazyDump(c.Name, c.StaticDir, a.store)
 	if err != nil {
 		return nil, nil, ft, nil, nil, exportError{err}
 	}
@@ -529,6 +563,8 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 	digest := func() string {
 		ft.lastByte = time.Now()
 		sent(int64(len(archive)))
+		// The pages start now: the restore itself may wait for some.
+		startPump(d)
 		sum := sha256.Sum256(archive)
 		return "sha256:" + hex.EncodeToString(sum[:])
 	}
@@ -564,34 +600,16 @@ func (a *Agent) pumpToTarget(ctx context.Context, d *lazyDump, target *Peer, nam
 	return wire, err
 }
 
-// pumpHere fetches every page into this host's store (a rollback before the target
-// restored the container: the dump then ends as a normal one) and keeps the complete
-// memory for rebuildMemory.
+// pumpHere fetches every page not fetched yet into this host's store (a rollback before
+// the target restored the container: the dump then ends as a normal one) and keeps the
+// complete memory for rebuildMemory.
 func (a *Agent) pumpHere(ctx context.Context, d *lazyDump, name string) error {
-	lazy := map[pageAddr]pages.Hash{}
-	hs := make([]pages.Hash, 512)
-	err := d.pump(ctx, func(entries []pcRun, data []byte) error {
-		off := 0
-		for _, e := range entries {
-			n := int(e.n)
-			for k := 0; k < n; k += 512 {
-				m := min(512, n-k)
-				chunk := data[off+k*pages.Size : off+(k+m)*pages.Size]
-				pages.SumAll(chunk, hs[:m])
-				if err := a.store.AddTrusted(hs[:m], chunk); err != nil {
-					return err
-				}
-				for i := 0; i < m; i++ {
-					lazy[pageAddr{int(e.pid), e.vaddr + uint64(k+i)*pages.Size}] = hs[i]
-				}
-			}
-			off += n * pages.Size
-		}
-		return nil
-	})
-	if err != nil {
+	if err := d.pump(ctx, func([]pcRun, []byte) error { return nil }); err != nil {
 		return err
 	}
+	d.mu.Lock()
+	lazy := d.hashes
+	d.mu.Unlock()
 	mem, err := memoryOfCheckpoint(d.dir, lazy, a.store)
 	if err != nil {
 		return err

@@ -466,9 +466,27 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		ld      *lazyDump  // post-copy: CRIU's lazy page server
 		expDone <-chan error // post-copy: podman's checkpoint, which ends after the last page
 	)
+	// Post-copy: the pump sends every page to the target from the moment the images
+	// are there; its result is pumped's.
+	var pumped chan error
+	pumpCtx, stopPump := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPump()
 	if req.Postcopy {
+		startPump := func(d *lazyDump) {
+			pumped = make(chan error, 1)
+			t0 := time.Now()
+			goSafe("post-copy pump", func() {
+				w, err := a.pumpToTarget(pumpCtx, d, target, c.Name, self.move, l, sess, seen)
+				res.Postcopy = &PostcopyResult{WireBytes: w}
+				if err == nil {
+					err = <-expDone
+				}
+				res.Postcopy.Duration = time.Since(t0)
+				pumped <- err
+			}, func(p any) { pumped <- fmt.Errorf("post-copy: internal error: %v", p) })
+		}
 		rr, fst, ft, ld, expDone, rerr = a.postcopyCopy(wd.ctx, target, &PostcopyContainer{Name: c.Name, Move: self.move, StaticDir: c.StaticDir, Neighbors: neigh},
-			l, sess, seen, progress, sent)
+			l, sess, seen, progress, sent, startPump)
 		if ld != nil {
 			defer func() {
 				ld.close()
@@ -489,6 +507,11 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if rerr != nil && ld != nil {
 		// Post-copy, not restored on the target: every page comes here instead, so that
 		// CRIU's dump ends as a normal one and the container is restored from it.
+		if pumped != nil {
+			stopPump()
+			<-pumped
+			pumped = nil
+		}
 		perr := a.pumpHere(context.WithoutCancel(ctx), ld, c.Name)
 		if perr == nil {
 			perr = <-expDone
@@ -515,18 +538,13 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// Post-copy: the container runs on the target; its pages follow, the ones it waits
 	// for first. The commit goes on meanwhile (its removal of the source's copy waits
 	// for podman, which ends once CRIU has handed over the last page).
-	var pumped chan error
 	if ld != nil {
-		pumped = make(chan error, 1)
+		// The decision first: from here on the move is not undone.
+		if err := a.mv.setOut(&mv, OutCommitted); err != nil {
+			return rollback(err)
+		}
+		ld.decided.Store(true)
 		emit(Event{Kind: "phase", Phase: "postcopy"})
-		goSafe("post-copy pump", func() {
-			w, err := a.pumpToTarget(context.WithoutCancel(ctx), ld, target, c.Name, self.move, l, sess, seen)
-			res.Postcopy = &PostcopyResult{Duration: time.Since(restoredAt), WireBytes: w}
-			if err == nil {
-				err = <-expDone
-			}
-			pumped <- err
-		}, func(p any) { pumped <- fmt.Errorf("post-copy: internal error: %v", p) })
 	}
 
 	// 5. Commit: the decision is journaled, then every node's rules point at the target,
@@ -534,7 +552,12 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// fails is retried by the agent in the background (the journal entry stays).
 	t0 = time.Now()
 	emit(Event{Kind: "phase", Phase: "commit"})
-	f, err := a.mv.commit(context.WithoutCancel(ctx), &mv)
+	var f finished
+	if ld != nil {
+		f = a.mv.finishCommitted(context.WithoutCancel(ctx), &mv) // decided above
+	} else {
+		f, err = a.mv.commit(context.WithoutCancel(ctx), &mv)
+	}
 	if err != nil {
 		// Not decided: the target's copy goes, the source's comes back.
 		return rollback(err)

@@ -183,7 +183,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			var archive []byte
 			var pc *postcopyIn
 			if mode == "postcopy" {
-				pc = newPostcopyIn(a, name, move, prep.Source, sess, postcopyStall)
+				pc = newPostcopyIn(a, name, move, prep.Source, prep.Endpoint, sess, postcopyStall)
 				a.mu.Lock()
 				a.postcopies[name] = pc
 				a.mu.Unlock()
