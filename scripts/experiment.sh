@@ -3,8 +3,11 @@
 # memory workloads of 64, 256 and 1024 MiB dirtying 1% and 10% of their memory a second,
 # each serving a sockperf ping-pong client, are moved (a) the stock way (podman checkpoint
 # --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
-# `migrate push` (pre-copy). Writes results/experiment/experiment.{csv,svg} and prints one
-# ratio line per configuration (pre-copy / stock). Takes about 35 minutes. Run as root.
+# `migrate push --memory-path archive` (pre-copy, pages in podman's archive), (d) by
+# `migrate push` (pre-copy, the memory path: page server, lazy restore), (e) by `migrate
+# push --postcopy`. Writes results/experiment/experiment.{csv,svg} and prints ratio lines
+# per configuration (pre-copy / stock, post-copy / stock). Takes about 45 minutes for
+# SIZES=64,256,1024 DIRTY=1. Run as root.
 #
 #   SIZES=64,256 DIRTY=1 scripts/experiment.sh     # a smaller matrix
 #   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
@@ -19,5 +22,5 @@ cd "$REPO"
 MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload" \
 MIGRATE_EXPERIMENT_SIZES="${SIZES:-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
 	go test -tags "$GO_TAGS" -count=1 -timeout 120m -run '^TestExperimentDowntime$' -v ./testbed/ 2>&1 |
-	grep --line-buffered -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|pre-copy / stock|results in|FAIL|PASS|ok '
+	grep --line-buffered -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|-copy / stock|results in|FAIL|PASS|ok '
 echo "CSV: $out/experiment.csv  plot: $out/experiment.svg  log: $out/experiment.log"

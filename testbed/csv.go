@@ -30,6 +30,9 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 			Gap: time.Duration(num(rec[3])) * time.Millisecond, Held: time.Duration(num(rec[4])) * time.Millisecond,
 			Total: time.Duration(num(rec[5])) * time.Millisecond, Bytes: num(rec[6]), Rounds: int(num(rec[7])),
 			Replies: int(num(rec[8])), Phases: rec[9]})
+		if len(rec) > 10 {
+			rows[len(rows)-1].Postcopy = time.Duration(num(rec[10])) * time.Millisecond
+		}
 	}
 	return rows, nil
 }

@@ -18,10 +18,13 @@ const (
 	// CasePrecopyArchive is pre-copy with the pages inside podman's archive (the path
 	// before the memory path, and the fallback).
 	CasePrecopyArchive = "precopy-archive"
+	// CasePostcopy is push --postcopy: pre-copy rounds, then the container resumes on
+	// the target before the pages changed meanwhile have crossed.
+	CasePostcopy = "postcopy"
 )
 
 // Cases are the experiment's cases, in the order they run.
-var Cases = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopy}
+var Cases = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopy, CasePostcopy}
 
 // ExpRow is one move of the experiment.
 type ExpRow struct {
@@ -35,6 +38,8 @@ type ExpRow struct {
 	Rounds   int           `json:"rounds"`
 	Replies  int           `json:"replies"`
 	Phases   string        `json:"phases"` // the frozen phase, step by step
+	// Postcopy is the post-copy phase's length (postcopy only).
+	Postcopy time.Duration `json:"postcopy_ns,omitempty"`
 }
 
 // config is one configuration of the experiment: a memory size and a dirty rate.
@@ -68,11 +73,11 @@ func byConfig(rows []ExpRow) ([]config, map[config]map[string]ExpRow) {
 // WriteCSV writes the rows with a header.
 func WriteCSV(w io.Writer, rows []ExpRow) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases"})
+	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms"})
 	ms := func(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
 	for _, r := range rows {
 		cw.Write([]string{strconv.Itoa(r.SizeMiB), strconv.FormatFloat(r.DirtyPct, 'g', -1, 64), r.Case, ms(r.Gap), ms(r.Held), ms(r.Total),
-			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases})
+			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy)})
 	}
 	cw.Flush()
 	return cw.Error()
@@ -93,6 +98,16 @@ func Ratios(rows []ExpRow) []string {
 			float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
 			float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
 	}
+	for _, k := range keys {
+		p, okp := by[k][CasePostcopy]
+		s, oks := by[k][CaseStock]
+		if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
+			continue
+		}
+		out = append(out, fmt.Sprintf("%-16s post-copy / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f  total time %.2f; post-copy phase %s",
+			k.String(), float64(p.Gap)/float64(s.Gap), float64(s.Gap)/float64(max(p.Gap, time.Millisecond)), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
+			float64(p.Bytes)/float64(s.Bytes), float64(p.Total)/float64(s.Total), p.Postcopy.Round(time.Millisecond)))
+	}
 	return out
 }
 
@@ -100,7 +115,7 @@ func Ratios(rows []ExpRow) []string {
 // configuration and one bar per case, on a log scale.
 func WriteSVG(w io.Writer, rows []ExpRow) error {
 	cases := Cases
-	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopyArchive: "#90b0e0", CasePrecopy: "#2070c0"}
+	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopyArchive: "#90b0e0", CasePrecopy: "#2070c0", CasePostcopy: "#30a050"}
 	keys, by := byConfig(rows)
 	const bw, gap, left, panelH, top = 18, 24, 70, 220, 40
 	groupW := len(cases)*bw + gap

@@ -63,7 +63,7 @@ func TestExperimentDowntime(t *testing.T) {
 				waitMemload(t, tb, ip)
 				// sockperf runs for a fixed time that must cover the move.
 				seconds := 12 + int(xfer*1.3)
-				if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive {
+				if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePostcopy {
 					seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
 				}
 				t0 := time.Now()
@@ -82,6 +82,7 @@ func TestExperimentDowntime(t *testing.T) {
 							testbed.CaseStopCopy:       {"--mode", "stop-copy"},
 							testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
 							testbed.CasePrecopy:        {"--mode", "precopy"},
+							testbed.CasePostcopy:       {"--mode", "precopy", "--postcopy"},
 						}[c]
 						r := pushArgs(t, tb, append([]string{name, "--to", "b"}, args...)...)
 						if !r.OK {
@@ -93,6 +94,9 @@ func TestExperimentDowntime(t *testing.T) {
 							t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
 						}
 						row.Held, row.Total, row.Bytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
+						if r.Postcopy != nil {
+							row.Postcopy = r.Postcopy.Duration
+						}
 						var ph []string
 						for _, p := range r.Downtime {
 							ph = append(ph, fmt.Sprintf("%s %s", p.Name, p.Duration.Round(time.Millisecond)))
