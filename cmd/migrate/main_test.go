@@ -125,7 +125,7 @@ func TestTestbedReportMergesRuns(t *testing.T) {
 		t.Fatalf("ratio line %q: want the second run's pre-copy against the first's stock", out)
 	}
 	csv, err := os.ReadFile(dir + "/merged/experiment.csv")
-	if err != nil || strings.Count(string(csv), "\n") != 3 || !strings.Contains(string(csv), ",z\n") {
+	if err != nil || strings.Count(string(csv), "\n") != 3 || !strings.Contains(string(csv), ",z,") {
 		t.Fatalf("merged CSV %q, %v", csv, err)
 	}
 	if svg, err := os.ReadFile(dir + "/merged/experiment.svg"); err != nil || !bytes.Contains(svg, []byte("<svg")) {
