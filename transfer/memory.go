@@ -419,6 +419,10 @@ func (lr *lazyRestore) restored(ok bool) {
 	}
 	goSafe("lazy fill", func() {
 		d := lazyFillDeadline(lr.mem.Bytes())
+		if lr.postcopy != nil {
+			// Pages cross the link: its stall watchdog ends a fill that stops, not this.
+			d = time.Hour
+		}
 		select {
 		case err := <-lr.exited:
 			if err != nil {
@@ -434,7 +438,12 @@ func (lr *lazyRestore) restored(ok bool) {
 			slog.Info("lazy fill done", "container", lr.name, "bytes", lr.mem.Bytes(), "since_restore_began", time.Since(lr.start))
 			lr.stop(false)
 		case <-time.After(d):
-			slog.Error("lazy fill did not end in time; its daemon is stopped", "container", lr.name, "deadline", d)
+			// The container goes first: once its daemon ends, pages it never filled
+			// would read as zeros.
+			slog.Error("lazy fill did not end in time; the container and its daemon are stopped", "container", lr.name, "deadline", d)
+			if rerr := lr.a.podman.Remove(context.Background(), lr.name); rerr != nil {
+				slog.Error("stop the container after a lazy fill that did not end", "container", lr.name, "err", rerr)
+			}
 			lr.stop(true)
 		}
 	}, nil)
