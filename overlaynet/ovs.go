@@ -444,6 +444,15 @@ func (o *OVS) flows() []*ovs.Flow {
 		fl = append(fl, &ovs.Flow{Priority: 100, Cookie: cookie,
 			Matches: []ovs.Match{ovs.DataLinkDestination(mac)}, Actions: []ovs.Action{ovs.Output(out)}})
 	}
+	// A container restored here for a move stays mute until the overlay locates it here
+	// (the source's decision): before that its copy on the source may still be the live
+	// one, and anything this copy sent (its TCP stream going on) would break the
+	// connection the source's copy resumes after a rollback.
+	for mac, p := range o.local {
+		if loc, ok := o.locs[mac]; ok && loc.Host != o.cfg.Host {
+			fl = append(fl, &ovs.Flow{Priority: 300, Cookie: cookie, InPort: p, Actions: []ovs.Action{ovs.Drop()}})
+		}
+	}
 	for mac := range o.frozen {
 		act := ovs.Drop()
 		if o.hold > 0 {
