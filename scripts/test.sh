@@ -14,7 +14,7 @@ echo "test.sh: building" >&2
 build_binaries
 go vet -tags "$GO_TAGS" ./...
 # Every decoder of untrusted bytes, fuzzed briefly (scripts/fuzz.sh 10m by hand).
-"$REPO/scripts/fuzz.sh" 5s
+"$REPO/scripts/fuzz.sh" 20000x
 export MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload"
 # -p 1: testbed tests check that the machine is left as they found it, so packages must
 # not run their testbeds at the same time.
