@@ -52,7 +52,7 @@ func TestExperimentDowntime(t *testing.T) {
 	for _, size := range sizes {
 		for _, pct := range dirty {
 			rate := int(size * 256 * pct / 100) // pages per second
-			xfer := size * 1.05 * 8 / 92    // seconds for the memory at the link's rate
+			xfer := size * 1.05 * 8 / 92        // seconds for the memory at the link's rate
 			for _, c := range testbed.Cases {
 				seed++
 				row := testbed.ExpRow{SizeMiB: int(size), DirtyPct: pct, Case: c}

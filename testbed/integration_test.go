@@ -29,6 +29,7 @@ func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
 	testenv.Root(t, tools...)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	cfg.Owner = os.Getpid()
 	tb, err := testbed.Up(ctx, cfg)
 	if err != nil {
 		t.Fatalf("testbed up: %v", err)
@@ -47,11 +48,17 @@ func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
 // machineState is what a testbed may touch on the machine.
 type machineState struct {
 	netns, mounts, procs []string
+	roots                map[string]bool // testbed roots that exist
 }
 
 func snapshot(t *testing.T) machineState {
 	t.Helper()
-	var s machineState
+	s := machineState{roots: map[string]bool{}}
+	for _, root := range []string{testbed.StateRoot, testbed.DataRoot} {
+		if _, err := os.Stat(root); err == nil {
+			s.roots[root] = true
+		}
+	}
 	if ents, err := os.ReadDir("/run/netns"); err == nil {
 		for _, e := range ents {
 			s.netns = append(s.netns, e.Name())
@@ -166,9 +173,13 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 	if l := testbed.Leftovers("leak"); len(l) > 0 {
 		t.Errorf("leftovers: %v", l)
 	}
-	for _, p := range []string{testbed.StateRoot, testbed.DataRoot} {
-		if _, err := os.Stat(p); err == nil {
-			t.Errorf("%s still exists", p)
+	for _, root := range []string{testbed.StateRoot, testbed.DataRoot} {
+		if _, err := os.Stat(filepath.Join(root, "leak")); err == nil {
+			t.Errorf("%s still exists", filepath.Join(root, "leak"))
+		}
+		// The roots themselves go with the last testbed (another one may be up beside).
+		if _, err := os.Stat(root); err == nil && !before.roots[root] {
+			t.Errorf("%s still exists", root)
 		}
 	}
 	if err := testbed.Down(ctx, "leak"); err != nil {
@@ -318,5 +329,48 @@ func TestDemoStreamSurvivesPush(t *testing.T) {
 	}
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
 		t.Errorf("after the demo web runs on %v, want b", w)
+	}
+}
+
+// A test run killed mid-way leaves its testbed up; the next run of the same test must not
+// fail on it ("already up"), yet a testbed whose owner still runs is never taken over.
+func TestUpReclaimsATestbedWhoseOwnerEnded(t *testing.T) {
+	testenv.Root(t, tools...)
+	ctx := context.Background()
+	owner := exec.Command("sleep", "600")
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ownerDone := make(chan struct{})
+	go func() { owner.Wait(); close(ownerDone) }()
+	t.Cleanup(func() { owner.Process.Kill(); <-ownerDone; testbed.Down(context.Background(), "reclaim") })
+
+	cfg := testbed.Config{Name: "reclaim", NoOVS: true, Owner: owner.Process.Pid}
+	if _, err := testbed.Up(ctx, cfg); err != nil {
+		t.Fatalf("up: %v", err)
+	}
+	cfg.Owner = os.Getpid()
+	if _, err := testbed.Up(ctx, cfg); err == nil || !strings.Contains(err.Error(), "already up") {
+		t.Fatalf("up over a testbed whose owner runs: %v, want 'already up'", err)
+	}
+	owner.Process.Kill()
+	<-ownerDone
+	tb, err := testbed.Up(ctx, cfg)
+	if err != nil {
+		t.Fatalf("up over a testbed whose owner ended: %v", err)
+	}
+	if tb.Owner != os.Getpid() {
+		t.Errorf("owner %d, want %d", tb.Owner, os.Getpid())
+	}
+	// A testbed the user keeps (no owner) is never reclaimed.
+	if err := testbed.Down(ctx, "reclaim"); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Owner = 0
+	if _, err := testbed.Up(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testbed.Up(ctx, cfg); err == nil || !strings.Contains(err.Error(), "already up") {
+		t.Fatalf("up over a kept testbed: %v, want 'already up'", err)
 	}
 }

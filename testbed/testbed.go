@@ -14,6 +14,7 @@
 package testbed
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -82,6 +84,11 @@ type Config struct {
 	// Agents, if set, is the migrate binary: every host and the client run its agent
 	// (`migrate serve`), with certificates and an inventory made for the testbed.
 	Agents string
+	// Owner is the PID of the process that tears this testbed down when it ends (a test,
+	// the demo); 0 for a testbed the user keeps (`migrate testbed up`). A later Up of the
+	// same name reclaims a testbed whose owner is gone (a test run killed mid-way),
+	// instead of refusing to start.
+	Owner int
 }
 
 // Host is one machine of the testbed (or the client).
@@ -112,6 +119,10 @@ type Testbed struct {
 	// MemloadBin is the memload binary the test images were built with (the client runs
 	// its stream checker).
 	MemloadBin string `json:"memload_bin,omitempty"`
+	// Owner and OwnerStart identify the process that owns the testbed (Config.Owner and
+	// its start time, so that a reused PID does not count as the owner).
+	Owner      int    `json:"owner_pid,omitempty"`
+	OwnerStart uint64 `json:"owner_start,omitempty"`
 }
 
 // Host returns the named host or the client.
@@ -219,8 +230,13 @@ func Up(ctx context.Context, cfg Config) (tb *Testbed, err error) {
 	if err := Preflight(!cfg.NoOVS); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(filepath.Join(stateDir(cfg.Name), "testbed.json")); err == nil {
-		return nil, fmt.Errorf("testbed %q is already up (run `migrate testbed down --name %s` first)", cfg.Name, cfg.Name)
+	if old, err := Load(cfg.Name); err == nil {
+		if !old.ownerGone() {
+			return nil, fmt.Errorf("testbed %q is already up (run `migrate testbed down --name %s` first)", cfg.Name, cfg.Name)
+		}
+		slog.Warn("reclaiming a testbed whose owner ended without tearing it down", "testbed", cfg.Name, "owner_pid", old.Owner)
+	} else if _, serr := os.Stat(filepath.Join(stateDir(cfg.Name), "testbed.json")); serr == nil {
+		return nil, fmt.Errorf("testbed %q: unreadable state (%v); run `migrate testbed down --name %s`", cfg.Name, err, cfg.Name)
 	}
 	if err := Down(ctx, cfg.Name); err != nil { // leftovers of a crashed run
 		return nil, fmt.Errorf("clean leftovers of testbed %s: %w", cfg.Name, err)
@@ -236,6 +252,12 @@ func Up(ctx context.Context, cfg Config) (tb *Testbed, err error) {
 	}()
 
 	tb = &Testbed{Name: cfg.Name, Underlay: "/run/netns/" + netnsName(cfg.Name, "ul"), Subnet: "10.99.0.0/24", MemloadBin: cfg.Memload}
+	if cfg.Owner > 0 {
+		tb.Owner = cfg.Owner
+		if tb.OwnerStart, err = processStart(cfg.Owner); err != nil {
+			return nil, fmt.Errorf("testbed owner %d: %w", cfg.Owner, err)
+		}
+	}
 	for i, name := range append(append([]string{}, cfg.Hosts...), ClientName) {
 		link := cfg.Link
 		if l, ok := cfg.Links[name]; ok {
@@ -311,6 +333,34 @@ func (tb *Testbed) save() error {
 		return err
 	}
 	return os.WriteFile(filepath.Join(stateDir(tb.Name), "testbed.json"), b, 0o644)
+}
+
+// ownerGone reports whether the testbed had an owner process that no longer runs.
+func (tb *Testbed) ownerGone() bool {
+	if tb.Owner <= 0 {
+		return false
+	}
+	start, err := processStart(tb.Owner)
+	return err != nil || start != tb.OwnerStart
+}
+
+// processStart is the start time of a process (field 22 of /proc/PID/stat, clock ticks
+// since boot): with the PID it names one process across PID reuse.
+func processStart(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces: count from its end.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	return strconv.ParseUint(f[19], 10, 64)
 }
 
 // Load returns the running testbed called name.

@@ -40,6 +40,7 @@ testbed is removed afterwards unless --keep.`,
 			Name:    name,
 			Link:    testbed.Link{RateMbit: c.Float64("rate"), Delay: c.Duration("delay")},
 			Memload: memloadPath(c.String("memload")),
+			Owner:   demoOwner(c.Bool("keep")),
 		})
 		if err != nil {
 			return err
@@ -81,4 +82,13 @@ testbed is removed afterwards unless --keep.`,
 		}
 		return nil
 	},
+}
+
+// demoOwner makes the demo the owner of its testbed unless the user keeps it: a demo
+// interrupted before its teardown leaves a testbed the next demo reclaims.
+func demoOwner(keep bool) int {
+	if keep {
+		return 0
+	}
+	return os.Getpid()
 }
