@@ -59,6 +59,9 @@ type Options struct {
 	TCPEstablished bool // keep established TCP connections (the container keeps its address)
 	LeaveRunning   bool // the container goes on running after the dump
 	IgnoreRootfs   bool // leave the container's rootfs changes out of the archive
+	// IgnoreVolumes leaves named volumes' content out of the archive (migrate moves it
+	// itself, before the freeze).
+	IgnoreVolumes bool
 	// Keep leaves the checkpoint on this host, so the container can be restored here
 	// again (RestoreLocal) if the move fails.
 	Keep bool
@@ -68,6 +71,7 @@ type Options struct {
 type RestoreOptions struct {
 	TCPEstablished bool
 	Name           string // restore under this name instead of the one in the archive
+	IgnoreVolumes  bool   // the archive carries no volume content: use the volumes as they are
 	// NoStats: do not ask podman for CRIU's statistics (it looks for them in the bundle,
 	// where a restore whose work directory is elsewhere left none).
 	NoStats bool
@@ -97,6 +101,9 @@ func (p *Podman) Export(ctx context.Context, name string, w io.Writer, o Options
 		return nil, err
 	}
 	params.Set("export", "true")
+	if o.IgnoreVolumes {
+		params.Set("ignoreVolumes", "true") // the API has it; the bindings' options lack it
+	}
 	resp, err := conn.DoRequest(p.with(ctx), nil, http.MethodPost, "/containers/%s/checkpoint", params, nil, name)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint %s on %s: %w", name, p.uri, err)
@@ -119,7 +126,7 @@ func (p *Podman) Import(ctx context.Context, r io.Reader, o RestoreOptions) (*Re
 	if err != nil {
 		return nil, err
 	}
-	opts := new(containers.RestoreOptions).WithTCPEstablished(o.TCPEstablished).WithPrintStats(!o.NoStats)
+	opts := new(containers.RestoreOptions).WithTCPEstablished(o.TCPEstablished).WithPrintStats(!o.NoStats).WithIgnoreVolumes(o.IgnoreVolumes)
 	if o.Name != "" {
 		opts = opts.WithName(o.Name)
 	}

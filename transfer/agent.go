@@ -71,6 +71,8 @@ type Agent struct {
 // inflightMove is a push under way on this (source) host.
 type inflightMove struct {
 	move   string
+	to     string
+	since  time.Time
 	cancel context.CancelCauseFunc // cancels the move while nothing is frozen yet
 	frozen bool
 }
@@ -187,6 +189,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		srv.Shutdown(sctx)
 	}()
 	go a.syncLocations(ctx)
+	goSafe("watch removals", func() { a.watchRemovals(ctx) })
 	go a.settle(ctx)
 	slog.Info("agent serving", "host", a.cfg.Name, "addr", a.self.Agent, "podman", a.cfg.PodmanURI != "")
 	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -233,6 +236,9 @@ func (a *Agent) mux() *http.ServeMux {
 		{"GET " + PathContainers, a.handle(func(r *http.Request) (any, error) { return a.containers(r.Context()) }), hostsAndOperators},
 		{"GET " + PathStatus, a.handle(a.status), operators},
 		{"POST " + PathRun, a.handle(a.run), operators},
+		{"POST " + PathRemove, a.handle(a.remove), operators},
+		{"GET " + PathLogs, a.handleLogs, operators},
+		{"POST " + PathExec, a.handleExec, operators},
 		{"POST " + PathPush, a.handlePush, operators},
 		{"POST " + PathPushCancel, a.handle(a.cancelPush), operators},
 		{"POST " + PathCosts, a.handle(a.costs), operators},
@@ -251,6 +257,7 @@ func (a *Agent) mux() *http.ServeMux {
 		{"POST " + PathImage, a.handle(a.loadImage), hosts},
 		{"POST " + PathPostcopyPages, a.handle(a.postcopyPages), hosts},
 		{"POST " + PathPostcopyWant, a.handle(a.postcopyWant), hosts},
+		{"POST " + PathVolumeSync, a.handle(a.syncVolume), hosts},
 	}
 	for _, rt := range routes {
 		mux.HandleFunc(rt.pattern, recoverPanics(allow(rt.h, rt.roles...)))
@@ -272,6 +279,8 @@ func (a *Agent) handle(fn func(*http.Request) (any, error)) http.HandlerFunc {
 				code = http.StatusForbidden
 			case errors.As(err, &be):
 				code = http.StatusBadRequest
+			case errors.As(err, new(notFound)):
+				code = http.StatusNotFound
 			}
 			slog.Warn("request failed", "path", r.URL.Path, "caller", callerOf(r.Context()).Name, "err", err)
 			writeError(w, code, err)
@@ -395,6 +404,29 @@ func (r podmanRuntime) Remove(ctx context.Context, name string) error {
 	}
 	r.a.dropMemory(name)
 	return nil
+}
+
+func (r podmanRuntime) RemoveVolumes(ctx context.Context, names []string, move string) error {
+	var errs []error
+	for _, n := range names {
+		if move != "" {
+			v, err := r.p.InspectVolume(ctx, n)
+			if ok, _ := r.p.VolumeExists(ctx, n); !ok {
+				continue
+			}
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if v.Labels[LabelVolumeMove] != move {
+				continue // not this move's: the user's own
+			}
+		}
+		if err := r.p.RemoveVolume(ctx, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Unfreeze thaws the container's cgroup if it runs.
@@ -650,6 +682,9 @@ func (a *Agent) run(r *http.Request) (any, error) {
 	if err := ValidContainerName(req.Name); err != nil {
 		return nil, err
 	}
+	if err := checkRun(&req); err != nil {
+		return nil, badRequest{fmt.Errorf("run %s: %w", req.Name, err)}
+	}
 	if ok, err := a.podman.Exists(ctx, req.Name); err != nil {
 		return nil, err
 	} else if ok {
@@ -663,8 +698,12 @@ func (a *Agent) run(r *http.Request) (any, error) {
 		return nil, err
 	}
 	labels := map[string]string{LabelIP: req.IP.String(), LabelMAC: ep.MAC}
-	id, err := a.podman.Run(ctx, checkpoint.Spec{Name: req.Name, Image: req.Image, Command: req.Command,
-		Env: req.Env, Labels: labels, NetNS: ep.NetNSPath(), CRIUConfig: CRIUConfigPath(req.Name)})
+	for k, v := range req.Labels {
+		labels[k] = v
+	}
+	id, err := a.podman.Run(ctx, checkpoint.Spec{Name: req.Name, Image: req.Image, Command: req.Command, Entrypoint: req.Entrypoint,
+		Env: req.Env, Labels: labels, Annotations: req.Annotations, User: req.User, WorkDir: req.WorkDir, ReadOnly: req.ReadOnly,
+		Mounts: req.Mounts, MemoryLimit: req.MemoryLimit, CPUs: req.CPUs, NetNS: ep.NetNSPath(), CRIUConfig: CRIUConfigPath(req.Name)})
 	if err != nil {
 		a.ovs.Unplumb(context.WithoutCancel(ctx), ep)
 		return nil, err
@@ -696,6 +735,7 @@ func (a *Agent) status(r *http.Request) (any, error) {
 		st.InFlight = append(st.InFlight, c)
 	}
 	sort.Strings(st.InFlight)
+	st.Moves = a.movesLocked()
 	return st, nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/migrate-project/migrate/checkpoint"
 	"github.com/migrate-project/migrate/layers"
 	"github.com/migrate-project/migrate/overlaynet"
 	"github.com/migrate-project/migrate/pages"
@@ -55,11 +56,66 @@ type ContainerInfo struct {
 
 // RunRequest starts a container on the overlay.
 type RunRequest struct {
-	Name    string            `json:"name"`
-	Image   string            `json:"image"`
-	Command []string          `json:"command,omitempty"`
-	Env     map[string]string `json:"env,omitempty"`
-	IP      netip.Prefix      `json:"ip"`
+	Name        string             `json:"name"`
+	Image       string             `json:"image"`
+	Command     []string           `json:"command,omitempty"`
+	Entrypoint  []string           `json:"entrypoint,omitempty"`
+	Env         map[string]string  `json:"env,omitempty"`
+	IP          netip.Prefix       `json:"ip"`
+	Labels      map[string]string  `json:"labels,omitempty"`
+	Annotations map[string]string  `json:"annotations,omitempty"`
+	User        string             `json:"user,omitempty"`
+	WorkDir     string             `json:"workdir,omitempty"`
+	ReadOnly    bool               `json:"read_only,omitempty"`
+	Mounts      []checkpoint.Mount `json:"mounts,omitempty"`
+	MemoryLimit int64              `json:"memory_limit,omitempty"` // bytes
+	CPUs        float64            `json:"cpus,omitempty"`
+}
+
+// MoveInFlight is a move under way, as the host at one of its ends sees it.
+type MoveInFlight struct {
+	Container string    `json:"container"`
+	From      string    `json:"from"`
+	To        string    `json:"to"`
+	Since     time.Time `json:"since"`
+}
+
+// String says what the move is, for an error about its container.
+func (m MoveInFlight) String() string {
+	return fmt.Sprintf("%s is being moved from %s to %s, since %s (%s ago)", m.Container, m.From, m.To,
+		m.Since.Local().Format("15:04:05"), time.Since(m.Since).Round(time.Second))
+}
+
+// RemoveRequest removes a container and frees its name and address.
+type RemoveRequest struct {
+	Name string `json:"name"`
+}
+
+// RemoveResult says what rm did on the host.
+type RemoveResult struct {
+	Container string     `json:"container"`
+	Host      string     `json:"host"`
+	Removed   bool       `json:"removed"`             // a container was removed (else only its address was freed)
+	Freed     netip.Addr `json:"freed,omitzero"`      // the overlay address freed
+	Unreached []string   `json:"unreached,omitempty"` // nodes that did not hear of it (they learn at their next sync)
+}
+
+// ExecRequest runs a command in a container.
+type ExecRequest struct {
+	Name    string   `json:"name"`
+	Cmd     []string `json:"cmd"`
+	Env     []string `json:"env,omitempty"`
+	User    string   `json:"user,omitempty"`
+	WorkDir string   `json:"workdir,omitempty"`
+}
+
+// Frame is one line of a logs or exec stream: output on stdout (Out) or stderr (Err), the
+// exit code at the end of an exec, or an error.
+type Frame struct {
+	Out   string `json:"o,omitempty"`
+	Err   string `json:"e,omitempty"`
+	Exit  *int   `json:"exit,omitempty"`
+	Error string `json:"error,omitempty"`
 }
 
 // PrepareRequest asks a target to get ready for a container.
@@ -76,6 +132,11 @@ type PrepareRequest struct {
 	// offers what the container's processes may use.
 	CPUInfo []byte `json:"cpuinfo,omitempty"`
 	DryRun  bool   `json:"dry_run,omitempty"`
+	// Binds are the host paths the container bind-mounts: the target must have each.
+	Binds []string `json:"binds,omitempty"`
+	// Volumes are the container's named volumes: they must not exist on the target, which
+	// creates them as their content arrives.
+	Volumes []string `json:"volumes,omitempty"`
 }
 
 // Check is one property of the pre-flight gate.
@@ -291,12 +352,15 @@ type PushResult struct {
 	HeldFrames int             `json:"held_frames"`           // frames for the container kept during the freeze and delivered after
 	LostFrames int             `json:"lost_frames,omitempty"` // frames beyond the hold's bound (dropped; clients retransmit)
 	ImageBytes int64           `json:"image_bytes"`           // image archive bytes over the agent connection
-	Plan       *layers.Plan    `json:"layer_plan,omitempty"`
-	Total      time.Duration   `json:"total_ns"`         // request to done
-	Frozen     time.Duration   `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed
-	Phases     []Phase         `json:"phases,omitempty"` // how long each step took
-	LogsDir    string          `json:"logs_dir,omitempty"`
-	Finished   time.Time       `json:"finished"`
+	// Volumes: each named volume's passes (while it ran, then frozen) and their bytes.
+	Volumes     []VolumeResult `json:"volumes,omitempty"`
+	VolumeBytes int64          `json:"volume_bytes,omitempty"`
+	Plan        *layers.Plan   `json:"layer_plan,omitempty"`
+	Total       time.Duration  `json:"total_ns"`         // request to done
+	Frozen      time.Duration  `json:"frozen_ns"`        // traffic stopped (freeze) to traffic re-pointed
+	Phases      []Phase        `json:"phases,omitempty"` // how long each step took
+	LogsDir     string         `json:"logs_dir,omitempty"`
+	Finished    time.Time      `json:"finished"`
 }
 
 // Phase is one timed step of a push.
@@ -310,6 +374,8 @@ type Status struct {
 	Host       string          `json:"host"`
 	Containers []ContainerInfo `json:"containers"`
 	InFlight   []string        `json:"in_flight,omitempty"`
+	// Moves are the moves under way from or to this host.
+	Moves []MoveInFlight `json:"moves,omitempty"`
 	// Unresolved lists moves whose journal entries the agent is still settling.
 	Unresolved []string    `json:"unresolved,omitempty"`
 	Last       *PushResult `json:"last,omitempty"`

@@ -1,9 +1,16 @@
 package transfer
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/migrate-project/migrate/layers"
@@ -17,6 +24,9 @@ const (
 	PathLocations     = "/v1/locations"
 	PathLocate        = "/v1/locate"
 	PathRun           = "/v1/run"
+	PathRemove        = "/v1/rm"
+	PathLogs          = "/v1/logs"
+	PathExec          = "/v1/exec"
 	PathPrepare       = "/v1/prepare"
 	PathRestore       = "/v1/restore"
 	PathPagesAnnounce = "/v1/pages/announce"
@@ -140,4 +150,85 @@ func (p *Peer) LayerPlan(ctx context.Context, req PlanRequest) (*layers.Plan, er
 func (p *Peer) Holdings(ctx context.Context, image string) (*Holdings, error) {
 	var out Holdings
 	return &out, p.Call(ctx, withQuery(PathLayers, "image", image), nil, &out)
+}
+
+// Remove removes a container on the host and frees its name and address everywhere.
+func (p *Peer) Remove(ctx context.Context, name string) (*RemoveResult, error) {
+	var out RemoveResult
+	return &out, p.Call(ctx, PathRemove, RemoveRequest{Name: name}, &out)
+}
+
+// Logs copies the container's log to stdout and stderr; with follow until it stops or ctx
+// ends. tail < 0: every line.
+func (p *Peer) Logs(ctx context.Context, name string, follow bool, tail int, stdout, stderr io.Writer) error {
+	q := []string{"name", name, "follow", strconv.FormatBool(follow)}
+	if tail >= 0 {
+		q = append(q, "tail", strconv.Itoa(tail))
+	}
+	_, err := p.frames(ctx, http.MethodGet, withQuery(PathLogs, q...), nil, stdout, stderr)
+	return err
+}
+
+// Exec runs a command in the container and returns its exit code.
+func (p *Peer) Exec(ctx context.Context, req ExecRequest, stdout, stderr io.Writer) (int, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return 0, err
+	}
+	code, err := p.frames(ctx, http.MethodPost, PathExec, b, stdout, stderr)
+	if err != nil {
+		return 0, err
+	}
+	if code == nil {
+		return 0, fmt.Errorf("host %s: the exec ended without an exit code", p.Name)
+	}
+	return *code, nil
+}
+
+// frames reads a stream of Frames (logs, exec) into stdout and stderr and returns the exit
+// code it ends with, if any.
+func (p *Peer) frames(ctx context.Context, method, path string, body []byte, stdout, stderr io.Writer) (*int, error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, p.url(path), rd)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return nil, p.classify(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, p.decode(resp, nil)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var f Frame
+		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
+			return nil, fmt.Errorf("host %s: bad output frame: %w", p.Name, err)
+		}
+		switch {
+		case f.Error != "":
+			return nil, fmt.Errorf("host %s: %s", p.Name, f.Error)
+		case f.Exit != nil:
+			return f.Exit, nil
+		case f.Out != "":
+			if _, err := io.WriteString(stdout, f.Out); err != nil {
+				return nil, err
+			}
+		case f.Err != "":
+			if _, err := io.WriteString(stderr, f.Err); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return nil, p.classify(err)
+	}
+	return nil, nil
 }

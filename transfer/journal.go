@@ -50,6 +50,8 @@ type outgoingMove struct {
 	Updated   time.Time           `json:"updated"`
 	// Acked: the target confirmed the outcome (it dropped its journal); the entry can go.
 	Acked bool `json:"acked,omitempty"`
+	// Volumes go with the source's copy of the container once the target has it.
+	Volumes []string `json:"volumes,omitempty"`
 }
 
 // incomingMove is the target's journal entry of a move.

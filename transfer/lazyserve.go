@@ -185,4 +185,3 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 	// Fewer than all is fine: the daemon skips what the process unmapped meanwhile.
 	return err
 }
-

@@ -254,8 +254,8 @@ type lazyRestore struct {
 	serverDone  chan error
 	closeServer func()
 	postcopy    *postcopyIn // post-copy: pages still arrive from the source
-	unpin  func()
-	start  time.Time
+	unpin       func()
+	start       time.Time
 }
 
 // lazyDir is where a lazy restore's images and CRIU's logs live.

@@ -27,6 +27,9 @@ type containerRuntime interface {
 	// Unfreeze thaws a running container's cgroup (frozen for a checkpoint that did
 	// not happen or failed).
 	Unfreeze(ctx context.Context, name string) error
+	// RemoveVolumes removes named volumes; with move set, only those that move created
+	// (labelled with its ID). Missing ones are no error.
+	RemoveVolumes(ctx context.Context, names []string, move string) error
 }
 
 // overlayNode is the part of the overlay a move drives.
@@ -162,6 +165,11 @@ func (m *mover) finishCommitted(ctx context.Context, mv *outgoingMove) finished 
 		} else if exists {
 			if err := m.rt.Remove(ctx, mv.Container); err != nil {
 				f.Pending = append(f.Pending, fmt.Sprintf("remove the source copy: %v", err))
+			}
+		}
+		if len(mv.Volumes) > 0 {
+			if err := m.rt.RemoveVolumes(ctx, mv.Volumes, ""); err != nil {
+				f.Pending = append(f.Pending, fmt.Sprintf("remove the source's volumes: %v", err))
 			}
 		}
 	}
@@ -340,6 +348,11 @@ func (m *mover) undoIncoming(ctx context.Context, mv *incomingMove) error {
 		} else if exists {
 			if err := m.rt.Remove(ctx, req.Container); err != nil {
 				errs = append(errs, fmt.Errorf("remove %s: %w", req.Container, err))
+			}
+		}
+		if len(req.Volumes) > 0 {
+			if err := m.rt.RemoveVolumes(ctx, req.Volumes, req.Move); err != nil {
+				errs = append(errs, fmt.Errorf("remove the volumes of %s: %w", req.Container, err))
 			}
 		}
 	}

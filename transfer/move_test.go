@@ -37,6 +37,8 @@ func (r *fakeRuntime) Remove(_ context.Context, name string) error {
 
 func (r *fakeRuntime) Unfreeze(context.Context, string) error { return nil }
 
+func (r *fakeRuntime) RemoveVolumes(context.Context, []string, string) error { return nil }
+
 func (r *fakeRuntime) RestoreLocal(_ context.Context, name string) error {
 	if _, ok := r.containers[name]; !ok {
 		return errors.New("no such container")

@@ -11,14 +11,17 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/migrate-project/migrate/pages"
+	"github.com/migrate-project/migrate/volumes"
 )
 
 // incoming is the target's side of one migration's page session.
 type incoming struct {
 	sess    *pages.Session
 	unpin   func()
-	source  string    // the host the move comes from: the only caller allowed
-	touched time.Time // the source's last call
+	source  string                   // the host the move comes from: the only caller allowed
+	touched time.Time                // the source's last call
+	since   time.Time                // when the move arrived (prepare)
+	trees   map[string]*volumes.Tree // volumes as applied so far
 }
 
 // openSession starts a fresh page session for an incoming move; the store keeps every
@@ -29,7 +32,7 @@ func (a *Agent) openSession(req PrepareRequest) {
 	if old := a.sessions[req.Container]; old != nil {
 		old.unpin()
 	}
-	a.sessions[req.Container] = &incoming{sess: pages.NewSession(), unpin: a.store.Pin(), source: req.Source, touched: time.Now()}
+	a.sessions[req.Container] = &incoming{sess: pages.NewSession(), unpin: a.store.Pin(), source: req.Source, touched: time.Now(), since: time.Now()}
 }
 
 func (a *Agent) closeSession(name string) {

@@ -93,10 +93,10 @@ type lazyDump struct {
 	pc     *pageserver.Client
 	runs   []pcRun
 
-	store  *pages.Store // every page fetched goes here too (a rollback restores from it)
+	store *pages.Store // every page fetched goes here too (a rollback restores from it)
 	// decided: the move is committed; the post-copy phase proper has begun.
 	decided atomic.Bool
-	pumpMu sync.Mutex   // one pump at a time on CRIU's connection
+	pumpMu  sync.Mutex // one pump at a time on CRIU's connection
 
 	mu     sync.Mutex
 	hashes map[pageAddr]pages.Hash // pages fetched, by address
@@ -537,7 +537,7 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 	expDone := make(chan error, 1)
 	go func() {
 		// Podman returns once every page was fetched; its archive is not needed then.
-		_, err := a.podman.Export(context.WithoutCancel(ctx), c.Name, io.Discard, checkpoint.Options{TCPEstablished: true, Keep: true})
+		_, err := a.podman.Export(context.WithoutCancel(ctx), c.Name, io.Discard, checkpoint.Options{TCPEstablished: true, Keep: true, IgnoreVolumes: true})
 		close(exported)
 		expDone <- err
 	}()

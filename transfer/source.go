@@ -13,6 +13,7 @@ import (
 
 	"github.com/migrate-project/migrate/overlaynet"
 	"github.com/migrate-project/migrate/pages"
+	"github.com/migrate-project/migrate/volumes"
 )
 
 // The source's half of a move, top to bottom: Push. The target's half is in target.go;
@@ -162,7 +163,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if a.inflight[req.Container] != nil {
 		a.mu.Unlock()
 		res.Busy = true
-		return fail(fmt.Errorf("container %s is already being moved", req.Container))
+		return fail(fmt.Errorf("container %s is already being moved (%s)", req.Container, a.inflight[req.Container].describe(a.cfg.Name)))
 	}
 	var pending outgoingMove
 	if a.mv.out.get(req.Container, &pending) == nil {
@@ -170,7 +171,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		res.Busy = true
 		return fail(fmt.Errorf("an earlier move of %s to %s (%s) is still being settled; see `migrate status`", req.Container, pending.Target, pending.State))
 	}
-	self := &inflightMove{move: newMoveID(), cancel: pcancel}
+	self := &inflightMove{move: newMoveID(), to: req.To, since: time.Now(), cancel: pcancel}
 	a.inflight[req.Container] = self
 	a.mu.Unlock()
 	a.pushes.Add(1)
@@ -217,6 +218,11 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		Check{Property: "criu (source)", Source: a.info.CRIU, OK: a.info.CRIUProblem == "", Detail: a.info.CRIUProblem},
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
+	res.Checks = append(res.Checks, movable(c)...)
+	vols := volumeNames(c)
+	if len(vols) > 0 {
+		res.Checks = append(res.Checks, a.volumeChecks(pctx, c)...)
+	}
 	failedCheck := func() error {
 		for _, ch := range res.Checks {
 			if !ch.OK {
@@ -294,8 +300,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return fail(fmt.Errorf("pre-flight on %s: %w", a.cfg.Name, err))
 	}
 	prep := PrepareRequest{Container: c.Name, Move: self.move, Image: c.Image, Source: a.cfg.Name, Endpoint: ep,
-		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun}
-	mv := outgoingMove{Move: self.move, Container: c.Name, Target: req.To, Endpoint: ep}
+		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun, Binds: bindSources(c), Volumes: volumeNames(c)}
+	mv := outgoingMove{Move: self.move, Container: c.Name, Target: req.To, Endpoint: ep, Volumes: volumeNames(c)}
 	if !req.DryRun {
 		// Journal before the target acts: whatever happens next, this host knows a move
 		// of c was started and settles it.
@@ -370,6 +376,29 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	sess := pages.NewSession()
 	seen := newLastSent(sess, a.store)
+	// Volumes first, while the container runs: their content crosses the link once, then
+	// the frozen phase sends only the files changed since.
+	trees := map[string]*volumes.Tree{}
+	syncVolumes := func(ctx context.Context, final bool) error {
+		wd := newWatchdog(ctx, stallTimeout(req), fmt.Sprintf("the volume copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		l.progress = wd.kick
+		vr, err := a.copyVolumes(wd.ctx, target, c.Name, vols, l, sess, trees, final)
+		l.progress = nil
+		res.Volumes = append(res.Volumes, vr...)
+		for _, v := range vr {
+			res.VolumeBytes += v.Wire
+			emit(Event{Kind: "progress", Phase: "volumes", Bytes: res.VolumeBytes})
+		}
+		return wd.done(err)
+	}
+	if len(vols) > 0 {
+		t1 := time.Now()
+		emit(Event{Kind: "phase", Phase: "volumes"})
+		if err := syncVolumes(pctx, false); err != nil {
+			return rollback(err)
+		}
+		phase("volumes", t1)
+	}
 	var memBytes int64
 	switch res.Mode {
 	case ModePrecopy:
@@ -428,6 +457,16 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if err := fault("source-freeze"); err != nil {
 		return rollback(err)
 	}
+	// The volumes' files changed since their copy (nothing changes them any more).
+	var volumesFinal time.Duration
+	if len(vols) > 0 {
+		t1 := time.Now()
+		err := syncVolumes(ctx, true)
+		volumesFinal = time.Since(t1)
+		if err != nil {
+			return rollback(err)
+		}
+	}
 	// The watchdog's stages: podman's checkpoint before its first byte, then the link (a
 	// stall: a cut link may send no reset), then the target's restore after the last byte.
 	stall := stallTimeout(req)
@@ -463,7 +502,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		fst     *pages.Stats
 		ft      finalTimes
 		rerr    error
-		ld      *lazyDump  // post-copy: CRIU's lazy page server
+		ld      *lazyDump    // post-copy: CRIU's lazy page server
 		expDone <-chan error // post-copy: podman's checkpoint, which ends after the last page
 	)
 	// Post-copy: the pump sends every page to the target from the moment the images
@@ -571,6 +610,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	res.Frozen = released.Sub(frozenAt)
 	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, released, rr.CRIURestore)
+	if len(vols) > 0 {
+		res.Downtime = append([]Phase{{Name: "volumes: changed files", Duration: volumesFinal}}, res.Downtime...)
+	}
 	if len(f.Unannounced) > 0 {
 		res.Attention = append(res.Attention, fmt.Sprintf("nodes %v did not learn the new location yet (they will when they reach %s)", f.Unannounced, req.To))
 	}

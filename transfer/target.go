@@ -61,6 +61,16 @@ func (a *Agent) prepare(r *http.Request) (any, error) {
 		}
 		add(c)
 	}
+	if len(req.Binds) > 0 {
+		add(bindCheck(req.Binds))
+	}
+	if len(req.Volumes) > 0 {
+		vc, err := a.volumesFree(ctx, req.Volumes)
+		if err != nil {
+			return nil, err
+		}
+		add(vc)
+	}
 	has, err := a.podman.ImageExists(ctx, req.Image)
 	if err != nil {
 		return nil, err
@@ -220,7 +230,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 	}
 	vr := newVerifyingReader(src, r)
-	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil})
+	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
 	if vr.err != nil {
 		err = vr.err
 	}

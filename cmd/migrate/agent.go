@@ -250,16 +250,34 @@ the other side lacks.`,
 }
 
 var runCommand = &cli.Command{
-	Name:        "run",
-	Usage:       "start a container on the overlay, with an address that follows it",
-	ArgsUsage:   "IMAGE [COMMAND [ARG...]]",
-	Description: `  migrate run --on a --name web --ip 10.88.0.10/16 localhost/app:v1 iperf3 -s`,
+	Name:      "run",
+	Usage:     "start a container on the overlay, with an address that follows it",
+	ArgsUsage: "IMAGE [COMMAND [ARG...]]",
+	Description: `  migrate run --on a --name web --ip 10.88.0.10/16 localhost/app:v1 iperf3 -s
+  migrate run --on a --name redis --ip 10.88.0.20/16 -v redis-data:/data --memory 512m \
+      localhost/redis redis-server --appendonly yes --dir /data
+
+The container gets an address on the overlay that follows it when it moves. A named
+volume (-v NAME:/path) moves with it; a bind mount (-v /host/path:/path) does not: the
+path must exist on every host it moves to (push's pre-flight checks). Host devices and
+the host's network cannot move, so run offers neither.`,
 	Flags: []cli.Flag{
 		inventoryFlag, certsFlag, identityFlag,
 		&cli.StringFlag{Name: "on", Required: true, Usage: "host to start it on"},
 		&cli.StringFlag{Name: "name", Required: true, Usage: "container name"},
 		&cli.StringFlag{Name: "ip", Required: true, Usage: "its overlay address with prefix, e.g. 10.88.0.10/16"},
 		&cli.StringSliceFlag{Name: "env", Aliases: []string{"e"}, Usage: "KEY=VALUE"},
+		&cli.StringFlag{Name: "env-file", Usage: "a file of KEY=VALUE lines (--env wins)"},
+		&cli.StringSliceFlag{Name: "volume", Aliases: []string{"v"}, Usage: "NAME:/path[:ro] (a named volume, moves with it) or /host/path:/path[:ro] (a bind mount, must exist on the target)"},
+		&cli.StringSliceFlag{Name: "tmpfs", Usage: "/path[:size=64m,mode=1777]"},
+		&cli.StringFlag{Name: "memory", Aliases: []string{"m"}, Usage: "memory limit, e.g. 512m"},
+		&cli.Float64Flag{Name: "cpus", Usage: "CPU limit, e.g. 1.5"},
+		&cli.StringSliceFlag{Name: "label", Aliases: []string{"l"}, Usage: "KEY=VALUE"},
+		&cli.StringSliceFlag{Name: "annotation", Usage: "KEY=VALUE (OCI annotation)"},
+		&cli.StringFlag{Name: "user", Aliases: []string{"u"}, Usage: "user[:group] to run as"},
+		&cli.StringFlag{Name: "workdir", Aliases: []string{"w"}, Usage: "working directory"},
+		&cli.StringFlag{Name: "entrypoint", Usage: `a command, or a JSON array such as '["redis-server","--port","6380"]'`},
+		&cli.BoolFlag{Name: "read-only", Usage: "mount the root file system read-only"},
 	},
 	Action: func(c *cli.Context) error {
 		if c.NArg() < 1 {
@@ -269,13 +287,39 @@ var runCommand = &cli.Command{
 		if err != nil || !ip.Addr().Is4() {
 			return usageError{fmt.Errorf("--ip %q: want an IPv4 address with prefix, e.g. 10.88.0.10/16", c.String("ip"))}
 		}
-		env := map[string]string{}
-		for _, kv := range c.StringSlice("env") {
-			k, v, ok := strings.Cut(kv, "=")
-			if !ok {
-				return usageError{fmt.Errorf("--env %q: want KEY=VALUE", kv)}
+		env, err := envList(c.StringSlice("env"), c.String("env-file"))
+		if err != nil {
+			return usageError{err}
+		}
+		req := transfer.RunRequest{Name: c.String("name"), Image: c.Args().First(), Command: c.Args().Tail(), Env: env, IP: ip,
+			User: c.String("user"), WorkDir: c.String("workdir"), ReadOnly: c.Bool("read-only"), CPUs: c.Float64("cpus")}
+		for _, v := range c.StringSlice("volume") {
+			m, err := parseVolume(v)
+			if err != nil {
+				return usageError{err}
 			}
-			env[k] = v
+			req.Mounts = append(req.Mounts, m)
+		}
+		for _, v := range c.StringSlice("tmpfs") {
+			m, err := parseTmpfs(v)
+			if err != nil {
+				return usageError{err}
+			}
+			req.Mounts = append(req.Mounts, m)
+		}
+		if s := c.String("memory"); s != "" {
+			if req.MemoryLimit, err = parseBytes(s); err != nil {
+				return usageError{fmt.Errorf("--memory %w", err)}
+			}
+		}
+		if req.Labels, err = parseKV("label", c.StringSlice("label")); err != nil {
+			return usageError{err}
+		}
+		if req.Annotations, err = parseKV("annotation", c.StringSlice("annotation")); err != nil {
+			return usageError{err}
+		}
+		if req.Entrypoint, err = parseEntrypoint(c.String("entrypoint")); err != nil {
+			return usageError{err}
 		}
 		op, err := newOperator(c)
 		if err != nil {
@@ -285,7 +329,6 @@ var runCommand = &cli.Command{
 		if err != nil {
 			return err
 		}
-		req := transfer.RunRequest{Name: c.String("name"), Image: c.Args().First(), Command: c.Args().Tail(), Env: env, IP: ip}
 		out, err := p.Run(c.Context, req)
 		if err != nil {
 			return err

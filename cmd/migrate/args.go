@@ -10,7 +10,8 @@ import (
 // (`migrate push web --to b`); urfave/cli stops at the first argument otherwise. Commands
 // whose trailing arguments are another program's command line (run, testbed exec) are
 // not listed.
-var interspersed = map[*cli.Command]bool{pushCommand: true, planCommand: true, autoCommand: true, layersCommand.Subcommands[0]: true}
+var interspersed = map[*cli.Command]bool{pushCommand: true, planCommand: true, autoCommand: true, layersCommand.Subcommands[0]: true,
+	rmCommand: true, logsCommand: true, execCommand: true}
 
 // reorderArgs moves the flags of an interspersed command before its arguments. It walks
 // the command tree from the top (global flags here are bools or take '=' values), so a

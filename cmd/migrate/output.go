@@ -12,3 +12,8 @@ func printJSON(c *cli.Context, v any) error {
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
+
+// printJSONLine writes v as one line of JSON (NDJSON streams).
+func printJSONLine(c *cli.Context, v any) error {
+	return json.NewEncoder(c.App.Writer).Encode(v)
+}

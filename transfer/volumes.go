@@ -1,0 +1,265 @@
+package transfer
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/pages"
+	"github.com/migrate-project/migrate/volumes"
+)
+
+// Named volumes move with their container, outside the frozen phase: while it runs,
+// each volume's content crosses as pages through the page store (only pages the target
+// lacks); while frozen, only the files changed since; podman's checkpoint leaves the
+// volumes out (ignoreVolumes) and the restore uses the volumes as the target holds them.
+// The source's volumes go with its copy of the container at commit; on a rollback they
+// stay, and the target removes the ones the move created.
+
+// PathVolumeSync applies a volume's tree on the target.
+const PathVolumeSync = "/v1/volumes/sync"
+
+// LabelVolumeMove marks a volume a move created on the target (its move's ID).
+const LabelVolumeMove = "migrate.move"
+
+// VolumeSynced is the target's answer to a volume's tree.
+type VolumeSynced struct {
+	Volume  string          `json:"volume"`
+	Digest  string          `json:"digest"` // of the tree it now holds, checked on disk
+	Applied volumes.Applied `json:"applied"`
+}
+
+// VolumeResult is what a push did for one volume.
+type VolumeResult struct {
+	Name string `json:"name"`
+	// Bytes is the volume's content; Read what the source read of it, Wire what crossed.
+	Bytes     int64         `json:"bytes"`
+	Read      int64         `json:"read_bytes"`
+	Wire      int64         `json:"wire_bytes"`
+	Files     int           `json:"files_written"` // files the target wrote
+	Duration  time.Duration `json:"duration_ns"`
+	Final     bool          `json:"final"` // the pass in the frozen phase
+	Digest    string        `json:"digest"`
+	Skipped   []string      `json:"skipped,omitempty"` // sockets, devices, FIFOs: not moved
+	WhileRuns bool          `json:"-"`
+}
+
+// volumeNames lists the container's named volumes.
+func volumeNames(c *checkpoint.Container) []string {
+	var out []string
+	for _, m := range c.Mounts {
+		if m.Type == checkpoint.MountVolume {
+			out = append(out, m.Source)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// volumeChecks is the source's pre-flight about its volumes: each must be used by this
+// container only (another container would lose it).
+func (a *Agent) volumeChecks(ctx context.Context, c *checkpoint.Container) []Check {
+	var out []Check
+	for _, v := range volumeNames(c) {
+		users, err := a.podman.VolumeUsers(ctx, v)
+		ch := Check{Property: "volume " + v, Source: "used by " + c.Name, Target: "-", OK: true}
+		switch {
+		case err != nil:
+			ch.OK, ch.Detail = false, err.Error()
+		case len(users) > 1:
+			ch.OK, ch.Source = false, fmt.Sprintf("shared by %v", users)
+			ch.Detail = "a volume moves with its container; another container uses it too"
+		}
+		out = append(out, ch)
+	}
+	return out
+}
+
+// copyVolumes sends each volume's content the target lacks and has the target apply its
+// tree. trees holds the trees of an earlier pass (empty: the first); the new ones replace
+// them. Announced pages join sess as they join the target's session (the archive refers
+// to pages by their place in it).
+func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string, names []string, l *link, sess *pages.Session, trees map[string]*volumes.Tree, final bool) ([]VolumeResult, error) {
+	var out []VolumeResult
+	for _, name := range names {
+		t0 := time.Now()
+		v, err := a.podman.InspectVolume(ctx, name)
+		if err != nil {
+			return out, err
+		}
+		pt := newPutter(l, target, container)
+		var wire int64
+		var announceErr error
+		sink := func(hs []pages.Hash, buf []byte) error {
+			l.kick() // reading counts as progress: a volume the target holds sends little
+			// Kept here too: the volume coming back later finds its pages.
+			if err := a.store.AddTrusted(hs, buf); err != nil {
+				slog.Warn("page store", "err", err)
+			}
+			missing, n, err := target.Announce(ctx, container, hs)
+			if err != nil {
+				announceErr = err
+				return err
+			}
+			sess.Append(hs...)
+			wire += n
+			var recs []byte
+			for i, m := range missing {
+				if m {
+					recs = pages.AppendLiteral(recs, buf[i*pages.Size:(i+1)*pages.Size])
+				}
+			}
+			if len(recs) == 0 {
+				return nil
+			}
+			return pt.put(ctx, recs)
+		}
+		t, read, err := volumes.Scan(v.Mountpoint, trees[name], sink)
+		w, perr := pt.wait()
+		wire += w
+		if err == nil {
+			err = perr
+		}
+		if err == nil {
+			err = announceErr
+		}
+		if err != nil {
+			return out, fmt.Errorf("volume %s: %w", name, err)
+		}
+		var manifest bytes.Buffer
+		if err := t.Encode(&manifest); err != nil {
+			return out, err
+		}
+		wire += int64(manifest.Len())
+		var synced VolumeSynced
+		if err := target.send(ctx, withQuery(PathVolumeSync, "container", container, "volume", name), &manifest, encodingHeader(""), nil, func(int64) { l.kick() }, &synced); err != nil {
+			return out, fmt.Errorf("volume %s on %s: %w", name, target.Name, err)
+		}
+		if synced.Digest != t.Digest() {
+			return out, fmt.Errorf("volume %s: %s holds content of digest %s, the source %s", name, target.Name, synced.Digest, t.Digest())
+		}
+		trees[name] = t
+		out = append(out, VolumeResult{Name: name, Bytes: t.Bytes(), Read: read, Wire: wire, Files: synced.Applied.Files,
+			Duration: time.Since(t0), Final: final, Digest: synced.Digest, Skipped: t.Skipped})
+	}
+	return out, nil
+}
+
+// syncVolume (target): apply a volume's tree from the move's source. Its pages are in
+// the store (announced and put in this move's session); the volume is created if this
+// move's prepare found it missing.
+func (a *Agent) syncVolume(r *http.Request) (any, error) {
+	ctx := r.Context()
+	container, name := r.URL.Query().Get("container"), r.URL.Query().Get("volume")
+	if _, err := a.session(ctx, container); err != nil {
+		return nil, err
+	}
+	if err := ValidVolumeName(name); err != nil {
+		return nil, badRequest{err}
+	}
+	var in incomingMove
+	if err := a.mv.in.get(container, &in); err != nil {
+		return nil, badRequest{fmt.Errorf("volume %s: no move of %s under way here", name, container)}
+	}
+	allowed := false
+	for _, v := range in.Prepare.Volumes {
+		allowed = allowed || v == name
+	}
+	if !allowed {
+		return nil, badRequest{fmt.Errorf("volume %s is not one the move of %s named", name, container)}
+	}
+	body, done, err := bodyReader(r)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	t, err := volumes.Decode(body)
+	if err != nil {
+		return nil, badRequest{err}
+	}
+	// Every page the tree names must be one the source announced in this move.
+	sess, _ := a.session(ctx, container)
+	for _, e := range t.Entries {
+		for i := 0; i+32 <= len(e.Hashes); i += 32 {
+			var h pages.Hash
+			copy(h[:], e.Hashes[i:i+32])
+			if _, ok := sess.Index(h); !ok {
+				return nil, badRequest{fmt.Errorf("volume %s: %s names a page the move did not announce", name, e.Path)}
+			}
+		}
+	}
+	exists, err := a.podman.VolumeExists(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	var v *checkpoint.Volume
+	if exists {
+		v, err = a.podman.InspectVolume(ctx, name)
+		if err == nil && v.Labels[LabelVolumeMove] != in.Prepare.Move {
+			return nil, badRequest{fmt.Errorf("volume %s exists on %s and is not this move's: it is left alone", name, a.cfg.Name)}
+		}
+	} else {
+		v, err = a.podman.CreateVolume(ctx, name, map[string]string{LabelVolumeMove: in.Prepare.Move})
+	}
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	s := a.sessions[container]
+	var prev *volumes.Tree
+	if s != nil {
+		prev = s.trees[name]
+	}
+	a.mu.Unlock()
+	if s == nil {
+		return nil, badRequest{fmt.Errorf("volume %s: the move of %s has ended", name, container)}
+	}
+	ap, err := volumes.Apply(v.Mountpoint, t, prev, a.store.Read)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s on %s: %w", name, a.cfg.Name, err)
+	}
+	if err := volumes.Verify(v.Mountpoint, t); err != nil {
+		return nil, fmt.Errorf("volume %s on %s: %w", name, a.cfg.Name, err)
+	}
+	a.mu.Lock()
+	if s.trees == nil {
+		s.trees = map[string]*volumes.Tree{}
+	}
+	s.trees[name] = t
+	a.mu.Unlock()
+	return VolumeSynced{Volume: name, Digest: t.Digest(), Applied: ap}, nil
+}
+
+// volumesFree is the target's pre-flight check: a volume of the same name must not exist
+// (the move creates it, and removes it again if it rolls back).
+func (a *Agent) volumesFree(ctx context.Context, names []string) (Check, error) {
+	ch := Check{Property: "volumes", Source: fmt.Sprint(names), Target: "free", OK: true}
+	if len(names) > maxRunMounts {
+		ch.OK, ch.Target, ch.Detail = false, "-", fmt.Sprintf("more than %d volumes", maxRunMounts)
+		return ch, nil
+	}
+	var taken []string
+	for _, v := range names {
+		if err := ValidVolumeName(v); err != nil {
+			ch.OK, ch.Target, ch.Detail = false, "-", err.Error()
+			return ch, nil
+		}
+		ok, err := a.podman.VolumeExists(ctx, v)
+		if err != nil {
+			return ch, err
+		}
+		if ok {
+			taken = append(taken, v)
+		}
+	}
+	if len(taken) > 0 {
+		ch.OK, ch.Target = false, "taken"
+		ch.Detail = fmt.Sprintf("%s has volumes named %v already: remove them (`podman volume rm`) or rename", a.cfg.Name, taken)
+	}
+	return ch, nil
+}
