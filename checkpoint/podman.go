@@ -59,9 +59,6 @@ type Options struct {
 	TCPEstablished bool // keep established TCP connections (the container keeps its address)
 	LeaveRunning   bool // the container goes on running after the dump
 	IgnoreRootfs   bool // leave the container's rootfs changes out of the archive
-	// IgnoreVolumes leaves named volumes' content out of the archive (migrate moves it
-	// itself, before the freeze).
-	IgnoreVolumes bool
 	// Keep leaves the checkpoint on this host, so the container can be restored here
 	// again (RestoreLocal) if the move fails.
 	Keep bool
@@ -101,9 +98,6 @@ func (p *Podman) Export(ctx context.Context, name string, w io.Writer, o Options
 		return nil, err
 	}
 	params.Set("export", "true")
-	if o.IgnoreVolumes {
-		params.Set("ignoreVolumes", "true") // the API has it; the bindings' options lack it
-	}
 	resp, err := conn.DoRequest(p.with(ctx), nil, http.MethodPost, "/containers/%s/checkpoint", params, nil, name)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint %s on %s: %w", name, p.uri, err)

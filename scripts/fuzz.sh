@@ -13,7 +13,7 @@ cd "$REPO"
 time=${1:-20000x}
 targets=(
   ./pageserver:FuzzReceive ./pageserver:FuzzServe ./pages:FuzzDecodeMemory ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes
-  ./checkpoint:FuzzParseDumpStats
+  ./checkpoint:FuzzParseDumpStats ./volumes:FuzzDecode ./volumes:FuzzDecodePatch
   ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents
 )
 for t in "${targets[@]}"; do

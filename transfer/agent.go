@@ -693,17 +693,24 @@ func (a *Agent) run(r *http.Request) (any, error) {
 	if owner := a.addressOwner(req.IP.Addr()); owner != "" {
 		return nil, badRequest{fmt.Errorf("address %s is taken by %s", req.IP.Addr(), owner)}
 	}
+	mounts, vols, err := a.volumeMounts(ctx, req.Mounts)
+	if err != nil {
+		return nil, err
+	}
 	ep := overlaynet.NewEndpoint(req.Name, req.IP)
 	if err := a.ovs.Plumb(ctx, ep); err != nil {
 		return nil, err
 	}
 	labels := map[string]string{LabelIP: req.IP.String(), LabelMAC: ep.MAC}
+	if len(vols) > 0 {
+		labels[LabelVolumes] = strings.Join(vols, ",")
+	}
 	for k, v := range req.Labels {
 		labels[k] = v
 	}
 	id, err := a.podman.Run(ctx, checkpoint.Spec{Name: req.Name, Image: req.Image, Command: req.Command, Entrypoint: req.Entrypoint,
 		Env: req.Env, Labels: labels, Annotations: req.Annotations, User: req.User, WorkDir: req.WorkDir, ReadOnly: req.ReadOnly,
-		Mounts: req.Mounts, MemoryLimit: req.MemoryLimit, CPUs: req.CPUs, NetNS: ep.NetNSPath(), CRIUConfig: CRIUConfigPath(req.Name)})
+		Mounts: mounts, MemoryLimit: req.MemoryLimit, CPUs: req.CPUs, NetNS: ep.NetNSPath(), CRIUConfig: CRIUConfigPath(req.Name)})
 	if err != nil {
 		a.ovs.Unplumb(context.WithoutCancel(ctx), ep)
 		return nil, err

@@ -29,10 +29,18 @@ func movable(c *checkpoint.Container) []Check {
 // bindSources lists the host paths a container bind-mounts.
 func bindSources(c *checkpoint.Container) []string {
 	var out []string
+	vols := volumeNames(c)
+next:
 	for _, m := range c.Mounts {
-		if m.Type == checkpoint.MountBind {
-			out = append(out, m.Source)
+		if m.Type != checkpoint.MountBind {
+			continue
 		}
+		for _, v := range vols {
+			if isVolumeDir(m.Source, v) {
+				continue next // a migrate volume: it moves
+			}
+		}
+		out = append(out, m.Source)
 	}
 	return out
 }

@@ -537,7 +537,7 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 	expDone := make(chan error, 1)
 	go func() {
 		// Podman returns once every page was fetched; its archive is not needed then.
-		_, err := a.podman.Export(context.WithoutCancel(ctx), c.Name, io.Discard, checkpoint.Options{TCPEstablished: true, Keep: true, IgnoreVolumes: true})
+		_, err := a.podman.Export(context.WithoutCancel(ctx), c.Name, io.Discard, checkpoint.Options{TCPEstablished: true, Keep: true})
 		close(exported)
 		expDone <- err
 	}()

@@ -453,7 +453,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	expDone := make(chan error, 1)
 	exported := make(chan struct{})
 	go func() {
-		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true, IgnoreVolumes: true})
+		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
 		expW.CloseWithError(err)
 		close(exported)
 		expDone <- err

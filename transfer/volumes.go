@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -16,10 +17,17 @@ import (
 
 // Named volumes move with their container, outside the frozen phase: while it runs,
 // each volume's content crosses as pages through the page store (only pages the target
-// lacks); while frozen, only the files changed since; podman's checkpoint leaves the
-// volumes out (ignoreVolumes) and the restore uses the volumes as the target holds them.
-// The source's volumes go with its copy of the container at commit; on a rollback they
-// stay, and the target removes the ones the move created.
+// lacks); while frozen, only the files changed since. The source's volumes go with its
+// copy of the container at commit; on a rollback they stay, and the target removes the
+// ones the move created.
+//
+// A volume of `migrate run -v NAME:/path` is a podman volume (`podman volume ls` shows
+// it) that the container mounts by its directory, as a bind mount, and the container's
+// LabelVolumes names it: podman's checkpoint API puts the content of every podman-mounted
+// named volume into the archive, i.e. into the frozen phase, whole, at every move, and
+// its API offers no way out (the CLI's --ignore-volumes is not in it). Mounted by
+// directory, the volume stays out of the archive, and the restore finds it at the same
+// path on the target, where the move created it.
 
 // PathVolumeSync applies a volume's tree on the target.
 const PathVolumeSync = "/v1/volumes/sync"
@@ -32,6 +40,9 @@ type VolumeSynced struct {
 	Volume  string          `json:"volume"`
 	Digest  string          `json:"digest"` // of the tree it now holds, checked on disk
 	Applied volumes.Applied `json:"applied"`
+	// Mountpoint is the volume's directory on the target: the restored container mounts
+	// it at the source's path, so the two must be the same.
+	Mountpoint string `json:"mountpoint"`
 }
 
 // VolumeResult is what a push did for one volume.
@@ -49,24 +60,98 @@ type VolumeResult struct {
 	WhileRuns bool          `json:"-"`
 }
 
-// volumeNames lists the container's named volumes.
+// LabelVolumes names a container's migrate volumes (comma-separated).
+const LabelVolumes = "migrate.volumes"
+
+// volumeNames lists the container's migrate volumes.
 func volumeNames(c *checkpoint.Container) []string {
 	var out []string
-	for _, m := range c.Mounts {
-		if m.Type == checkpoint.MountVolume {
-			out = append(out, m.Source)
+	for _, v := range strings.Split(c.Labels[LabelVolumes], ",") {
+		if v != "" {
+			out = append(out, v)
 		}
 	}
 	sort.Strings(out)
 	return out
 }
 
+// isVolumeDir reports whether a bind mount's source is the directory of the named
+// volume (podman's layout: .../volumes/NAME/_data).
+func isVolumeDir(src, name string) bool {
+	return strings.HasSuffix(src, "/volumes/"+name+"/_data")
+}
+
+// volumeMounts turns run's named volumes into bind mounts of their directories, creating
+// the volumes that do not exist; a volume another container uses is refused.
+func (a *Agent) volumeMounts(ctx context.Context, mounts []checkpoint.Mount) ([]checkpoint.Mount, []string, error) {
+	var names []string
+	out := make([]checkpoint.Mount, 0, len(mounts))
+	for _, m := range mounts {
+		if m.Type != checkpoint.MountVolume {
+			out = append(out, m)
+			continue
+		}
+		if users, err := a.volumeUsers(ctx, m.Source); err != nil {
+			return nil, nil, err
+		} else if len(users) > 0 {
+			return nil, nil, badRequest{fmt.Errorf("volume %s is used by %v: a volume moves with its container, so it has one", m.Source, users)}
+		}
+		ok, err := a.podman.VolumeExists(ctx, m.Source)
+		if err != nil {
+			return nil, nil, err
+		}
+		var v *checkpoint.Volume
+		if ok {
+			v, err = a.podman.InspectVolume(ctx, m.Source)
+		} else {
+			v, err = a.podman.CreateVolume(ctx, m.Source, nil)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		if v.Driver != "" && v.Driver != "local" || !isVolumeDir(v.Mountpoint, m.Source) {
+			return nil, nil, badRequest{fmt.Errorf("volume %s (driver %q at %s): only local volumes move", m.Source, v.Driver, v.Mountpoint)}
+		}
+		names = append(names, m.Source)
+		out = append(out, checkpoint.Mount{Type: checkpoint.MountBind, Source: v.Mountpoint, Dest: m.Dest, ReadOnly: m.ReadOnly})
+	}
+	return out, names, nil
+}
+
+// volumeUsers names the containers on this host whose migrate volumes include name, and
+// those podman itself mounts it in.
+func (a *Agent) volumeUsers(ctx context.Context, name string) ([]string, error) {
+	users, err := a.podman.VolumeUsers(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	l, err := a.podman.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range l {
+		for _, v := range volumeNames(&c) {
+			if v == name {
+				users = append(users, c.Name)
+			}
+		}
+	}
+	return users, nil
+}
+
 // volumeChecks is the source's pre-flight about its volumes: each must be used by this
-// container only (another container would lose it).
+// container only (another container would lose it), and a volume podman itself mounts
+// cannot move outside the frozen phase.
 func (a *Agent) volumeChecks(ctx context.Context, c *checkpoint.Container) []Check {
 	var out []Check
+	for _, m := range c.Mounts {
+		if m.Type == checkpoint.MountVolume {
+			out = append(out, Check{Property: "volume " + m.Source, Source: "podman-mounted", Target: "-", OK: false,
+				Detail: "start the container with `migrate run -v " + m.Source + ":" + m.Dest + "` for its volume to move"})
+		}
+	}
 	for _, v := range volumeNames(c) {
-		users, err := a.podman.VolumeUsers(ctx, v)
+		users, err := a.volumeUsers(ctx, v)
 		ch := Check{Property: "volume " + v, Source: "used by " + c.Name, Target: "-", OK: true}
 		switch {
 		case err != nil:
@@ -119,7 +204,8 @@ func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string,
 			}
 			return pt.put(ctx, recs)
 		}
-		t, read, err := volumes.Scan(v.Mountpoint, trees[name], sink)
+		prev := trees[name]
+		t, read, err := volumes.Scan(v.Mountpoint, prev, sink)
 		w, perr := pt.wait()
 		wire += w
 		if err == nil {
@@ -132,13 +218,16 @@ func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string,
 			return out, fmt.Errorf("volume %s: %w", name, err)
 		}
 		var manifest bytes.Buffer
-		if err := t.Encode(&manifest); err != nil {
+		if err := volumes.Diff(prev, t).Encode(&manifest); err != nil {
 			return out, err
 		}
 		wire += int64(manifest.Len())
 		var synced VolumeSynced
 		if err := target.send(ctx, withQuery(PathVolumeSync, "container", container, "volume", name), &manifest, encodingHeader(""), nil, func(int64) { l.kick() }, &synced); err != nil {
 			return out, fmt.Errorf("volume %s on %s: %w", name, target.Name, err)
+		}
+		if synced.Mountpoint != v.Mountpoint {
+			return out, fmt.Errorf("volume %s is at %s on %s and at %s here: the restored container would not find it (podman's storage paths differ)", name, synced.Mountpoint, target.Name, v.Mountpoint)
 		}
 		if synced.Digest != t.Digest() {
 			return out, fmt.Errorf("volume %s: %s holds content of digest %s, the source %s", name, target.Name, synced.Digest, t.Digest())
@@ -178,13 +267,27 @@ func (a *Agent) syncVolume(r *http.Request) (any, error) {
 		return nil, err
 	}
 	defer done()
-	t, err := volumes.Decode(body)
+	patch, err := volumes.DecodePatch(body)
 	if err != nil {
 		return nil, badRequest{err}
 	}
-	// Every page the tree names must be one the source announced in this move.
+	a.mu.Lock()
+	s := a.sessions[container]
+	var prev *volumes.Tree
+	if s != nil {
+		prev = s.trees[name]
+	}
+	a.mu.Unlock()
+	if s == nil {
+		return nil, badRequest{fmt.Errorf("volume %s: the move of %s has ended", name, container)}
+	}
+	t, err := patch.Apply(prev)
+	if err != nil {
+		return nil, badRequest{err}
+	}
+	// Every page the patch names must be one the source announced in this move.
 	sess, _ := a.session(ctx, container)
-	for _, e := range t.Entries {
+	for _, e := range patch.Entries {
 		for i := 0; i+32 <= len(e.Hashes); i += 32 {
 			var h pages.Hash
 			copy(h[:], e.Hashes[i:i+32])
@@ -209,16 +312,6 @@ func (a *Agent) syncVolume(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	a.mu.Lock()
-	s := a.sessions[container]
-	var prev *volumes.Tree
-	if s != nil {
-		prev = s.trees[name]
-	}
-	a.mu.Unlock()
-	if s == nil {
-		return nil, badRequest{fmt.Errorf("volume %s: the move of %s has ended", name, container)}
-	}
 	ap, err := volumes.Apply(v.Mountpoint, t, prev, a.store.Read)
 	if err != nil {
 		return nil, fmt.Errorf("volume %s on %s: %w", name, a.cfg.Name, err)
@@ -232,7 +325,7 @@ func (a *Agent) syncVolume(r *http.Request) (any, error) {
 	}
 	s.trees[name] = t
 	a.mu.Unlock()
-	return VolumeSynced{Volume: name, Digest: t.Digest(), Applied: ap}, nil
+	return VolumeSynced{Volume: name, Digest: t.Digest(), Applied: ap, Mountpoint: v.Mountpoint}, nil
 }
 
 // volumesFree is the target's pre-flight check: a volume of the same name must not exist

@@ -317,3 +317,100 @@ func Changed(prev, t *Tree) (files []int, gone []string) {
 	}
 	return files, gone
 }
+
+// Patch turns one tree into the next: the entries that are new or differ in anything,
+// and the paths that went. A pass over a volume that changed little sends a small patch.
+type Patch struct {
+	Entries []Entry  `json:"entries,omitempty"`
+	Removed []string `json:"removed,omitempty"`
+	// Digest is the tree the patch leads to: the receiver checks its result against it.
+	Digest string `json:"digest"`
+	// Skipped as in Tree.
+	Skipped []string `json:"skipped,omitempty"`
+}
+
+func sameEntry(a, b *Entry) bool {
+	return a.Path == b.Path && a.Type == b.Type && a.Mode == b.Mode && a.UID == b.UID && a.GID == b.GID &&
+		a.Size == b.Size && a.Mtime == b.Mtime && a.Link == b.Link && string(a.Hashes) == string(b.Hashes)
+}
+
+// Diff is the patch from prev (nil: empty) to t.
+func Diff(prev, t *Tree) *Patch {
+	p := &Patch{Digest: t.Digest(), Skipped: t.Skipped}
+	old := map[string]*Entry{}
+	if prev != nil {
+		for i := range prev.Entries {
+			old[prev.Entries[i].Path] = &prev.Entries[i]
+		}
+	}
+	seen := make(map[string]bool, len(t.Entries))
+	for i := range t.Entries {
+		e := &t.Entries[i]
+		seen[e.Path] = true
+		if o := old[e.Path]; o == nil || !sameEntry(o, e) {
+			p.Entries = append(p.Entries, *e)
+		}
+	}
+	if prev != nil {
+		for _, e := range prev.Entries {
+			if !seen[e.Path] {
+				p.Removed = append(p.Removed, e.Path)
+			}
+		}
+	}
+	return p
+}
+
+// Apply returns the tree the patch makes of prev (nil: empty), validated and checked
+// against the patch's digest.
+func (p *Patch) Apply(prev *Tree) (*Tree, error) {
+	if len(p.Entries) > MaxEntries || len(p.Removed) > MaxEntries {
+		return nil, fmt.Errorf("volume patch: more than %d entries", MaxEntries)
+	}
+	byPath := map[string]Entry{}
+	if prev != nil {
+		for _, e := range prev.Entries {
+			byPath[e.Path] = e
+		}
+	}
+	for _, r := range p.Removed {
+		delete(byPath, r)
+	}
+	for _, e := range p.Entries {
+		byPath[e.Path] = e
+	}
+	if len(byPath) > MaxEntries {
+		return nil, fmt.Errorf("volume patch: more than %d entries", MaxEntries)
+	}
+	t := &Tree{Entries: make([]Entry, 0, len(byPath)), Skipped: p.Skipped}
+	for _, e := range byPath {
+		t.Entries = append(t.Entries, e)
+	}
+	sort.Slice(t.Entries, func(i, j int) bool { return t.Entries[i].Path < t.Entries[j].Path })
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	if d := t.Digest(); d != p.Digest {
+		return nil, fmt.Errorf("volume patch: it leads to a tree of digest %s, not %s (the two sides' views of the volume differ)", d, p.Digest)
+	}
+	return t, nil
+}
+
+// Encode writes the patch as JSON.
+func (p *Patch) Encode(w io.Writer) error { return json.NewEncoder(w).Encode(p) }
+
+// DecodePatch reads a patch of at most MaxManifest bytes.
+func DecodePatch(r io.Reader) (*Patch, error) {
+	var p Patch
+	lr := &io.LimitedReader{R: r, N: MaxManifest + 1}
+	if err := json.NewDecoder(lr).Decode(&p); err != nil {
+		return nil, fmt.Errorf("volume patch: %w", err)
+	}
+	if lr.N <= 0 {
+		return nil, fmt.Errorf("volume patch: more than %d bytes", MaxManifest)
+	}
+	if len(p.Skipped) > MaxEntries {
+		return nil, fmt.Errorf("volume patch: %d skipped entries", len(p.Skipped))
+	}
+	return &p, nil
+}

@@ -136,6 +136,24 @@ func TestScanApplyThenOnlyChangesTravel(t *testing.T) {
 	if len(files) != 4 || len(gone) != 1 || gone[0] != "db/empty" {
 		t.Errorf("changed files %v, gone %v", files, gone)
 	}
+	// What crosses for the second pass: only the entries that changed.
+	patch := Diff(t1, t2)
+	if len(patch.Entries) != 6 || len(patch.Removed) != 1 { // 4 files, the re-pointed link, db/ (its time)
+		t.Errorf("patch: %d entries, removed %v", len(patch.Entries), patch.Removed)
+	}
+	var enc bytes.Buffer
+	patch.Encode(&enc)
+	dec, err := DecodePatch(&enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := dec.Apply(t1); err != nil || got.Digest() != t2.Digest() {
+		t.Fatalf("patch applied: %v", err)
+	}
+	dec.Digest = t1.Digest()
+	if _, err := dec.Apply(t1); err == nil {
+		t.Error("a patch that does not lead to its digest was accepted")
+	}
 	ap, err = Apply(dst, t2, t1, store.read)
 	if err != nil {
 		t.Fatal(err)
@@ -205,6 +223,22 @@ func TestValidateRefusesBadTrees(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+}
+
+func FuzzDecodePatch(f *testing.F) {
+	f.Add([]byte(`{"entries":[{"p":"a","t":"d","m":493}],"removed":["b"],"digest":"x"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := DecodePatch(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		base := &Tree{Entries: []Entry{{Path: "b", Type: TypeDir}}}
+		if tr, err := p.Apply(base); err == nil {
+			if err := tr.Validate(); err != nil {
+				t.Fatalf("Apply returned an invalid tree: %v", err)
+			}
+		}
+	})
 }
 
 func FuzzDecode(f *testing.F) {
