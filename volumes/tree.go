@@ -153,12 +153,8 @@ func (t *Tree) Encode(w io.Writer) error { return json.NewEncoder(w).Encode(t) }
 // Decode reads and validates a tree of at most MaxManifest bytes.
 func Decode(r io.Reader) (*Tree, error) {
 	var t Tree
-	lr := &io.LimitedReader{R: r, N: MaxManifest + 1}
-	if err := json.NewDecoder(lr).Decode(&t); err != nil {
-		return nil, fmt.Errorf("volume manifest: %w", err)
-	}
-	if lr.N <= 0 {
-		return nil, fmt.Errorf("volume manifest: more than %d bytes", MaxManifest)
+	if err := decodeJSON(r, &t, "volume manifest"); err != nil {
+		return nil, err
 	}
 	if err := t.Validate(); err != nil {
 		return nil, err
@@ -402,15 +398,23 @@ func (p *Patch) Encode(w io.Writer) error { return json.NewEncoder(w).Encode(p) 
 // DecodePatch reads a patch of at most MaxManifest bytes.
 func DecodePatch(r io.Reader) (*Patch, error) {
 	var p Patch
-	lr := &io.LimitedReader{R: r, N: MaxManifest + 1}
-	if err := json.NewDecoder(lr).Decode(&p); err != nil {
-		return nil, fmt.Errorf("volume patch: %w", err)
-	}
-	if lr.N <= 0 {
-		return nil, fmt.Errorf("volume patch: more than %d bytes", MaxManifest)
+	if err := decodeJSON(r, &p, "volume patch"); err != nil {
+		return nil, err
 	}
 	if len(p.Skipped) > MaxEntries {
 		return nil, fmt.Errorf("volume patch: %d skipped entries", len(p.Skipped))
 	}
 	return &p, nil
+}
+
+// decodeJSON reads one JSON value of at most MaxManifest bytes.
+func decodeJSON(r io.Reader, v any, what string) error {
+	lr := &io.LimitedReader{R: r, N: MaxManifest + 1}
+	if err := json.NewDecoder(lr).Decode(v); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if lr.N <= 0 {
+		return fmt.Errorf("%s: more than %d bytes", what, MaxManifest)
+	}
+	return nil
 }
