@@ -18,7 +18,7 @@ import (
 // Test images: two images that share their two base layers and differ in the upper one.
 //
 //	layer 1 "base": busybox (a shell and the usual tools) and the C library
-//	layer 2 "net":  iperf3, sockperf and their libraries
+//	layer 2 "net":  iperf3, sockperf, redis-server, nginx and their libraries (Debian's)
 //	layer 3:        v1: memload;  v2: memload and an 8 MiB payload
 const (
 	ImageV1 = "localhost/migrate-test/app:v1"
@@ -30,7 +30,7 @@ const (
 // ImageBinaries are the host binaries copied into the test images.
 var imageBinaries = map[string][]string{
 	"base": {"/bin/busybox"},
-	"net":  {"/usr/bin/iperf3", "/usr/bin/sockperf"},
+	"net":  {"/usr/bin/iperf3", "/usr/bin/sockperf", "/usr/bin/redis-server", "/usr/sbin/nginx"},
 }
 
 var lddLine = regexp.MustCompile(`(/[^ ]+) \(0x`)
@@ -160,7 +160,7 @@ func (tb *Testbed) EnsureImages(ctx context.Context, host, memload string) (stri
 	if err := busyboxLinks(ctx, filepath.Join(ctxDir, "base")); err != nil {
 		return "", err
 	}
-	for _, d := range []string{"tmp", "etc", "root", "proc", "sys", "dev", "run"} {
+	for _, d := range []string{"tmp", "etc", "root", "proc", "sys", "dev", "run", "var/log/nginx", "var/lib/nginx", "var/lock", "data"} {
 		if err := os.MkdirAll(filepath.Join(ctxDir, "base", d), 0o755); err != nil {
 			return "", err
 		}

@@ -49,15 +49,14 @@ type VolumeSynced struct {
 type VolumeResult struct {
 	Name string `json:"name"`
 	// Bytes is the volume's content; Read what the source read of it, Wire what crossed.
-	Bytes     int64         `json:"bytes"`
-	Read      int64         `json:"read_bytes"`
-	Wire      int64         `json:"wire_bytes"`
-	Files     int           `json:"files_written"` // files the target wrote
-	Duration  time.Duration `json:"duration_ns"`
-	Final     bool          `json:"final"` // the pass in the frozen phase
-	Digest    string        `json:"digest"`
-	Skipped   []string      `json:"skipped,omitempty"` // sockets, devices, FIFOs: not moved
-	WhileRuns bool          `json:"-"`
+	Bytes    int64         `json:"bytes"`
+	Read     int64         `json:"read_bytes"`
+	Wire     int64         `json:"wire_bytes"`
+	Files    int           `json:"files_written"` // files the target wrote
+	Duration time.Duration `json:"duration_ns"`
+	Final    bool          `json:"final"` // the pass in the frozen phase
+	Digest   string        `json:"digest"`
+	Skipped  []string      `json:"skipped,omitempty"` // sockets, devices, FIFOs: not moved
 }
 
 // LabelVolumes names a container's migrate volumes (comma-separated).

@@ -90,7 +90,24 @@ func main() {
 	streamBytes := flag.Int64("bytes", 100<<20, "stream length in bytes")
 	flag.Uint64Var(&seed, "seed", 0, "vary the memory content (runs with different seeds share no page)")
 	streamRate := flag.Float64("stream-rate", 0, "pace the stream to this many Mbit/s (0: as fast as the connection goes)")
+	redisIncrAddr := flag.String("redis-incr", "", "instead: INCR -key at this Redis address on one connection for -for, then print the count acknowledged")
+	redisCmdAddr := flag.String("redis-cmd", "", "instead: send the arguments as one command to this Redis address and print the reply")
+	redisKey := flag.String("key", "counter", "the key -redis-incr increments")
+	redisFor := flag.Duration("for", 10*time.Second, "how long -redis-incr runs")
 	flag.Parse()
+	if *redisIncrAddr != "" || *redisCmdAddr != "" {
+		var err error
+		if *redisIncrAddr != "" {
+			err = redisIncr(*redisIncrAddr, *redisKey, *redisFor)
+		} else {
+			err = redisCmd(*redisCmdAddr, flag.Args())
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "memload:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *streamServeAddr != "" {
 		if err := streamServe(*streamServeAddr, *streamBytes, *streamRate); err != nil {
 			fmt.Fprintln(os.Stderr, "memload:", err)

@@ -1,0 +1,131 @@
+package testbed_test
+
+import (
+	"context"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migrate-project/migrate/testbed"
+)
+
+const redisIP = "10.88.0.40"
+
+var incrRE = regexp.MustCompile(`redis-incr acked=(\d+) last=(\d+) max_wait_ms=(\d+)`)
+
+// redisCmd runs one Redis command from the client and returns the reply.
+func redisCmd(t *testing.T, tb *testbed.Testbed, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	cmd, err := tb.Command(ctx, testbed.ClientName, append([]string{tb.MemloadBin, "-redis-cmd", redisIP + ":6379"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis %v: %v: %s", args, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// Redis persisting every write (appendfsync always) to a named volume, under a client
+// that INCRs a key on one connection, moved a -> b: no acknowledged INCR is lost, the
+// connection survives, and Redis restarted on b from its AOF has the same value.
+func TestRedisAOFThroughAMove(t *testing.T) {
+	tb := upAgents(t, "redis", testbed.Link{RateMbit: 100, Delay: 5 * time.Millisecond})
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "redis", "--ip", redisIP+"/16", "-v", "redisdata:/data", "--memory", "512m",
+		testbed.ImageV1, "redis-server", "--appendonly", "yes", "--appendfsync", "always", "--dir", "/data", "--save", "",
+		"--protected-mode", "no", "--bind", "0.0.0.0", "--port", "6379")
+	if got := redisCmd(t, tb, "PING"); got != "PONG" {
+		t.Fatalf("PING: %q", got)
+	}
+	wait := startClientFor(t, tb, 2*time.Minute, tb.MemloadBin, "-redis-incr", redisIP+":6379", "-key", "hits", "-for", "12s")
+	// Once INCRs have been acknowledged for a while, move it.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if v, _ := strconv.Atoi(redisCmd(t, tb, "GET", "hits")); v > 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the client's INCRs do not arrive")
+		}
+	}
+	r := pushArgs(t, tb, "redis", "--to", "b")
+	out, err := wait()
+	m := incrRE.FindStringSubmatch(string(out))
+	if err != nil || m == nil {
+		t.Fatalf("the client failed through the move (its connection must survive): %v\n%s", err, out)
+	}
+	acked, _ := strconv.Atoi(m[2])
+	t.Logf("client: %s acknowledged INCRs, last value %s, longest wait %s ms; push held traffic %s, volume passes %+v", m[1], m[2], m[3], r.Frozen, r.Volumes)
+	if got := where(t, tb, "redis"); len(got) != 1 || got[0] != "b" {
+		t.Fatalf("redis runs on %v", got)
+	}
+	value, err := strconv.Atoi(redisCmd(t, tb, "GET", "hits"))
+	if err != nil || value < acked {
+		t.Fatalf("after the move hits = %d (%v), the client had %d acknowledged", value, err, acked)
+	}
+	// The AOF on b's volume holds every acknowledged write: Redis restarted from it.
+	hostRun(t, tb, "b", "podman", "restart", "-t", "5", "redis")
+	var after int
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		cmd, _ := tb.Command(ctx, testbed.ClientName, tb.MemloadBin, "-redis-cmd", redisIP+":6379", "GET", "hits")
+		o, err := cmd.CombinedOutput()
+		cancel()
+		if err == nil {
+			after, err = strconv.Atoi(strings.TrimSpace(string(o)))
+			if err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Redis on b does not answer after its restart: %s", o)
+		}
+	}
+	if after != value {
+		t.Fatalf("Redis restarted on b from its AOF has hits = %d, before the restart %d", after, value)
+	}
+	mustMigrate(t, tb, "rm", "redis")
+}
+
+// nginx serving a 200 MB file from a named volume to a client that downloads it through
+// a move: what arrived has the file's SHA-256.
+func TestNginxDownloadThroughAMove(t *testing.T) {
+	tb := upAgents(t, "nginx", testbed.Link{RateMbit: 1000, Delay: 2 * time.Millisecond})
+	const ip = "10.88.0.41"
+	conf := `user root; worker_processes 1; pid /tmp/nginx.pid; events {} ` +
+		`http { access_log off; server { listen 80; root /data/www; } }`
+	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", ip+"/16", "-v", "www:/data", testbed.ImageV1, "sh", "-c",
+		`mkdir -p /data/www && dd if=/dev/urandom of=/data/www/big bs=1M count=200 2>/dev/null && sha256sum /data/www/big > /data/sum && `+
+			`echo '`+conf+`' > /tmp/nginx.conf && exec nginx -c /tmp/nginx.conf -g 'daemon off;'`)
+	var want string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out, _, code := migrate(t, tb, "exec", "web", "--", "cat", "/data/sum")
+		if f := strings.Fields(out); code == 0 && len(f) == 2 {
+			want = f[0]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the file to serve was not made")
+		}
+	}
+	// 200 MB at 10 MB/s: the move lands in the middle of the download.
+	wait := startClientFor(t, tb, 3*time.Minute, "sh", "-c", "curl -sS --fail --retry 0 --limit-rate 10M http://"+ip+"/big | sha256sum")
+	time.Sleep(3 * time.Second)
+	r := pushArgs(t, tb, "web", "--to", "b")
+	out, err := wait()
+	if err != nil {
+		t.Fatalf("download through the move: %v\n%s", err, out)
+	}
+	got := strings.Fields(string(out))
+	if len(got) == 0 || got[0] != want {
+		t.Fatalf("downloaded file's sha256 %q, the file's %s", out, want)
+	}
+	t.Logf("200 MB download intact through the move: held %s, volume passes %d+%d wire bytes", r.Frozen, r.Volumes[0].Wire, r.Volumes[1].Wire)
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("web runs on %v", w)
+	}
+}
