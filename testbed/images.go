@@ -23,6 +23,8 @@ import (
 const (
 	ImageV1 = "localhost/migrate-test/app:v1"
 	ImageV2 = "localhost/migrate-test/app:v2"
+	// ImagePG is base, net and Debian's PostgreSQL 15 server (run it as user postgres).
+	ImagePG = "localhost/migrate-test/pg:v1"
 	// ImageCache is where built image archives are kept, named by a hash of their inputs.
 	ImageCache = "/var/cache/migrate/images"
 )
@@ -88,7 +90,67 @@ func imageLayers(ctx context.Context, memload string) (map[string][]layerFile, e
 		return nil, fmt.Errorf("memload binary %s: %w (build it with `go build -o bin/memload ./testbed/memload`)", memload, err)
 	}
 	layers["mem"] = []layerFile{{memload, "/bin/memload"}}
+	pg, err := pgFiles(ctx, have)
+	if err != nil {
+		return nil, err
+	}
+	layers["pg"] = pg
 	return layers, nil
+}
+
+// pgDir is Debian's PostgreSQL 15 (package postgresql-15).
+const pgDir = "/usr/lib/postgresql/15"
+
+// pgFiles is the PostgreSQL layer: the server's programs at their Debian paths (initdb
+// finds postgres beside it and its share directory relative to it), the libraries
+// initdb loads (PL/pgSQL, text search, encodings), the UTC zone, and what they link.
+func pgFiles(ctx context.Context, have map[string]bool) ([]layerFile, error) {
+	var out []layerFile
+	var bins []string
+	for _, b := range []string{"postgres", "initdb", "pg_ctl"} {
+		bins = append(bins, filepath.Join(pgDir, "bin", b))
+	}
+	mods, err := filepath.Glob(filepath.Join(pgDir, "lib", "*.so"))
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range mods {
+		if !strings.Contains(m, "llvmjit") {
+			bins = append(bins, m)
+		}
+	}
+	for _, b := range bins {
+		if _, err := os.Stat(b); err != nil {
+			return nil, fmt.Errorf("test image needs %s (Debian's postgresql-15): run scripts/install.sh", b)
+		}
+		out = append(out, layerFile{b, b})
+		libs, err := libsOf(ctx, b)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range libs {
+			if !have[l] {
+				have[l] = true
+				out = append(out, layerFile{l, l})
+			}
+		}
+	}
+	share := "/usr/share/postgresql/15"
+	err = filepath.WalkDir(share, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		out = append(out, layerFile{p, p})
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("test image needs %s (Debian's postgresql-15): %w", share, err)
+	}
+	for _, z := range []string{"/usr/share/zoneinfo/UTC", "/usr/share/zoneinfo/Etc/UTC"} {
+		out = append(out, layerFile{z, z})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].dst < out[j].dst })
+	return out, nil
 }
 
 // imageKey hashes everything the images are made of.
@@ -117,7 +179,7 @@ func imageKey(layers map[string][]layerFile) (string, error) {
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
-const imagesFormat = "v1" // bump when the image layout changes
+const imagesFormat = "v2" // bump when the image layout changes
 
 func containerfile(upper string) string {
 	return "FROM scratch\nCOPY base/ /\nCOPY net/ /\nCOPY " + upper + "/ /\n" +
@@ -166,10 +228,10 @@ func (tb *Testbed) EnsureImages(ctx context.Context, host, memload string) (stri
 		}
 	}
 	os.Chmod(filepath.Join(ctxDir, "base", "tmp"), 0o1777)
-	if err := os.WriteFile(filepath.Join(ctxDir, "base", "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(ctxDir, "base", "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\npostgres:x:999:999:postgres:/data:/bin/sh\n"), 0o644); err != nil {
 		return "", err
 	}
-	if err := os.WriteFile(filepath.Join(ctxDir, "base", "etc", "group"), []byte("root:x:0:\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(ctxDir, "base", "etc", "group"), []byte("root:x:0:\npostgres:x:999:\n"), 0o644); err != nil {
 		return "", err
 	}
 	// v2's upper layer: memload plus an 8 MiB payload, deterministic so that it has the
@@ -180,7 +242,7 @@ func (tb *Testbed) EnsureImages(ctx context.Context, host, memload string) (stri
 	if err := writePayload(filepath.Join(ctxDir, "mem2", "opt", "payload"), 8<<20); err != nil {
 		return "", err
 	}
-	for _, img := range []struct{ tag, upper string }{{ImageV1, "mem"}, {ImageV2, "mem2"}} {
+	for _, img := range []struct{ tag, upper string }{{ImageV1, "mem"}, {ImageV2, "mem2"}, {ImagePG, "pg"}} {
 		cf := filepath.Join(ctxDir, "Containerfile."+img.upper)
 		if err := os.WriteFile(cf, []byte(containerfile(img.upper)), 0o644); err != nil {
 			return "", err
@@ -196,7 +258,7 @@ func (tb *Testbed) EnsureImages(ctx context.Context, host, memload string) (stri
 	}
 	tmp := archive + ".partial"
 	os.Remove(tmp)
-	if _, err := tb.Run(ctx, host, "podman", "save", "-q", "-m", "-o", tmp, ImageV1, ImageV2); err != nil {
+	if _, err := tb.Run(ctx, host, "podman", "save", "-q", "-m", "-o", tmp, ImageV1, ImageV2, ImagePG); err != nil {
 		return "", fmt.Errorf("save test images: %w", err)
 	}
 	return archive, os.Rename(tmp, archive)
@@ -208,7 +270,7 @@ func (tb *Testbed) LoadImages(ctx context.Context, archive string) error {
 		if h.IsClient() {
 			continue
 		}
-		if _, err := tb.Run(ctx, h.Name, "podman", "image", "exists", ImageV2); err == nil {
+		if _, err := tb.Run(ctx, h.Name, "podman", "image", "exists", ImagePG); err == nil {
 			continue
 		}
 		if _, err := tb.Run(ctx, h.Name, "podman", "load", "-q", "-i", archive); err != nil {

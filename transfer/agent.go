@@ -475,6 +475,7 @@ func (a *Agent) hostInfo(ctx context.Context) HostInfo {
 		// Without soft-dirty bits CRIU cannot pre-dump; pre-copy then finds changed
 		// pages by their hashes.
 		info.DirtyTracking = exec.CommandContext(ctx, "criu", "check", "--feature", "mem_dirty_track").Run() == nil
+		info.NoSysResource = !hasCapability(capSysResource)
 	}
 	if a.podman != nil {
 		rt, err := a.podman.Runtime(ctx)

@@ -34,6 +34,10 @@ type HostInfo struct {
 	Podman      bool   `json:"podman"`
 	// DirtyTracking: the kernel tracks dirty pages for CRIU (soft-dirty).
 	DirtyTracking bool `json:"dirty_tracking"`
+	// NoSysResource: the agent lacks CAP_SYS_RESOURCE, without which CRIU cannot read the
+	// rlimits of a process of another user: only containers whose processes all run as
+	// root can be checkpointed here.
+	NoSysResource bool `json:"no_cap_sys_resource,omitempty"`
 	// MemoryProblem says why this host cannot take the memory path (page server and
 	// lazy pages); empty when it can.
 	MemoryProblem string            `json:"memory_problem,omitempty"`

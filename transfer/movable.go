@@ -4,9 +4,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/pages"
 )
 
 // What can move with a container and what cannot: a host device or the host's network
@@ -24,6 +27,68 @@ func movable(c *checkpoint.Container) []Check {
 			Detail: "the container shares its host's network, which cannot move: start it with `migrate run --ip`"})
 	}
 	return out
+}
+
+// capSysResource is CAP_SYS_RESOURCE's number.
+const capSysResource = 24
+
+// hasCapability reports whether this process has the capability in its effective set.
+func hasCapability(bit uint) bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "CapEff:"); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && n&(1<<bit) != 0
+		}
+	}
+	return false
+}
+
+// processUsers lists the users (real, effective, saved) other than root that the
+// container's processes run as.
+func processUsers(init int) ([]string, error) {
+	pids, err := pages.Processes(init)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue // gone meanwhile
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "Uid:"); ok {
+				f := strings.Fields(v)
+				for _, u := range f[:min(3, len(f))] {
+					if u != "0" && !seen[u] {
+						seen[u] = true
+						out = append(out, "uid "+u)
+					}
+				}
+			}
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// usersCheck: without CAP_SYS_RESOURCE, CRIU fails to dump a process of another user
+// ("Can't get rlimit"): the pre-flight says so before anything is frozen.
+func usersCheck(noSysResource bool, c *checkpoint.Container) []Check {
+	if !noSysResource || c.PID == 0 {
+		return nil
+	}
+	users, err := processUsers(c.PID)
+	if err != nil || len(users) == 0 {
+		return nil
+	}
+	return []Check{{Property: "process users", Source: strings.Join(users, ","), Target: "-", OK: false,
+		Detail: "CRIU cannot read the rlimits of a non-root process without CAP_SYS_RESOURCE, which this host's agent lacks (its bounding set): run the agent with it, or the container's processes as root"}}
 }
 
 // bindSources lists the host paths a container bind-mounts.

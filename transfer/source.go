@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/migrate-project/migrate/overlaynet"
@@ -219,6 +220,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		Check{Property: "kernel", Source: a.info.Kernel, Target: tinfo.Kernel, OK: true},
 	)
 	res.Checks = append(res.Checks, movable(c)...)
+	res.Checks = append(res.Checks, usersCheck(a.info.NoSysResource, c)...)
 	vols := volumeNames(c)
 	if len(vols) > 0 {
 		res.Checks = append(res.Checks, a.volumeChecks(pctx, c)...)
@@ -564,7 +566,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		err := ee.error
 		if dir := a.keepLogs(c.Name, c.StaticDir, "dump.log"); dir != "" {
 			res.LogsDir = a.cfg.Name + ":" + dir
-			err = fmt.Errorf("%w (CRIU log kept in %s)", err, res.LogsDir)
+			err = fmt.Errorf("%w%s (CRIU log kept in %s)", err, criuErrors(filepath.Join(dir, "dump.log")), res.LogsDir)
 		}
 		return rollback(fmt.Errorf("checkpoint %s on %s: %w", c.Name, a.cfg.Name, err))
 	}
