@@ -82,11 +82,11 @@ func (tb *Testbed) RunDemo(ctx context.Context, from, to string, duration time.D
 	}
 	slog.Info("migrate push", "container", "web", "from", from, "to", to)
 	pout, perr := tb.Migrate(ctx, ClientName, "--json", "push", "web", "--to", to).Output()
-	var res transfer.PushResult
-	if err := json.Unmarshal(pout, &res); err != nil {
-		return nil, fmt.Errorf("migrate push: %v (%v): %s", err, perr, pout)
+	res, _, err := ParsePush(pout)
+	if err != nil {
+		return nil, fmt.Errorf("migrate push: %v (%v)", err, perr)
 	}
-	d.Push = &res
+	d.Push = res
 
 	cerr := <-clientDone
 	if cerr != nil {
@@ -143,4 +143,21 @@ func IperfStream(b []byte) (gap time.Duration, sent, received int64, err error) 
 		}
 	}
 	return time.Duration(longest * float64(time.Second)), r.End.SumSent.Bytes, r.End.SumReceived.Bytes, nil
+}
+
+// ParsePush reads the output of `migrate --json push`: one event per line, the result
+// last. It also checks that every line is an event.
+func ParsePush(out []byte) (*transfer.PushResult, []transfer.Event, error) {
+	var evs []transfer.Event
+	for _, line := range bytes.Split(bytes.TrimSpace(out), []byte("\n")) {
+		var ev transfer.Event
+		if err := json.Unmarshal(line, &ev); err != nil {
+			return nil, evs, fmt.Errorf("push output line %q: %w", line, err)
+		}
+		evs = append(evs, ev)
+	}
+	if len(evs) == 0 || evs[len(evs)-1].Kind != "result" || evs[len(evs)-1].Result == nil {
+		return nil, evs, fmt.Errorf("push output does not end with its result: %s", out)
+	}
+	return evs[len(evs)-1].Result, evs, nil
 }

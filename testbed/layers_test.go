@@ -3,7 +3,6 @@ package testbed_test
 import (
 	"archive/tar"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
-	"github.com/migrate-project/migrate/transfer"
 )
 
 // layerSizes lists the layer blobs of image as podman on host saves them: DiffID -> bytes.
@@ -186,8 +184,8 @@ func TestBenchImageMoveVersusStock(t *testing.T) {
 		reset()
 		mustMigrate(t, tb, "run", "--on", "a", "--name", p, "--ip", ip(1), testbed.ImageV2, "iperf3", "-s")
 		out := mustMigrate(t, tb, "--json", "push", p, "--to", "b")
-		var r transfer.PushResult
-		if err := json.Unmarshal([]byte(out), &r); err != nil || !r.OK {
+		r, _, err := testbed.ParsePush([]byte(out))
+		if err != nil || !r.OK {
 			t.Fatalf("push: %v %s", err, out)
 		}
 		pushBytes := r.ImageBytes + r.Bytes

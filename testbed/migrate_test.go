@@ -3,7 +3,6 @@ package testbed_test
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -77,12 +76,16 @@ func pushArgs(t *testing.T, tb *testbed.Testbed, args ...string) *transfer.PushR
 	if code != 0 {
 		t.Fatalf("migrate %v: exit %d\n%s%s", full, code, out, errs)
 	}
-	var r transfer.PushResult
-	if err := json.Unmarshal([]byte(out), &r); err != nil {
-		t.Fatalf("push output: %v\n%s", err, out)
+	r, evs, err := testbed.ParsePush([]byte(out))
+	if err != nil {
+		t.Fatalf("push output: %v", err)
+	}
+	// The stream: phases as they happened, before the result.
+	if len(evs) < 3 || evs[0].Kind != "phase" {
+		t.Fatalf("push --json streamed %d events, first %+v: want the phases, then the result", len(evs), evs[0])
 	}
 	t.Logf("push %v: %d bytes, total %s, traffic held %s, phases %v", args, r.Bytes, r.Total, r.Frozen, r.Phases)
-	return &r
+	return r
 }
 
 // where returns the hosts that run container name.

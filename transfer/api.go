@@ -315,6 +315,7 @@ type Event struct {
 	Phase  string      `json:"phase,omitempty"`
 	Check  *Check      `json:"check,omitempty"`
 	Bytes  int64       `json:"bytes,omitempty"`
+	Total  int64       `json:"total,omitempty"` // of a progress event: the bytes the phase will handle, when known
 	Result *PushResult `json:"result,omitempty"`
 	Round  *Round      `json:"round,omitempty"`
 	Error  string      `json:"error,omitempty"`

@@ -184,6 +184,14 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}()
 	res.Move = self.move
 
+	// throttled emits progress events at most five times a second.
+	var lastProgress time.Time
+	throttled := func(ev Event) {
+		if time.Since(lastProgress) >= 200*time.Millisecond || ev.Bytes == ev.Total {
+			lastProgress = time.Now()
+			emit(ev)
+		}
+	}
 	phase := func(name string, t0 time.Time) {
 		res.Phases = append(res.Phases, Phase{Name: name, Duration: time.Since(t0)})
 	}
@@ -289,6 +297,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		ir, err := a.shipImage(wd.ctx, plan, func(n int64) {
 			wd.expect(stallTimeout(req), stalled)
 			res.ImageBytes = n
+			throttled(Event{Kind: "progress", Phase: "image", Bytes: n, Total: plan.MissingBytes})
 		})
 		err = wd.done(err)
 		if err != nil {
@@ -384,12 +393,13 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	syncVolumes := func(ctx context.Context, final bool) error {
 		wd := newWatchdog(ctx, stallTimeout(req), fmt.Sprintf("the volume copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
 		l.progress = wd.kick
-		vr, err := a.copyVolumes(wd.ctx, target, c.Name, vols, l, sess, trees, final)
+		vr, err := a.copyVolumes(wd.ctx, target, c.Name, vols, l, sess, trees, final, func(read, total int64) {
+			throttled(Event{Kind: "progress", Phase: "volumes", Bytes: read, Total: total})
+		})
 		l.progress = nil
 		res.Volumes = append(res.Volumes, vr...)
 		for _, v := range vr {
 			res.VolumeBytes += v.Wire
-			emit(Event{Kind: "progress", Phase: "volumes", Bytes: res.VolumeBytes})
 		}
 		return wd.done(err)
 	}

@@ -168,8 +168,20 @@ func (a *Agent) volumeChecks(ctx context.Context, c *checkpoint.Container) []Che
 // tree. trees holds the trees of an earlier pass (empty: the first); the new ones replace
 // them. Announced pages join sess as they join the target's session (the archive refers
 // to pages by their place in it).
-func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string, names []string, l *link, sess *pages.Session, trees map[string]*volumes.Tree, final bool) ([]VolumeResult, error) {
+func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string, names []string, l *link, sess *pages.Session, trees map[string]*volumes.Tree, final bool,
+	progress func(read, total int64)) ([]VolumeResult, error) {
 	var out []VolumeResult
+	// The content to read, for the progress: the first pass reads it all.
+	var total, done int64
+	for _, name := range names {
+		v, err := a.podman.InspectVolume(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if !final {
+			total += volumes.Size(v.Mountpoint)
+		}
+	}
 	for _, name := range names {
 		t0 := time.Now()
 		v, err := a.podman.InspectVolume(ctx, name)
@@ -181,6 +193,9 @@ func (a *Agent) copyVolumes(ctx context.Context, target *Peer, container string,
 		var announceErr error
 		sink := func(hs []pages.Hash, buf []byte) error {
 			l.kick() // reading counts as progress: a volume the target holds sends little
+			if done += int64(len(buf)); total > 0 {
+				progress(min(done, total), total)
+			}
 			// Kept here too: the volume coming back later finds its pages.
 			if err := a.store.AddTrusted(hs, buf); err != nil {
 				slog.Warn("page store", "err", err)

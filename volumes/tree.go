@@ -287,6 +287,21 @@ func readFile(p string, size int64, buf []byte, hs []pages.Hash, sink PageSink) 
 	}
 }
 
+// Size is the content of the regular files under root (what a first Scan reads); errors
+// count as nothing (it is for progress only).
+func Size(root string) int64 {
+	var n int64
+	filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	return n
+}
+
 // Changed lists the files of t whose content prev lacks (new or different), and the
 // paths of prev that t no longer has.
 func Changed(prev, t *Tree) (files []int, gone []string) {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/migrate-project/migrate/transfer"
 	"github.com/urfave/cli/v2"
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
 	"golang.org/x/term"
 )
 
@@ -387,6 +389,15 @@ connections (exit code 4); after it, the move completes on the target even if an
 or the link fails (exit code 0; what the agents still settle is printed as "attention").
 Ctrl-C before the freeze cancels the move; once frozen, it runs to its end.
 
+Output: on a terminal, the phases, pre-copy rounds, and a progress bar (total, rate, ETA)
+for the image and the volumes. With --json, one JSON event per line on stdout as it
+happens (phase, check, round, progress with bytes and total), the last line the result
+({"event":"result","result":{...}}): a script can follow a long move.
+
+Named volumes (migrate run -v NAME:/path) move too: their content crosses while the
+container runs, only what the target's page store lacks; while frozen, only the files
+changed since. The target's volume is checked against the source's digest.
+
 Exit codes: 0 moved, 1 failed before anything changed, 2 bad usage, 4 rolled back (runs
 on the source), 5 busy (already being moved), 6 needs attention (the result says where
 it runs and what is left; 'migrate status' shows what the agents are settling).`,
@@ -462,7 +473,8 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 			fmt.Fprintf(c.App.ErrWriter, "migrate: attention: %s\n", a)
 		}
 		if c.Bool("json") {
-			if err := printJSON(c, res); err != nil {
+			// The stream's last line: the result.
+			if err := printJSONLine(c, transfer.Event{Kind: "result", Result: res, Time: time.Now()}); err != nil {
 				return err
 			}
 		} else {
@@ -593,29 +605,65 @@ var statusCommand = &cli.Command{
 	},
 }
 
-// progress shows a push's events: a line per phase and a live byte count on a terminal,
-// nothing (the final JSON only) with --json.
+// progress shows a push's events: with --json each event as one line of JSON on stdout
+// as it happens (the result last); on a terminal a line per phase, a progress bar with
+// total, rate and ETA where the phase knows its total (image, volumes), a live byte count
+// otherwise.
 type progress struct {
-	c     *cli.Context
-	tty   bool
-	quiet bool
-	last  int64
+	c    *cli.Context
+	tty  bool
+	json bool
+	last int64
+	bars *mpb.Progress
+	bar  *mpb.Bar
+	of   string // the phase the bar belongs to
 }
 
 func newProgress(c *cli.Context) *progress {
 	f, ok := c.App.ErrWriter.(*os.File)
-	return &progress{c: c, tty: ok && term.IsTerminal(int(f.Fd())), quiet: c.Bool("json")}
+	return &progress{c: c, tty: ok && term.IsTerminal(int(f.Fd())), json: c.Bool("json")}
+}
+
+// endBar completes the current bar, if any.
+func (p *progress) endBar() {
+	if p.bar != nil {
+		p.bar.SetTotal(-1, true)
+		p.bars.Wait()
+		p.bar, p.bars, p.of = nil, nil, ""
+	}
+}
+
+func (p *progress) showBar(ev transfer.Event) {
+	if p.bar == nil || p.of != ev.Phase {
+		p.endBar()
+		p.bars = mpb.New(mpb.WithOutput(p.c.App.ErrWriter), mpb.WithWidth(40))
+		p.bar = p.bars.New(ev.Total, mpb.BarStyle(),
+			mpb.PrependDecorators(decor.Name("  "+ev.Phase+" "), decor.Counters(decor.SizeB1000(0), "% .1f / % .1f")),
+			mpb.AppendDecorators(decor.AverageSpeed(decor.SizeB1000(0), "% .1f"), decor.Name(" ETA "), decor.AverageETA(decor.ET_STYLE_GO)))
+		p.of = ev.Phase
+	}
+	p.bar.SetTotal(ev.Total, false)
+	p.bar.SetCurrent(ev.Bytes)
 }
 
 func (p *progress) event(ev transfer.Event) {
-	if p.quiet {
+	if p.json {
+		if ev.Kind != "result" {
+			printJSONLine(p.c, ev)
+		}
 		return
 	}
 	w := p.c.App.ErrWriter
+	if p.tty && ev.Total > 0 && ev.Kind == "progress" {
+		p.showBar(ev)
+		return
+	}
+	p.endBar()
 	switch ev.Kind {
 	case "phase":
 		if p.tty && p.last > 0 {
 			fmt.Fprintln(w)
+			p.last = 0
 		}
 		fmt.Fprintf(w, "%s ...\n", ev.Phase)
 	case "progress":
@@ -642,7 +690,8 @@ func roundLine(r *transfer.Round) string {
 }
 
 func (p *progress) done() {
-	if p.tty && p.last > 0 && !p.quiet {
+	p.endBar()
+	if p.tty && p.last > 0 && !p.json {
 		fmt.Fprintln(p.c.App.ErrWriter)
 	}
 }
