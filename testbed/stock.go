@@ -24,6 +24,14 @@ type StockResult struct {
 // on to, and the overlay re-pointed. The target's endpoint is plumbed beforehand, as push
 // does before it freezes anything.
 func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*StockResult, error) {
+	return tb.StockMoveWithVolumes(ctx, name, ip, from, to, nil)
+}
+
+// StockMoveWithVolumes is StockMove for a container with volumes, moved as podman's own
+// export would: each volume exported as a tar after the checkpoint (podman puts it into
+// the checkpoint archive), copied with it, and imported into a new volume on the target
+// before the restore.
+func (tb *Testbed) StockMoveWithVolumes(ctx context.Context, name, ip, from, to string, volumes []string) (*StockResult, error) {
 	dst, err := tb.Host(to)
 	if err != nil {
 		return nil, err
@@ -36,37 +44,55 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	srcFile, dstFile := filepath.Join(dir, "from.tar"), filepath.Join(dir, "to.tar")
-	// The receiver listens first.
-	recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9000 > "+dstFile)
-	if err != nil {
-		return nil, err
-	}
-	if err := recv.Start(); err != nil {
-		return nil, err
-	}
-	defer recv.Process.Kill()
-	time.Sleep(200 * time.Millisecond)
+	files := []string{"checkpoint"}
+	files = append(files, volumes...)
+	src := func(f string) string { return filepath.Join(dir, "from-"+f+".tar") }
+	dstf := func(f string) string { return filepath.Join(dir, "to-"+f+".tar") }
 
 	r := &StockResult{}
 	start := time.Now()
-	if _, err := tb.Run(ctx, from, "podman", "container", "checkpoint", "--tcp-established", "--export", srcFile, name); err != nil {
+	if _, err := tb.Run(ctx, from, "podman", "container", "checkpoint", "--tcp-established", "--export", src("checkpoint"), name); err != nil {
 		return nil, err
+	}
+	for _, v := range volumes {
+		if _, err := tb.Run(ctx, from, "podman", "volume", "export", "-o", src(v), v); err != nil {
+			return nil, err
+		}
 	}
 	r.Checkpoint = time.Since(start)
 	t := time.Now()
-	if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9000 < "+srcFile); err != nil {
-		return nil, fmt.Errorf("copy: %w", err)
-	}
-	if err := recv.Wait(); err != nil {
-		return nil, fmt.Errorf("receive: %w", err)
+	for _, f := range files {
+		// The receiver listens first.
+		recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9000 > "+dstf(f))
+		if err != nil {
+			return nil, err
+		}
+		if err := recv.Start(); err != nil {
+			return nil, err
+		}
+		time.Sleep(200 * time.Millisecond)
+		if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9000 < "+src(f)); err != nil {
+			recv.Process.Kill()
+			return nil, fmt.Errorf("copy: %w", err)
+		}
+		if err := recv.Wait(); err != nil {
+			return nil, fmt.Errorf("receive: %w", err)
+		}
+		if st, err := os.Stat(dstf(f)); err == nil {
+			r.Bytes += st.Size()
+		}
 	}
 	r.Copy = time.Since(t)
-	if st, err := os.Stat(dstFile); err == nil {
-		r.Bytes = st.Size()
-	}
 	t = time.Now()
-	if _, err := tb.Run(ctx, to, "podman", "container", "restore", "--tcp-established", "--import", dstFile); err != nil {
+	for _, v := range volumes {
+		if _, err := tb.Run(ctx, to, "podman", "volume", "create", v); err != nil {
+			return nil, err
+		}
+		if _, err := tb.Run(ctx, to, "podman", "volume", "import", v, dstf(v)); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := tb.Run(ctx, to, "podman", "container", "restore", "--tcp-established", "--import", dstf("checkpoint")); err != nil {
 		return nil, err
 	}
 	r.Restore = time.Since(t)
@@ -78,6 +104,12 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 	r.Total = time.Since(start)
 	tb.MigrateAs(ctx, ClientName, from, "overlay", "commit", "--on", to, name).Run()
 	tb.Run(ctx, from, "podman", "rm", "-f", name)
+	// The source's endpoint goes too (push unplumbs it at commit), so that the container
+	// can come back.
+	tb.Run(ctx, from, "ip", "netns", "delete", "mig-"+name)
+	for _, v := range volumes {
+		tb.Run(ctx, from, "podman", "volume", "rm", v)
+	}
 	return r, nil
 }
 

@@ -116,6 +116,9 @@ func (op *operator) locate(c *cli.Context, name, from string) (string, error) {
 	case len(where) > 1:
 		return "", fmt.Errorf("container %s runs on several hosts (%v): say which with --from", name, where)
 	}
+	if m := op.moveOf(c.Context, name); m != nil {
+		return "", busyError{fmt.Errorf("%s; wait for it to end (`migrate status`)", m)}
+	}
 	msg := fmt.Sprintf("no host runs a container named %s", name)
 	for h, e := range errs {
 		msg += fmt.Sprintf("; %s did not answer: %v", h, e)
