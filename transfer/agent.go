@@ -277,6 +277,8 @@ func (a *Agent) handle(fn func(*http.Request) (any, error)) http.HandlerFunc {
 			switch {
 			case errors.As(err, &fe):
 				code = http.StatusForbidden
+			case errors.As(err, new(errMoving)):
+				code = http.StatusConflict
 			case errors.As(err, &be):
 				code = http.StatusBadRequest
 			case errors.As(err, new(notFound)):
@@ -294,7 +296,7 @@ func (a *Agent) handle(fn func(*http.Request) (any, error)) http.HandlerFunc {
 func writeError(w http.ResponseWriter, code int, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+	json.NewEncoder(w).Encode(apiError{Error: err.Error(), Busy: errors.As(err, new(errMoving))})
 }
 
 // goSafe runs fn in a goroutine that logs a panic instead of taking the agent (and every

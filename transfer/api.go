@@ -389,4 +389,22 @@ type Status struct {
 // apiError is the body of every error response.
 type apiError struct {
 	Error string `json:"error"`
+	// Busy: refused because the container is being moved; try again when the move ends.
+	Busy bool `json:"busy,omitempty"`
+}
+
+// AgentError is an agent's refusal or failure as its client sees it.
+type AgentError struct {
+	Host string
+	Code int // the HTTP status
+	Msg  string
+	Busy bool // the container is being moved
+}
+
+func (e *AgentError) Error() string { return fmt.Sprintf("host %s: %s", e.Host, e.Msg) }
+
+// IsBusy reports whether err is an agent's refusal because the container is being moved.
+func IsBusy(err error) bool {
+	var ae *AgentError
+	return errors.As(err, &ae) && ae.Busy
 }

@@ -73,9 +73,6 @@ func (a *Agent) localLocation(name string) (overlaynet.Location, bool) {
 // every node. A container already gone (removed with podman) whose address this host
 // still holds gets its address freed.
 func (a *Agent) remove(r *http.Request) (any, error) {
-	if err := a.needPodman(); err != nil {
-		return nil, err
-	}
 	var req RemoveRequest
 	if err := decodeBody(r, &req); err != nil {
 		return nil, err
@@ -84,7 +81,10 @@ func (a *Agent) remove(r *http.Request) (any, error) {
 		return nil, badRequest{err}
 	}
 	if m, ok := a.moving(req.Name); ok {
-		return nil, badRequest{errMoving{m}}
+		return nil, errMoving{m}
+	}
+	if err := a.needPodman(); err != nil {
+		return nil, err
 	}
 	ctx := r.Context()
 	c, err := a.podman.Inspect(ctx, req.Name)

@@ -100,9 +100,9 @@ func (p *Peer) decode(resp *http.Response, out any) error {
 		var e apiError
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return fmt.Errorf("host %s: %s", p.Name, e.Error)
+			return &AgentError{Host: p.Name, Code: resp.StatusCode, Msg: e.Error, Busy: e.Busy}
 		}
-		return fmt.Errorf("host %s: %s: %s", p.Name, resp.Status, strings.TrimSpace(string(b)))
+		return &AgentError{Host: p.Name, Code: resp.StatusCode, Msg: resp.Status + ": " + strings.TrimSpace(string(b))}
 	}
 	if out == nil {
 		return nil

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -287,5 +288,29 @@ func TestRevokedCertificateIsRefused(t *testing.T) {
 		t.Fatalf("another certificate is refused too: %v", err)
 	} else {
 		resp.Body.Close()
+	}
+}
+
+// A command about a container being moved is refused as busy (409, "busy"), saying from
+// where to where since when, before anything is touched; the client sees IsBusy.
+func TestRemoveOfAContainerBeingMovedIsBusy(t *testing.T) {
+	dir := testPKI(t)
+	a, srv := testAgent(t, dir)
+	a.inflight["web"] = &inflightMove{to: "b", since: time.Now().Add(-3 * time.Second)}
+	conf, err := TLSConfig(dir, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewPeer("a", strings.TrimPrefix(srv.URL, "https://"), conf)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = p.Remove(ctx, "web")
+	var ae *AgentError
+	if !errors.As(err, &ae) || ae.Code != http.StatusConflict || !IsBusy(err) || !strings.Contains(err.Error(), "web is being moved from a to b, since") {
+		t.Fatalf("rm of a container being moved: %#v", err)
+	}
+	// Another container is not busy: the refusal is that a has no podman service here.
+	if _, err = p.Remove(ctx, "db"); err == nil || IsBusy(err) {
+		t.Fatalf("rm of a container not being moved: %v", err)
 	}
 }

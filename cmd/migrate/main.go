@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
 	"github.com/urfave/cli/v2"
 )
 
@@ -46,7 +47,7 @@ func exitCode(err error) int {
 		return exitUsage
 	case errors.As(err, &rb):
 		return exitRolledBack
-	case errors.As(err, &be):
+	case errors.As(err, &be), transfer.IsBusy(err):
 		return exitBusy
 	case errors.As(err, &ae):
 		return exitAttention

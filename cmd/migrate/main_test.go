@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"strings"
 	"testing"
 
 	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
 )
 
 func TestMain(m *testing.M) {
@@ -34,6 +36,8 @@ func TestExitCodes(t *testing.T) {
 		{notReadyError{errors.New("x")}, exitNotReady},
 		{rolledBackError{errors.New("x")}, exitRolledBack},
 		{busyError{errors.New("x")}, exitBusy},
+		{fmt.Errorf("rm: %w", &transfer.AgentError{Host: "a", Code: 409, Msg: "x is being moved", Busy: true}), exitBusy},
+		{&transfer.AgentError{Host: "a", Code: 409, Msg: "x is not running"}, exitFailure},
 	} {
 		if got := exitCode(tc.err); got != tc.code {
 			t.Errorf("exitCode(%v) = %d, want %d", tc.err, got, tc.code)
