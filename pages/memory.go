@@ -199,7 +199,8 @@ func (m *MemoryWriter) Close() (*Memory, Stats, error) {
 }
 
 // ReadPages fills buf with the pages of process pid from vaddr, from the store: at least
-// one page, fewer than asked where the entry ends. It answers a lazy-pages daemon.
+// one page, fewer than asked where the entry ends. It answers a lazy-pages daemon. Every
+// page is checked against its hash: a damaged one is never served.
 func (m *Memory) ReadPages(store *Store, pid, vaddr uint64, buf []byte) (int, error) {
 	for _, mm := range m.Maps {
 		if mm.Kind != KindProcess || mm.ID != pid {
@@ -219,7 +220,7 @@ func (m *Memory) ReadPages(store *Store, pid, vaddr uint64, buf []byte) (int, er
 			return 0, errors.New("no room for a page")
 		}
 		first := e.First + int(off)
-		if err := store.Read(m.Hashes[first:first+int(n)], buf[:n*Size]); err != nil {
+		if err := store.ReadVerified(m.Hashes[first:first+int(n)], buf[:n*Size]); err != nil {
 			return 0, err
 		}
 		return int(n), nil
@@ -228,7 +229,7 @@ func (m *Memory) ReadPages(store *Store, pid, vaddr uint64, buf []byte) (int, er
 }
 
 // WriteImages writes the memory as CRIU's images into dir (pagemap-*.img and pages-*.img)
-// reading pages from store. With lazy, entries CRIU may restore lazily keep only their
+// reading pages from store, each checked against its hash. With lazy, entries CRIU may restore lazily keep only their
 // lazy flag and their pages stay out of the pages images: a lazy-pages daemon serves them.
 // It returns the bytes of pages written.
 func (m *Memory) WriteImages(dir string, store *Store, lazy bool) (int64, error) {
@@ -256,7 +257,7 @@ func (m *Memory) WriteImages(dir string, store *Store, lazy bool) (int64, error)
 			}
 			for k := 0; k < int(e.Pages); k += chunk {
 				n := min(int(e.Pages)-k, chunk)
-				if err := store.Read(m.Hashes[e.First+k:e.First+k+n], buf[:n*Size]); err != nil {
+				if err := store.ReadVerified(m.Hashes[e.First+k:e.First+k+n], buf[:n*Size]); err != nil {
 					pf.Close()
 					return written, err
 				}

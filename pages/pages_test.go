@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -313,5 +314,53 @@ func TestEncodeHandsObservedFilesOverAndStillSendsThem(t *testing.T) {
 	}
 	if !bytes.Equal(out.Bytes(), archive) {
 		t.Fatal("the rebuilt archive differs from the original")
+	}
+}
+
+// A page that changed on the store's disk after it was stored is never handed out by what
+// restores a container: ReadVerified and Verify refuse it (ErrDamaged) and forget it, so
+// that it is sent again; the other pages read as before.
+func TestStoreRefusesAPageDamagedOnDisk(t *testing.T) {
+	s, err := OpenStore(t.TempDir(), 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	buf := make([]byte, 300*Size)
+	for i := range buf {
+		buf[i] = byte(i*7 + i/Size)
+	}
+	hs, err := s.Add(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(hs); err != nil {
+		t.Fatalf("intact store: %v", err)
+	}
+	if err := s.FlipBit(hs[123]); err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, len(buf))
+	if err := s.Read(hs, out); err != nil || bytes.Equal(out, buf) {
+		t.Fatalf("the damage did not reach the disk: %v", err)
+	}
+	if err := s.Verify(hs); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), hs[123].String()) {
+		t.Fatalf("Verify of a damaged page: %v", err)
+	}
+	if s.Has(hs[123:124])[0] {
+		t.Fatal("the damaged page is still held: the source would never send it again")
+	}
+	if err := s.ReadVerified(hs[:123], out[:123*Size]); err != nil || !bytes.Equal(out[:123*Size], buf[:123*Size]) {
+		t.Fatalf("the intact pages: %v", err)
+	}
+	if err := s.ReadVerified(hs, out); !errors.Is(err, ErrMissing) {
+		t.Fatalf("reading the forgotten page: %v", err)
+	}
+	// Sent again, it is held again.
+	if _, err := s.Add(buf[123*Size : 124*Size]); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(hs); err != nil {
+		t.Fatalf("after the page came again: %v", err)
 	}
 }

@@ -18,6 +18,10 @@ func TestInstallScriptSyntax(t *testing.T) {
 	}
 }
 
+// installSecondRun bounds install.sh on a ready host (measured: INSTALL_MEASURED; the
+// margin covers a slow apt cache or dpkg-query on a loaded machine).
+const installSecondRun = 5 * time.Second
+
 // On a ready host (scripts/test.sh has just run it) install.sh must change nothing, fast.
 func TestInstallScriptSecondRunIsFastNoOp(t *testing.T) {
 	testenv.Root(t, "apt-get", "dpkg-query")
@@ -33,7 +37,7 @@ func TestInstallScriptSecondRunIsFastNoOp(t *testing.T) {
 	if !strings.Contains(string(out), "nothing changed") || strings.Contains(string(out), "CHANGED") {
 		t.Errorf("second run changed the host:\n%s", out)
 	}
-	if took > 30*time.Second {
+	if took > installSecondRun {
 		t.Errorf("second run took %s; a ready host should take seconds", took)
 	}
 	t.Logf("second run: %s", took)

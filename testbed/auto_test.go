@@ -156,7 +156,9 @@ func TestAutoFollowsTheUser(t *testing.T) {
 		waitPing(t, tb, ip)
 		results[policy] = replayTrace(t, tb, policy, name, ip, trace)
 		for _, h := range []string{"a", "b"} {
-			tb.Run(context.Background(), h, "podman", "rm", "-f", name)
+			if _, err := tb.Run(context.Background(), h, "podman", "rm", "-f", "--ignore", name); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 

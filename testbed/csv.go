@@ -33,6 +33,9 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 		if len(rec) > 10 {
 			rows[len(rows)-1].Postcopy = time.Duration(num(rec[10])) * time.Millisecond
 		}
+		if len(rec) > 11 {
+			rows[len(rows)-1].OwnBytes = num(rec[11])
+		}
 	}
 	return rows, nil
 }

@@ -145,6 +145,18 @@ func IperfStream(b []byte) (gap time.Duration, sent, received int64, err error) 
 	return time.Duration(longest * float64(time.Second)), r.End.SumSent.Bytes, r.End.SumReceived.Bytes, nil
 }
 
+// ParseEvent reads one line of `migrate --json push`'s output.
+func ParseEvent(line []byte) (transfer.Event, error) {
+	var ev transfer.Event
+	if err := json.Unmarshal(line, &ev); err != nil {
+		return ev, fmt.Errorf("push output line %.200q: %w", line, err)
+	}
+	if ev.Kind == "" {
+		return ev, fmt.Errorf("push output line %.200q: not an event", line)
+	}
+	return ev, nil
+}
+
 // ParsePush reads the output of `migrate --json push`: one event per line, the result
 // last. It also checks that every line is an event.
 func ParsePush(out []byte) (*transfer.PushResult, []transfer.Event, error) {

@@ -164,9 +164,10 @@ i=0; while true; do i=$((i+1)); echo $i >> counter; sync counter 2>/dev/null; sl
 		return len(lines)
 	}
 	n := checkCounter(1)
-	time.Sleep(300 * time.Millisecond)
-	if checkCounter(n) == n {
-		t.Error("the writer does not go on after the move")
+	for deadline := time.Now().Add(10 * time.Second); checkCounter(n) == n; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the writer does not go on after the move")
+		}
 	}
 
 	// Back to a: the pages are in a's store, so almost nothing crosses again.

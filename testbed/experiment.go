@@ -34,7 +34,8 @@ type ExpRow struct {
 	Gap      time.Duration `json:"downtime_ns"` // largest gap the sockperf client saw
 	Held     time.Duration `json:"held_ns"`     // traffic held (push) or checkpoint..re-point (stock)
 	Total    time.Duration `json:"total_ns"`
-	Bytes    int64         `json:"wire_bytes"`
+	Bytes    int64         `json:"wire_bytes"` // entered the target's link, counted by the wire
+	OwnBytes int64         `json:"own_bytes"`  // what the mover says it sent
 	Rounds   int           `json:"rounds"`
 	Replies  int           `json:"replies"`
 	Phases   string        `json:"phases"` // the frozen phase, step by step
@@ -73,14 +74,41 @@ func byConfig(rows []ExpRow) ([]config, map[config]map[string]ExpRow) {
 // WriteCSV writes the rows with a header.
 func WriteCSV(w io.Writer, rows []ExpRow) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms"})
+	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms", "own_bytes"})
 	ms := func(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
 	for _, r := range rows {
 		cw.Write([]string{strconv.Itoa(r.SizeMiB), strconv.FormatFloat(r.DirtyPct, 'g', -1, 64), r.Case, ms(r.Gap), ms(r.Held), ms(r.Total),
-			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy)})
+			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy), strconv.FormatInt(r.OwnBytes, 10)})
 	}
 	cw.Flush()
 	return cw.Error()
+}
+
+// CheckOrdering checks the experiment's headline in every configuration that has the
+// cases: pre-copy's downtime below stop-and-copy's, stop-and-copy's at most stock's.
+func CheckOrdering(rows []ExpRow) error {
+	keys, by := byConfig(rows)
+	var errs []string
+	for _, k := range keys {
+		p, okp := by[k][CasePrecopy]
+		sc, oks := by[k][CaseStopCopy]
+		st, okt := by[k][CaseStock]
+		if okp && oks && p.Gap >= sc.Gap {
+			errs = append(errs, fmt.Sprintf("%s: pre-copy's downtime %s is not below stop-and-copy's %s", k, p.Gap.Round(time.Millisecond), sc.Gap.Round(time.Millisecond)))
+		}
+		if oks && okt && sc.Gap > st.Gap {
+			errs = append(errs, fmt.Sprintf("%s: stop-and-copy's downtime %s exceeds the stock sequence's %s", k, sc.Gap.Round(time.Millisecond), st.Gap.Round(time.Millisecond)))
+		}
+		for c, r := range by[k] {
+			if r.Gap <= 0 || r.Bytes <= 0 || r.Total <= 0 {
+				errs = append(errs, fmt.Sprintf("%s %s: not measured (downtime %s, bytes %d, total %s)", k, c, r.Gap, r.Bytes, r.Total))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("experiment: %s", strings.Join(errs, "; "))
+	}
+	return nil
 }
 
 // Ratios returns one line per configuration: pre-copy against the stock sequence.

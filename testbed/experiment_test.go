@@ -13,17 +13,21 @@ import (
 	"github.com/migrate-project/migrate/transfer"
 )
 
-// envList reads a comma-separated list of numbers, or def.
-func envList(name string, def []float64) []float64 {
-	v := os.Getenv(name)
-	if v == "" {
+// envList reads a comma-separated list of numbers within [lo, hi], or def if the
+// variable is unset. Anything else is refused: a typo must not run zero moves green.
+func envList(t *testing.T, name string, def []float64, lo, hi float64) []float64 {
+	t.Helper()
+	v, set := os.LookupEnv(name)
+	if !set {
 		return def
 	}
 	var out []float64
 	for _, f := range strings.Split(v, ",") {
-		if x, err := strconv.ParseFloat(strings.TrimSpace(f), 64); err == nil {
-			out = append(out, x)
+		x, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || x < lo || x > hi {
+			t.Fatalf("%s=%q: %q is not a number from %g to %g", name, v, f, lo, hi)
 		}
+		out = append(out, x)
 	}
 	return out
 }
@@ -35,8 +39,8 @@ func envList(name string, def []float64) []float64 {
 // (64 MiB, 1 %/s) so the harness itself is tested; MIGRATE_EXPERIMENT_SIZES and
 // MIGRATE_EXPERIMENT_DIRTY widen it.
 func TestExperimentDowntime(t *testing.T) {
-	sizes := envList("MIGRATE_EXPERIMENT_SIZES", []float64{64})
-	dirty := envList("MIGRATE_EXPERIMENT_DIRTY", []float64{1})
+	sizes := envList(t, "MIGRATE_EXPERIMENT_SIZES", []float64{64}, 8, 4096)
+	dirty := envList(t, "MIGRATE_EXPERIMENT_DIRTY", []float64{1}, 0, 100)
 	out := os.Getenv("MIGRATE_EXPERIMENT_OUT")
 	if out == "" {
 		out = t.TempDir()
@@ -61,6 +65,10 @@ func TestExperimentDowntime(t *testing.T) {
 				cmd := fmt.Sprintf("memload -size %d -rate %d -seed %d -listen :7001 & exec sockperf server --tcp -p 11111", int(size), rate, seed)
 				mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", cmd)
 				waitMemload(t, tb, ip)
+				waitListen(t, tb, "a", name, 11111)
+				before := memAt(t, tb, ip)
+				// Bytes as the wire counts them: what entered b's link during the move.
+				w0 := wireCounts(t, tb)["b"]
 				// sockperf runs for a fixed time that must cover the move.
 				seconds := 12 + int(xfer*1.3)
 				if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePostcopy {
@@ -74,7 +82,7 @@ func TestExperimentDowntime(t *testing.T) {
 						if err != nil {
 							t.Fatalf("stock move: %v", err)
 						}
-						row.Held, row.Total, row.Bytes = r.Checkpoint+r.Copy+r.Restore+r.Repoint, r.Total, r.Bytes
+						row.Held, row.Total, row.OwnBytes = r.Checkpoint+r.Copy+r.Restore+r.Repoint, r.Total, r.Bytes
 						row.Phases = fmt.Sprintf("checkpoint %s; copy %s; restore %s; re-point %s", r.Checkpoint.Round(time.Millisecond),
 							r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond), r.Repoint.Round(time.Millisecond))
 					default:
@@ -93,7 +101,7 @@ func TestExperimentDowntime(t *testing.T) {
 						if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
 							t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
 						}
-						row.Held, row.Total, row.Bytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
+						row.Held, row.Total, row.OwnBytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
 						if r.Postcopy != nil {
 							row.Postcopy = r.Postcopy.Duration
 						}
@@ -109,12 +117,21 @@ func TestExperimentDowntime(t *testing.T) {
 					}
 				})
 				row.Gap, row.Replies = gap, n
+				row.Bytes = wireCounts(t, tb)["b"].Sub(w0).DownBytes
+				if row.Bytes < row.OwnBytes || float64(row.Bytes) > float64(row.OwnBytes)*wireShare+wireFixed {
+					t.Errorf("%s: %d bytes entered b, the mover says it sent %d", c, row.Bytes, row.OwnBytes)
+				}
 				rows = append(rows, row)
 				writeResults(t, out, rows) // after every move: a cut-short run keeps what it measured
 				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d | %s", row.SizeMiB, row.DirtyPct, row.Case,
 					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds, row.Phases)
-				if after := memAt(t, tb, ip); after.sum != after.expect {
-					t.Fatalf("%s: memory corrupted: %+v", c, after)
+				// The same process, on b, its memory intact: a restarted memload would also
+				// have sum == expect, but its counter would have started again.
+				if w := where(t, tb, name); len(w) != 1 || w[0] != "b" {
+					t.Fatalf("%s: %s runs on %v after the move, want b", c, name, w)
+				}
+				if after := memAt(t, tb, ip); after.sum != after.expect || after.counter <= before.counter {
+					t.Fatalf("%s: memory after the move %+v, before %+v: damaged, or not the same process", c, after, before)
 				}
 				if _, err := tb.Run(ctx, "b", "podman", "rm", "-f", name); err != nil {
 					t.Fatal(err)
@@ -124,6 +141,11 @@ func TestExperimentDowntime(t *testing.T) {
 	}
 	for _, l := range testbed.Ratios(rows) {
 		t.Log(l)
+	}
+	// The headline ordering, in every configuration: pre-copy's downtime below
+	// stop-and-copy's, and stop-and-copy's at most the stock sequence's.
+	if err := testbed.CheckOrdering(rows); err != nil {
+		t.Error(err)
 	}
 	t.Logf("results in %s", out)
 }

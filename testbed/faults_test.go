@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
+	"github.com/migrate-project/migrate/transfer"
 )
 
 // The fault matrix: a move of web (memory, a checked byte stream) between a and b with a
@@ -32,33 +32,39 @@ type faultCase struct {
 	spec string
 	code int    // push's exit code
 	want string // where web runs afterwards: "source" or "target"
+	say  string // what push's output must say, if anything
 }
 
 var faultCasesCI = []faultCase{
 	// Reproduction 1 of the issue: the target's agent killed while the source commits.
-	{"target killed in commit", "target", "crash:target-commit", 0, "target"},
-	{"source killed after the decision", "source", "crash:source-committed", 6, "target"},
-	{"source killed while frozen", "source", "crash:source-freeze", 6, "source"},
+	{"target killed in commit", "target", "crash:target-commit", 0, "target", ""},
+	{"source killed after the decision", "source", "crash:source-committed", 6, "target", ""},
+	{"source killed while frozen", "source", "crash:source-freeze", 6, "source", ""},
 	// The container is checkpointed (stopped): it must come back from the kept checkpoint.
-	{"source killed mid-stream", "source", "crash:source-stream", 6, "source"},
-	{"target killed after restoring", "target", "crash:target-restore", 4, "source"},
-	{"restore fails", "target", "fail:target-restore", 4, "source"},
-	{"operator killed mid-move", "operator", "", 0, "target"},
+	{"source killed mid-stream", "source", "crash:source-stream", 6, "source", ""},
+	{"target killed after restoring", "target", "crash:target-restore", 4, "source", ""},
+	{"restore fails", "target", "fail:target-restore", 4, "source", ""},
+	{"operator killed mid-move", "operator", "", 0, "target", ""},
 	// The source's rounds are slowed down so that Ctrl-C lands before the freeze.
-	{"operator's Ctrl-C before the freeze", "interrupt", "pause:source-round", 4, "source"},
+	{"operator's Ctrl-C before the freeze", "interrupt", "pause:source-round", 4, "source", ""},
+	// Damage the checks must catch: a bit of the frozen phase's archive flipped after its
+	// digest was taken; a page of the target's store changed on its disk after a round
+	// stored it. Neither may be restored: the move rolls back, saying why.
+	{"checkpoint damaged in transit", "source", "damage:checkpoint-stream", 4, "source", "digest mismatch"},
+	{"a page damaged in the target's store", "target", "damage:target-store", 4, "source", "page damaged in the store"},
 }
 
 var faultCasesFull = []faultCase{
-	{"source killed before prepare", "source", "crash:source-prepare", 6, "source"},
-	{"source killed in a round", "source", "crash:source-round", 6, "source"},
-	{"source killed after the restore", "source", "crash:source-restored", 6, "source"},
-	{"source killed in cleanup", "source", "crash:source-cleanup", 6, "target"},
-	{"target killed while preparing", "target", "crash:target-prepare", 4, "source"},
-	{"round fails", "source", "fail:source-round", 4, "source"},
-	{"decision fails", "source", "fail:source-restored", 4, "source"},
-	{"target refuses the commit", "target", "fail:target-commit", 0, "target"},
-	{"target's disk full", "target", "fail:disk-full", 4, "source"},
-	{"source's disk full", "source", "fail:disk-full", 1, "source"},
+	{"source killed before prepare", "source", "crash:source-prepare", 6, "source", ""},
+	{"source killed in a round", "source", "crash:source-round", 6, "source", ""},
+	{"source killed after the restore", "source", "crash:source-restored", 6, "source", ""},
+	{"source killed in cleanup", "source", "crash:source-cleanup", 6, "target", ""},
+	{"target killed while preparing", "target", "crash:target-prepare", 4, "source", ""},
+	{"round fails", "source", "fail:source-round", 4, "source", ""},
+	{"decision fails", "source", "fail:source-restored", 4, "source", ""},
+	{"target refuses the commit", "target", "fail:target-commit", 0, "target", ""},
+	{"target's disk full", "target", "fail:disk-full", 4, "source", ""},
+	{"source's disk full", "source", "fail:disk-full", 1, "source", ""},
 }
 
 func TestFaultMatrix(t *testing.T) {
@@ -84,7 +90,8 @@ func TestFaultMatrix(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer stream.Process.Kill()
-			time.Sleep(time.Second)
+			// Under way: 60 KB of the stream (half a second at 1 Mbit/s) reached the client.
+			waitWire(t, tb, testbed.ClientName, false, 60_000, 30*time.Second)
 			faulty := map[string]string{"source": src, "target": tgt, "interrupt": src}[fc.who]
 			if faulty != "" {
 				if err := tb.RestartAgent(ctx, faulty, []string{"MIGRATE_FAULT=" + fc.spec}); err != nil {
@@ -101,6 +108,9 @@ func TestFaultMatrix(t *testing.T) {
 				var outs, errs string
 				outs, errs, code = migrateWithin(t, tb, 3*time.Minute, "push", "web", "--to", tgt, "--from", src)
 				t.Logf("push exit %d: %s", code, lastLine(outs+errs))
+				if !strings.Contains(outs+errs, fc.say) {
+					t.Errorf("push did not say %q:\n%s%s", fc.say, outs, errs)
+				}
 			}
 			if fc.who != "operator" && code != fc.code {
 				t.Errorf("push exited %d, want %d", code, fc.code)
@@ -159,13 +169,11 @@ func TestFaultMatrix(t *testing.T) {
 // runs: the move goes on without it. It returns -1 (the command's code means nothing).
 func pushAndKillOperator(t *testing.T, tb *testbed.Testbed, src, tgt string) int {
 	t.Helper()
-	cmd := tb.Migrate(context.Background(), testbed.ClientName, "push", "web", "--to", tgt, "--from", src)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(300 * time.Millisecond)
-	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	p := startPush(t, tb, "push", "web", "--to", tgt, "--from", src)
+	// The source has taken the move on: its first phase is under way.
+	p.waitEvent("the first phase", time.Minute, func(ev transfer.Event) bool { return ev.Kind == "phase" })
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
 	// The move finishes by itself: wait until the source no longer has it in flight.
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {
@@ -184,24 +192,18 @@ func pushAndKillOperator(t *testing.T, tb *testbed.Testbed, src, tgt string) int
 // wait for the result. It returns push's exit code.
 func pushAndInterrupt(t *testing.T, tb *testbed.Testbed, src, tgt string) int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	cmd := tb.Migrate(ctx, testbed.ClientName, "push", "web", "--to", tgt, "--from", src)
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	cmd.Process.Signal(syscall.SIGINT)
-	err := cmd.Wait()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	}
-	t.Logf("push exit %d after Ctrl-C: %s", code, lastLine(out.String()))
-	if !strings.Contains(out.String(), "interrupted:") {
-		t.Errorf("push did not say what Ctrl-C did:\n%s", out.String())
+	p := startPush(t, tb, "push", "web", "--to", tgt, "--from", src)
+	// Round 1 has started (MIGRATE_FAULT=pause:source-round holds it 5 s).
+	p.waitEvent("pre-copy started", time.Minute, func(ev transfer.Event) bool { return ev.Kind == "phase" && ev.Phase == "precopy" })
+	p.cmd.Process.Signal(syscall.SIGINT)
+	<-p.done
+	code := p.cmd.ProcessState.ExitCode()
+	p.mu.Lock()
+	out := p.out.String()
+	p.mu.Unlock()
+	t.Logf("push exit %d after Ctrl-C: %s", code, lastLine(out))
+	if !strings.Contains(out, "interrupted:") {
+		t.Errorf("push did not say what Ctrl-C did:\n%s", out)
 	}
 	return code
 }

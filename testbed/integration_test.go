@@ -45,23 +45,36 @@ func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
 	return tb
 }
 
-// machineState is what a testbed may touch on the machine.
+// machineState is what a testbed may touch on the machine: every namespace by inode (of
+// every process, and those kept by a bind mount under /run/netns), every process with the
+// namespaces and cgroups it is in, the mounts, the testbed roots.
 type machineState struct {
 	netns, mounts, procs []string
-	roots                map[string]bool // testbed roots that exist
+	namespaces           []string            // "net:4026532289": every namespace in use
+	inNS                 map[string][]string // namespace -> processes ("pid:comm") in it
+	cgroups              map[string][]string // cgroup path -> processes in it
+	roots                map[string]bool     // testbed roots that exist
 }
+
+// nsKinds are the namespaces a process has in /proc/PID/ns.
+var nsKinds = []string{"net", "mnt", "pid", "uts", "ipc", "cgroup", "user"}
 
 func snapshot(t *testing.T) machineState {
 	t.Helper()
-	s := machineState{roots: map[string]bool{}}
+	s := machineState{roots: map[string]bool{}, inNS: map[string][]string{}, cgroups: map[string][]string{}}
 	for _, root := range []string{testbed.StateRoot, testbed.DataRoot} {
 		if _, err := os.Stat(root); err == nil {
 			s.roots[root] = true
 		}
 	}
+	nsSet := map[string]bool{}
 	if ents, err := os.ReadDir("/run/netns"); err == nil {
 		for _, e := range ents {
 			s.netns = append(s.netns, e.Name())
+			var st syscall.Stat_t
+			if syscall.Stat(filepath.Join("/run/netns", e.Name()), &st) == nil {
+				nsSet["net:"+strconv.FormatUint(st.Ino, 10)] = true
+			}
 		}
 	}
 	b, err := os.ReadFile("/proc/self/mountinfo")
@@ -73,30 +86,107 @@ func snapshot(t *testing.T) machineState {
 			s.mounts = append(s.mounts, f[4])
 		}
 	}
-	ents, _ := os.ReadDir("/proc")
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, e := range ents {
 		if _, err := strconv.Atoi(e.Name()); err != nil {
 			continue
 		}
-		st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		dir := filepath.Join("/proc", e.Name())
+		st, err := os.ReadFile(filepath.Join(dir, "stat"))
 		if err != nil {
-			continue
+			continue // ended meanwhile
 		}
 		// "pid (comm) state ...": zombies have ended; PID 1 reaps them.
 		f := strings.Fields(string(st)[strings.LastIndexByte(string(st), ')')+1:])
-		comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		c := strings.TrimSpace(string(comm))
-		switch c {
-		case "podman", "conmon", "ovs-vswitchd", "ovsdb-server", "memload", "iperf3", "sockperf", "runc", "criu", "migrate", "nc":
-			if len(f) > 0 && f[0] != "Z" {
-				s.procs = append(s.procs, e.Name()+":"+c)
+		if len(f) == 0 || f[0] == "Z" {
+			continue
+		}
+		comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
+		who := e.Name() + ":" + strings.TrimSpace(string(comm))
+		s.procs = append(s.procs, who)
+		for _, k := range nsKinds {
+			l, err := os.Readlink(filepath.Join(dir, "ns", k)) // "net:[4026531840]"
+			if err != nil {
+				continue
+			}
+			id := strings.NewReplacer("[", "", "]", "").Replace(l)
+			nsSet[id] = true
+			s.inNS[id] = append(s.inNS[id], who)
+		}
+		if cg, err := os.ReadFile(filepath.Join(dir, "cgroup")); err == nil {
+			for _, line := range strings.Split(strings.TrimSpace(string(cg)), "\n") {
+				if parts := strings.SplitN(line, ":", 3); len(parts) == 3 {
+					key := parts[1] + ":" + parts[2]
+					s.cgroups[key] = append(s.cgroups[key], who)
+				}
 			}
 		}
 	}
-	for _, l := range [][]string{s.netns, s.mounts, s.procs} {
+	for id := range nsSet {
+		s.namespaces = append(s.namespaces, id)
+	}
+	for _, l := range [][]string{s.netns, s.mounts, s.procs, s.namespaces} {
 		sort.Strings(l)
 	}
 	return s
+}
+
+// testbedOwned lists, from a snapshot taken while a testbed ran, the namespaces and cgroups
+// that are its own: namespaces that did not exist before, and cgroups that processes in
+// those namespaces are in and that no process was in before.
+func testbedOwned(before, during machineState) (namespaces, cgroups []string) {
+	namespaces = added(before.namespaces, during.namespaces)
+	seen := map[string]bool{}
+	for _, ns := range namespaces {
+		for _, p := range during.inNS[ns] {
+			seen[p] = true
+		}
+	}
+	for cg, ps := range during.cgroups {
+		if len(before.cgroups[cg]) > 0 {
+			continue
+		}
+		for _, p := range ps {
+			if seen[p] {
+				cgroups = append(cgroups, cg)
+				break
+			}
+		}
+	}
+	sort.Strings(cgroups)
+	return namespaces, cgroups
+}
+
+// leftIn lists the processes that after still has in the given namespaces and cgroups.
+func leftIn(after machineState, namespaces, cgroups []string) []string {
+	var out []string
+	for _, ns := range namespaces {
+		for _, p := range after.inNS[ns] {
+			out = append(out, p+" in "+ns)
+		}
+	}
+	for _, cg := range cgroups {
+		for _, p := range after.cgroups[cg] {
+			out = append(out, p+" in cgroup "+cg)
+		}
+	}
+	return out
+}
+
+// addedOf lists the processes added that run a program the testbed starts (by name:
+// a process of ours that left the namespaces, e.g. by setns).
+func addedOf(before, after []string) []string {
+	var out []string
+	for _, p := range added(before, after) {
+		switch p[strings.IndexByte(p, ':')+1:] {
+		case "podman", "conmon", "ovs-vswitchd", "ovsdb-server", "memload", "iperf3", "sockperf", "runc", "criu", "migrate", "nc", "sleep", "testbed.test":
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // added lists what is in after but not in before.
@@ -151,10 +241,26 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 		p, _ := strconv.Atoi(string(pid))
 		syscall.Kill(p, syscall.SIGKILL)
 	}
-	if during := snapshot(t); len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 12 {
+	during := snapshot(t)
+	if len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 12 {
 		t.Fatalf("the testbed did not start what it should: netns %v, processes %v",
 			added(before.netns, during.netns), added(before.procs, during.procs))
 	}
+	ownNS, ownCG := testbedOwned(before, during)
+	// The watch must see what the test planted: the client's sleep and the containers'
+	// sleeps, in namespaces of the testbed's own.
+	planted := 0
+	for _, ns := range ownNS {
+		for _, p := range during.inNS[ns] {
+			if strings.HasSuffix(p, ":sleep") && strings.HasPrefix(ns, "net:") {
+				planted++
+			}
+		}
+	}
+	if planted < 3 {
+		t.Fatalf("the leak check does not see the 3 sleeps the test started (saw %d) in the testbed's namespaces %v", planted, ownNS)
+	}
+	t.Logf("watching %d namespaces and %d cgroups of the testbed", len(ownNS), len(ownCG))
 
 	if err := testbed.Down(ctx, "leak"); err != nil {
 		t.Fatalf("down: %v", err)
@@ -162,9 +268,11 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	after := snapshot(t)
 	for what, diff := range map[string][]string{
-		"network namespaces": added(before.netns, after.netns),
-		"mounts":             added(before.mounts, after.mounts),
-		"processes":          added(before.procs, after.procs),
+		"network namespaces (/run/netns)":        added(before.netns, after.netns),
+		"namespaces (by inode)":                  added(before.namespaces, after.namespaces),
+		"mounts":                                 added(before.mounts, after.mounts),
+		"processes in its namespaces or cgroups": leftIn(after, ownNS, ownCG),
+		"processes of its programs":              addedOf(before.procs, after.procs),
 	} {
 		if len(diff) > 0 {
 			t.Errorf("testbed down left %s behind: %v", what, diff)

@@ -64,7 +64,7 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	}
 	cmd, n := serve(10, 25)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV2, "sh", "-c", cmd)
-	time.Sleep(300 * time.Millisecond)
+	waitListen(t, tb, "a", "web", 5201, testbed.StreamPort)
 
 	// What b lacks, measured on the images themselves rather than taken from the plan.
 	held := map[string]bool{}
@@ -85,7 +85,7 @@ func TestPushShipsOnlyMissingLayers(t *testing.T) {
 	t.Logf("layers diff:\n%s", out)
 
 	tr := startTraffic(t, tb, 60, 15, n)
-	time.Sleep(2 * time.Second)
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second) // traffic under way
 
 	// A byte flipped on the way: the target refuses the archive, nothing moves.
 	if err := tb.RestartAgent(ctx, "a", []string{"MIGRATE_FAULT=damage:image-upload"}); err != nil {
@@ -140,13 +140,13 @@ func TestPushToTargetWithoutImages(t *testing.T) {
 	}
 	cmd, n := serve(10, 14)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sh", "-c", cmd)
-	time.Sleep(300 * time.Millisecond)
+	waitListen(t, tb, "a", "web", 5201, testbed.StreamPort)
 	var total int64
 	for _, n := range layerSizes(t, tb, "a", testbed.ImageV1) {
 		total += n
 	}
 	tr := startTraffic(t, tb, 60, 10, n)
-	time.Sleep(2 * time.Second)
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second) // traffic under way
 	r := push(t, tb, "b")
 	if !r.OK || r.ImageBytes < total {
 		t.Fatalf("push: ok %v, %d image bytes for a %d-byte image: %+v", r.OK, r.ImageBytes, total, r)
@@ -171,7 +171,9 @@ func TestBenchImageMoveVersusStock(t *testing.T) {
 		{"target has nothing", []string{"rmi", "-a", "-f"}},
 	} {
 		reset := func() {
-			tb.Run(ctx, "b", "podman", "rm", "-a", "-f")
+			if _, err := tb.Run(ctx, "b", "podman", "rm", "-a", "-f"); err != nil {
+				t.Fatal(err)
+			}
 			if _, err := tb.Run(ctx, "b", append([]string{"podman"}, sc.prune...)...); err != nil {
 				t.Fatal(err)
 			}

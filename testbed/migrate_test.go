@@ -104,33 +104,6 @@ func where(t *testing.T, tb *testbed.Testbed, name string) []string {
 	return hosts
 }
 
-// startPush starts `migrate ARGS` in the background; the returned function waits for it
-// and fails the test unless it exits with code.
-func startPush(t *testing.T, tb *testbed.Testbed, args ...string) func(code int) {
-	t.Helper()
-	cmd := tb.Migrate(context.Background(), testbed.ClientName, append([]string{"--json"}, args...)...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	return func(code int) {
-		t.Helper()
-		err := cmd.Wait()
-		got := 0
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			got = ee.ExitCode()
-		} else if err != nil {
-			t.Fatalf("migrate %v: %v", args, err)
-		}
-		if got != code {
-			t.Fatalf("migrate %v: exit %d, want %d\n%s", args, got, code, out.String())
-		}
-		t.Logf("migrate %v: %s", args, lastLine(out.String()))
-	}
-}
-
 // startClient starts a command on the client and returns a function that waits for it
 // (3 minutes at most).
 func startClient(t *testing.T, tb *testbed.Testbed, args ...string) func() ([]byte, error) {
@@ -165,15 +138,16 @@ func startClientFor(t *testing.T, tb *testbed.Testbed, limit time.Duration, args
 }
 
 // iperfBytes is a byte count that iperf3 sends in whole 128 KiB blocks.
-func iperfBytes(mbit float64, seconds float64) string {
+func iperfBytes(mbit float64, seconds float64) int64 {
 	const block = 128 << 10
-	return fmt.Sprint(int64(mbit*1e6/8*seconds) / block * block)
+	return int64(mbit*1e6/8*seconds) / block * block
 }
 
 // traffic is what a user sends through a move: an iperf3 stream (-R, a byte count) and an
 // exact byte stream whose every byte the client checks.
 type traffic struct {
 	iperf  func() ([]byte, error)
+	iperfN int64 // the bytes iperf3 must send and receive
 	stream *exec.Cmd
 	out    *bytes.Buffer
 }
@@ -186,7 +160,8 @@ func serve(streamMbit, seconds float64) (string, int64) {
 
 func startTraffic(t *testing.T, tb *testbed.Testbed, iperfMbit, seconds float64, streamBytes int64) *traffic {
 	t.Helper()
-	tr := &traffic{iperf: startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", iperfBytes(iperfMbit, seconds), "-i", "0.1", "-J")}
+	n := iperfBytes(iperfMbit, seconds)
+	tr := &traffic{iperfN: n, iperf: startClient(t, tb, "iperf3", "-c", webIP, "-R", "-l", "131072", "-n", fmt.Sprint(n), "-i", "0.1", "-J")}
 	var err error
 	tr.stream, tr.out, err = tb.StreamClient(context.Background(), webIP, streamBytes)
 	if err != nil {
@@ -205,8 +180,8 @@ func (tr *traffic) check(t *testing.T) {
 		t.Fatalf("iperf3 client: %v\n%s", err, out)
 	}
 	gap, sent, recv, err := testbed.IperfStream(out)
-	if err != nil || recv == 0 {
-		t.Fatalf("iperf3: received %d: %v", recv, err)
+	if err != nil || sent != tr.iperfN || recv != sent {
+		t.Fatalf("iperf3: asked for %d bytes, %d sent, %d received: %v", tr.iperfN, sent, recv, err)
 	}
 	serr := tr.stream.Wait()
 	st, perr := testbed.ParseStream(tr.out.Bytes())
@@ -222,19 +197,24 @@ func TestPushIperfThereAndBack(t *testing.T) {
 	tb := upAgents(t, "iperf", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
 	cmd, n := serve(20, 14)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sh", "-c", cmd)
-	time.Sleep(300 * time.Millisecond)
+	waitListen(t, tb, "a", "web", 5201, testbed.StreamPort)
 	tr := startTraffic(t, tb, 60, 12, n)
-	time.Sleep(3 * time.Second)
-	if r := push(t, tb, "b"); !r.OK {
-		t.Fatalf("push to b: %+v", r)
+	// Under way: 4 MB have reached the client (half a second at 60 Mbit/s).
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second)
+	r1, w1 := pushCounted(t, tb, "a", "b", "web", "--to", "b")
+	if !r1.OK {
+		t.Fatalf("push to b: %+v", r1)
 	}
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
 		t.Fatalf("after push to b, web runs on %v", w)
 	}
-	time.Sleep(3 * time.Second)
-	if r := push(t, tb, "a"); !r.OK {
-		t.Fatalf("push back to a: %+v", r)
+	// Traffic from b now: 4 MB more before moving back.
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second)
+	r2, w2 := pushCounted(t, tb, "b", "a", "web", "--to", "a")
+	if !r2.OK {
+		t.Fatalf("push back to a: %+v", r2)
 	}
+	t.Logf("into b %d bytes on the wire, into a %d", w1, w2)
 	tr.check(t)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after push back, web runs on %v", w)
@@ -255,8 +235,17 @@ func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move 
 	t.Helper()
 	logf := filepath.Join(t.TempDir(), "sockperf.csv")
 	// It runs for the given time, which must cover the move: wait that long and a margin.
+	c0 := wireCounts(t, tb)[testbed.ClientName]
 	wait := startClientFor(t, tb, time.Duration(seconds)*time.Second+time.Minute, "sockperf", "ping-pong", "--tcp", "-i", ip, "-p", "11111", "-t", fmt.Sprint(seconds), "--mps", "200", "--full-log", logf)
-	time.Sleep(3 * time.Second)
+	// The client is under way (sockperf warms up, then pings at 200/s): 300 of its frames
+	// have crossed its link.
+	deadline := time.Now().Add(20 * time.Second)
+	for wireCounts(t, tb)[testbed.ClientName].UpFrames-c0.UpFrames < 300 {
+		if time.Now().After(deadline) {
+			t.Fatal("the sockperf client sent fewer than 300 frames in 20 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	move()
 	out, err := wait()
 	if err != nil || bytes.Contains(out, []byte("ERROR")) {
@@ -277,17 +266,39 @@ func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move 
 func TestPushSockperfPingPong(t *testing.T) {
 	tb := upAgents(t, "sockp", testbed.Link{RateMbit: 100, Delay: time.Millisecond})
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
-	time.Sleep(300 * time.Millisecond)
+	waitListen(t, tb, "a", "web", 11111)
+	var r *transfer.PushResult
 	gap, rtt, n := sockperfThrough(t, tb, 10, func() {
-		if r := push(t, tb, "b"); !r.OK {
+		if r = push(t, tb, "b"); !r.OK {
 			t.Fatalf("push: %+v", r)
 		}
 	})
-	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s", n, gap, rtt)
-	if n < 500 {
+	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s; traffic held %s, %d frames held, %d lost",
+		n, gap, rtt, r.Frozen, r.HeldFrames, r.LostFrames)
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("after the push web runs on %v", w)
+	}
+	// 10 s at 200 a second, less the gap: about 1,850 replies (1,751-1,968 measured).
+	// Margin 10% below the fewest.
+	if n < 1600 {
 		t.Errorf("only %d replies in 10 s at 200/s", n)
 	}
+	// The hold port: the client's pings during the freeze were held, not dropped, and
+	// delivered as soon as the target took over. Dropped, TCP would resend them only after
+	// its retransmission timeout (200 ms, then doubling), which the gap would show.
+	if r.HeldFrames < 1 || r.LostFrames != 0 {
+		t.Errorf("the hold kept %d frames and lost %d: want the pings held, none lost", r.HeldFrames, r.LostFrames)
+	}
+	if d := gap - r.Frozen; d < -holdMargin || d > holdMargin {
+		t.Errorf("the client's gap %s is %s from the time traffic was held (%s): want within %s",
+			gap.Round(time.Millisecond), d.Round(time.Millisecond), r.Frozen.Round(time.Millisecond), holdMargin)
+	}
 }
+
+// holdMargin: how far the client's largest gap may be from the time traffic was held
+// (measured: HOLD_MEASURED). A ping held and released arrives a round trip (2-6 ms here)
+// after the release; a dropped one waits for TCP's retransmission timer (200 ms at least).
+const holdMargin = 100 * time.Millisecond
 
 // The target's agent dies mid-transfer: the container keeps running on the source with its
 // connection, and the target keeps nothing once its agent is back.
@@ -297,18 +308,20 @@ func TestPushTargetAgentKilledMidTransfer(t *testing.T) {
 	cmd, n := serve(10, 45)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
 		"sh", "-c", "memload -size 256 -rate 100 & "+cmd)
-	time.Sleep(2 * time.Second)
+	waitListen(t, tb, "a", "web", 5201, testbed.StreamPort)
 	tr := startTraffic(t, tb, 60, 40, n)
-	time.Sleep(2 * time.Second)
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second)
 
-	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy")
-	time.Sleep(6 * time.Second) // dump done, transfer under way
+	p := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy")
+	p.transferred(32 << 20) // dump done, transfer under way
 	pid, err := tb.AgentPID("b")
 	if err != nil {
 		t.Fatal(err)
 	}
-	syscall.Kill(pid, syscall.SIGKILL)
-	waitPush(4)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(4)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after the failed move web runs on %v, want a", w)
 	}
@@ -447,7 +460,7 @@ func lastLine(s string) string {
 func TestDowntimePushVersusStock(t *testing.T) {
 	tb := upAgents(t, "stock", testbed.Link{RateMbit: 100})
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1, "sockperf", "server", "--tcp", "-p", "11111")
-	time.Sleep(300 * time.Millisecond)
+	waitListen(t, tb, "a", "web", 11111)
 	measure := func(label string, move func() string) {
 		var detail string
 		gap, rtt, n := sockperfThrough(t, tb, 9, func() { detail = move() })
@@ -484,16 +497,16 @@ func TestPushLinkCutMidTransfer(t *testing.T) {
 	cmd, n := serve(10, 50)
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
 		"sh", "-c", "memload -size 256 -rate 100 & "+cmd)
-	time.Sleep(2 * time.Second)
+	waitListen(t, tb, "a", "web", 5201, testbed.StreamPort)
 	tr := startTraffic(t, tb, 50, 45, n)
-	time.Sleep(2 * time.Second)
+	waitWire(t, tb, testbed.ClientName, false, 4<<20, 30*time.Second)
 
-	waitPush := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy", "--stall-timeout", "5s")
-	time.Sleep(6 * time.Second) // the transfer is under way
+	p := startPush(t, tb, "push", "web", "--to", "b", "--mode", "stop-copy", "--stall-timeout", "5s")
+	p.transferred(32 << 20) // the transfer is under way
 	if err := tb.SetLink("b", testbed.Link{RateMbit: 100, Delay: time.Millisecond, Loss: 100}); err != nil {
 		t.Fatal(err)
 	}
-	waitPush(4)
+	p.wait(4)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
 		t.Fatalf("after the cut web runs on %v, want a", w)
 	}
@@ -504,8 +517,15 @@ func TestPushLinkCutMidTransfer(t *testing.T) {
 	// b notices the dead transfer (keepalive) and undoes its half of the move.
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		ns, _ := tb.Run(ctx, "b", "ip", "netns", "list")
-		ps, _ := tb.Run(ctx, "b", "podman", "ps", "-a", "--format", "{{.Names}}")
+		// A failing command is a failure, not an empty (clean-looking) answer.
+		ns, err := tb.Run(ctx, "b", "ip", "netns", "list")
+		if err != nil {
+			t.Fatalf("ip netns list on b: %v", err)
+		}
+		ps, err := tb.Run(ctx, "b", "podman", "ps", "-a", "--format", "{{.Names}}")
+		if err != nil {
+			t.Fatalf("podman ps on b: %v", err)
+		}
 		if !strings.Contains(ns, "mig-web") && strings.TrimSpace(ps) == "" {
 			break
 		}

@@ -40,6 +40,10 @@ func logRounds(t *testing.T, r *transfer.PushResult) {
 	t.Logf("  %s; frozen phase %+v; held %s: %v", r.StopReason, r.Final, r.Frozen.Round(time.Millisecond), r.Downtime)
 }
 
+// moveBackRatio bounds the bytes of the move back against the first move's (measured:
+// MOVEBACK_MEASURED; the agents' own figures gave 0.012 before). About 3x the measured.
+const moveBackRatio = 0.04
+
 // Pre-copy a -> b keeps memory and the connection, and most pages cross while the
 // container runs; the move back b -> a finds most pages in a's store (they left from
 // there) and sends a fraction of the bytes.
@@ -50,7 +54,7 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	// most services.
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
 		"sh", "-c", "memload -size 128 -rate 30 -listen :7001 & "+cmd)
-	time.Sleep(2 * time.Second)
+	waitListen(t, tb, "a", "web", 7001, testbed.StreamPort)
 	stream, out, err := tb.StreamClient(context.Background(), webIP, n)
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +65,7 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 		t.Fatalf("memload inconsistent before the move: %+v", before)
 	}
 
-	r1 := push(t, tb, "b")
+	r1, w1 := pushCounted(t, tb, "a", "b", "web", "--to", "b")
 	logRounds(t, r1)
 	if !r1.OK || r1.Mode != transfer.ModePrecopy || len(r1.Rounds) < 2 || r1.Final == nil {
 		t.Fatalf("pre-copy push: %+v", r1)
@@ -104,15 +108,16 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 		t.Fatalf("memory after a -> b: %+v (before %+v)", mid, before)
 	}
 
-	r2 := push(t, tb, "a")
+	r2, w2 := pushCounted(t, tb, "b", "a", "web", "--to", "a")
 	logRounds(t, r2)
 	if !r2.OK {
 		t.Fatalf("push back: %+v", r2)
 	}
-	ratio := float64(r2.Bytes) / float64(r1.Bytes)
-	t.Logf("bytes on the wire: a -> b %d, b -> a %d, ratio %.3f", r1.Bytes, r2.Bytes, ratio)
-	if ratio > 0.25 {
-		t.Errorf("moving back sent %.0f%% of the first move's bytes; the pages a kept should have spared most", 100*ratio)
+	// Counted by the wire (what entered the target's link), not by the agents.
+	ratio := float64(w2) / float64(w1)
+	t.Logf("bytes on the wire: into b %d, into a %d, ratio %.4f (the agents say %d and %d)", w1, w2, ratio, r1.Bytes, r2.Bytes)
+	if ratio > moveBackRatio {
+		t.Errorf("moving back sent %.1f%% of the first move's bytes (want at most %.0f%%); the pages a kept should have spared most", 100*ratio, 100*moveBackRatio)
 	}
 	after := memOverNet(t, tb)
 	if after.sum != after.expect || after.counter <= mid.counter {

@@ -116,7 +116,7 @@ func TestNginxDownloadThroughAMove(t *testing.T) {
 	}
 	// 200 MB at 10 MB/s: the move lands in the middle of the download.
 	wait := startClientFor(t, tb, 3*time.Minute, "sh", "-c", "curl -sS --fail --retry 0 --limit-rate 10M http://"+ip+"/big | sha256sum")
-	time.Sleep(3 * time.Second)
+	waitWire(t, tb, testbed.ClientName, false, 20<<20, time.Minute) // 20 MB of 200 arrived
 	r := pushArgs(t, tb, "web", "--to", "b")
 	out, err := wait()
 	if err != nil {
@@ -172,7 +172,8 @@ func TestPostgresPgbenchThroughAMove(t *testing.T) {
 	}
 	client(2*time.Minute, bin+"pgbench", "-h", ip, "-U", "postgres", "-i", "-s", "5", "-q", "postgres")
 	wait := startClientFor(t, tb, 3*time.Minute, bin+"pgbench", "-h", ip, "-U", "postgres", "-c", "4", "-T", "60", "-P", "10", "postgres")
-	time.Sleep(15 * time.Second)
+	// Transactions under way: 1 MB of pgbench's traffic has reached the client.
+	waitWire(t, tb, testbed.ClientName, false, 1<<20, time.Minute)
 	// Without CAP_SYS_RESOURCE (this VM kind's bounding set lacks it) CRIU cannot dump a
 	// process of another user, and PostgreSQL refuses to run as root: the pre-flight must
 	// refuse the move with that reason, before anything freezes, and pgbench must not

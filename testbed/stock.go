@@ -32,8 +32,7 @@ func (tb *Testbed) StockMove(ctx context.Context, name, ip, from, to string) (*S
 // the checkpoint archive), copied with it, and imported into a new volume on the target
 // before the restore.
 func (tb *Testbed) StockMoveWithVolumes(ctx context.Context, name, ip, from, to string, volumes []string) (*StockResult, error) {
-	dst, err := tb.Host(to)
-	if err != nil {
+	if _, err := tb.Host(to); err != nil {
 		return nil, err
 	}
 	if out, err := tb.MigrateAs(ctx, ClientName, from, "overlay", "prepare", "--from", from, "--to", to, name).CombinedOutput(); err != nil {
@@ -62,25 +61,11 @@ func (tb *Testbed) StockMoveWithVolumes(ctx context.Context, name, ip, from, to 
 	r.Checkpoint = time.Since(start)
 	t := time.Now()
 	for _, f := range files {
-		// The receiver listens first.
-		recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9000 > "+dstf(f))
+		n, err := tb.CopyFile(ctx, from, to, src(f), dstf(f))
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("stock copy: %w", err)
 		}
-		if err := recv.Start(); err != nil {
-			return nil, err
-		}
-		time.Sleep(200 * time.Millisecond)
-		if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9000 < "+src(f)); err != nil {
-			recv.Process.Kill()
-			return nil, fmt.Errorf("copy: %w", err)
-		}
-		if err := recv.Wait(); err != nil {
-			return nil, fmt.Errorf("receive: %w", err)
-		}
-		if st, err := os.Stat(dstf(f)); err == nil {
-			r.Bytes += st.Size()
-		}
+		r.Bytes += n
 	}
 	r.Copy = time.Since(t)
 	t = time.Now()
@@ -114,11 +99,10 @@ func (tb *Testbed) StockMoveWithVolumes(ctx context.Context, name, ip, from, to 
 }
 
 // StockImageCopy copies image from one host to another the stock way: podman save on the
-// source, the archive over the underlay with nc, podman load on the target. It returns the
+// source, the archive over the underlay (CopyFile), podman load on the target. It returns the
 // archive's size.
 func (tb *Testbed) StockImageCopy(ctx context.Context, image, from, to string) (int64, error) {
-	dst, err := tb.Host(to)
-	if err != nil {
+	if _, err := tb.Host(to); err != nil {
 		return 0, err
 	}
 	dir := filepath.Join(dataDir(tb.Name), "stock-image")
@@ -127,30 +111,15 @@ func (tb *Testbed) StockImageCopy(ctx context.Context, image, from, to string) (
 	}
 	defer os.RemoveAll(dir)
 	srcFile, dstFile := filepath.Join(dir, "from.tar"), filepath.Join(dir, "to.tar")
-	recv, err := tb.Command(ctx, to, "sh", "-c", "exec nc -l 9001 > "+dstFile)
-	if err != nil {
-		return 0, err
-	}
-	if err := recv.Start(); err != nil {
-		return 0, err
-	}
-	defer recv.Process.Kill()
-	time.Sleep(200 * time.Millisecond)
 	if _, err := tb.Run(ctx, from, "podman", "save", "-o", srcFile, image); err != nil {
 		return 0, err
 	}
-	if _, err := tb.Run(ctx, from, "sh", "-c", "nc -N "+dst.UnderlayIP.String()+" 9001 < "+srcFile); err != nil {
+	n, err := tb.CopyFile(ctx, from, to, srcFile, dstFile)
+	if err != nil {
 		return 0, fmt.Errorf("copy image: %w", err)
-	}
-	if err := recv.Wait(); err != nil {
-		return 0, err
 	}
 	if _, err := tb.Run(ctx, to, "podman", "load", "-i", dstFile); err != nil {
 		return 0, err
 	}
-	st, err := os.Stat(dstFile)
-	if err != nil {
-		return 0, err
-	}
-	return st.Size(), nil
+	return n, nil
 }

@@ -102,7 +102,7 @@ func TestParseIperfGap(t *testing.T) {
 func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
 	rows := []ExpRow{
 		{SizeMiB: 256, DirtyPct: 1, Case: CaseStock, Gap: 28 * time.Second, Total: 28 * time.Second, Bytes: 268e6},
-		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second, Total: 38 * time.Second, Bytes: 272e6, Rounds: 3, Phases: "a; b, c"},
+		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second, Total: 38 * time.Second, Bytes: 272e6, OwnBytes: 260e6, Rounds: 3, Phases: "a; b, c"},
 	}
 	var b strings.Builder
 	if err := WriteCSV(&b, rows); err != nil {
@@ -135,5 +135,29 @@ func TestMergeRowsLetsALaterRunReplaceAConfiguration(t *testing.T) {
 	got := MergeRows(first, second)
 	if len(got) != 4 || got[2].Gap != 111*time.Second || got[3].Case != CasePrecopy || got[1].Gap != 7*time.Second {
 		t.Fatalf("merged %+v", got)
+	}
+}
+
+// The experiment's headline ordering holds or says where it does not; a case measured
+// as nothing is an error, not a missing bar.
+func TestCheckOrdering(t *testing.T) {
+	row := func(c string, gap time.Duration) ExpRow {
+		return ExpRow{SizeMiB: 64, DirtyPct: 1, Case: c, Gap: gap, Total: 10 * time.Second, Bytes: 70e6}
+	}
+	good := []ExpRow{row(CaseStock, 9*time.Second), row(CaseStopCopy, 7*time.Second), row(CasePrecopy, 900*time.Millisecond)}
+	if err := CheckOrdering(good); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		rows []ExpRow
+		want string
+	}{
+		{[]ExpRow{row(CaseStopCopy, 7*time.Second), row(CasePrecopy, 8*time.Second)}, "pre-copy's downtime 8s is not below stop-and-copy's 7s"},
+		{[]ExpRow{row(CaseStock, 6*time.Second), row(CaseStopCopy, 7*time.Second)}, "stop-and-copy's downtime 7s exceeds the stock sequence's 6s"},
+		{[]ExpRow{row(CaseStock, 6*time.Second), {SizeMiB: 64, DirtyPct: 1, Case: CasePrecopy}}, "not measured"},
+	} {
+		if err := CheckOrdering(tc.rows); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: %v, want %q", tc.rows, err, tc.want)
+		}
 	}
 }

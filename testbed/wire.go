@@ -9,9 +9,11 @@ package testbed
 // re-exec of the current binary (see MaybeRunWire) and re-reads its link settings on SIGHUP.
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -19,6 +21,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -86,6 +89,71 @@ type port struct {
 	fd       int
 	up, down shaper // up: host -> switch; down: switch -> host
 	out      chan frame
+	// What crossed the link: bytes (whole Ethernet frames) and frames, taken by the
+	// switch from the host (up) and delivered to it (down).
+	upBytes, upFrames, downBytes, downFrames atomic.Int64
+}
+
+// LinkCount is what crossed one host's link, in each direction, as the wire counted it:
+// whole Ethernet frames (headers included), dropped frames excluded.
+type LinkCount struct {
+	UpBytes    int64 `json:"up_bytes"` // from the host
+	UpFrames   int64 `json:"up_frames"`
+	DownBytes  int64 `json:"down_bytes"` // to the host
+	DownFrames int64 `json:"down_frames"`
+}
+
+// Sub is c minus an earlier count: what crossed in between.
+func (c LinkCount) Sub(before LinkCount) LinkCount {
+	return LinkCount{c.UpBytes - before.UpBytes, c.UpFrames - before.UpFrames, c.DownBytes - before.DownBytes, c.DownFrames - before.DownFrames}
+}
+
+func countsSocket(tb string) string { return filepath.Join(stateDir(tb), "wire.sock") }
+
+// serveCounts answers every connection to the wire's socket with the counts, as JSON.
+func (w *wire) serveCounts(path string) error {
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("counts socket: %w", err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				slog.Error("wire: counts socket", "err", err)
+				return
+			}
+			counts := map[string]LinkCount{}
+			for _, p := range w.ports {
+				counts[p.name] = LinkCount{p.upBytes.Load(), p.upFrames.Load(), p.downBytes.Load(), p.downFrames.Load()}
+			}
+			json.NewEncoder(c).Encode(counts)
+			c.Close()
+		}
+	}()
+	return nil
+}
+
+// WireCounts returns what crossed each host's link since the testbed came up, counted by
+// the wire: the bytes that really crossed, beside what the programs say they sent.
+func (tb *Testbed) WireCounts(ctx context.Context) (map[string]LinkCount, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", countsSocket(tb.Name))
+	if err != nil {
+		return nil, fmt.Errorf("the wire of testbed %s: %w", tb.Name, err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	} else {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+	}
+	var counts map[string]LinkCount
+	if err := json.NewDecoder(io.LimitReader(c, 1<<20)).Decode(&counts); err != nil {
+		return nil, fmt.Errorf("the wire of testbed %s: counts: %w", tb.Name, err)
+	}
+	return counts, nil
 }
 
 type wire struct {
@@ -112,6 +180,9 @@ func runWire(tb string) error {
 		p := &port{name: host, fd: fd, out: make(chan frame, 8192)}
 		p.up.link, p.down.link = l, l
 		w.ports = append(w.ports, p)
+	}
+	if err := w.serveCounts(countsSocket(tb)); err != nil {
+		return err
 	}
 	for i, p := range w.ports {
 		go w.send(p)
@@ -189,6 +260,8 @@ func (w *wire) receive(idx int, p *port) {
 		if !ok {
 			continue
 		}
+		p.upBytes.Add(int64(n))
+		p.upFrames.Add(1)
 		var dst, src [6]byte
 		copy(dst[:], buf[0:6])
 		copy(src[:], buf[6:12])
@@ -230,6 +303,10 @@ func (w *wire) send(p *port) {
 		}
 		for {
 			_, err := syscall.Write(p.fd, f.data)
+			if err == nil {
+				p.downBytes.Add(int64(len(f.data)))
+				p.downFrames.Add(1)
+			}
 			if err != syscall.EINTR {
 				break
 			}

@@ -248,6 +248,7 @@ func (a *Agent) mux() *http.ServeMux {
 		{"POST " + PathRestore, a.handle(a.restore), hosts},
 		{"POST " + PathPagesAnnounce, a.handle(a.announcePages), hosts},
 		{"POST " + PathPagesPut, a.handle(a.putPages), hosts},
+		{"POST " + PathPagesVerify, a.handle(a.verifyPages), hosts},
 		{"POST " + PathPagesHave, a.handle(a.havePages), hosts},
 		{"POST " + PathProbe, a.handle(a.probe), hosts},
 		{"POST " + PathCommit, a.handle(a.commit), hosts},

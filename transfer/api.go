@@ -308,6 +308,12 @@ type PagesPut struct {
 	Pages int `json:"pages"`
 }
 
+// PagesVerify is the target's check of the pages it holds for a move.
+type PagesVerify struct {
+	Pages int           `json:"pages"`
+	Took  time.Duration `json:"took_ns"`
+}
+
 // Event is one line of a push's progress stream (newline-delimited JSON).
 type Event struct {
 	Time   time.Time   `json:"time"`

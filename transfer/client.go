@@ -32,6 +32,7 @@ const (
 	PathPagesAnnounce = "/v1/pages/announce"
 	PathPagesPut      = "/v1/pages/put"
 	PathPagesHave     = "/v1/pages/have"
+	PathPagesVerify   = "/v1/pages/verify"
 	PathProbe         = "/v1/probe"
 	PathRTT           = "/v1/rtt"
 	PathCosts         = "/v1/costs"
@@ -108,6 +109,13 @@ func (p *Peer) Outcome(ctx context.Context, ref MoveRef) (*MoveOutcome, error) {
 func (p *Peer) Status(ctx context.Context) (*Status, error) {
 	var out Status
 	return &out, p.Call(ctx, PathStatus, nil, &out)
+}
+
+// VerifyPages asks the target to re-read and re-hash the pages it holds for the move of
+// container: a damaged one fails the move before the freeze.
+func (p *Peer) VerifyPages(ctx context.Context, container string) (*PagesVerify, error) {
+	var out PagesVerify
+	return &out, p.Call(ctx, withQuery(PathPagesVerify, "container", container), struct{}{}, &out)
 }
 
 // CancelResult says whether a cancel stopped a push (it cannot once the container froze).

@@ -26,7 +26,10 @@ import (
 // (journaled, before plumbing), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,
 // decided: each batch of pages pumped to the target); disk-full (every journal write
-// fails with ENOSPC); image-upload (damage: an image archive sent to a target).
+// fails with ENOSPC); image-upload (damage: an image archive sent to a target);
+// checkpoint-stream (damage: the frozen phase's archive, after its digest was taken);
+// target-store (damage, on the target: one page it stored in a pre-copy round changes on
+// its disk, once per agent).
 //
 // Without the variable, fault does nothing.
 func fault(point string) error {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"syscall"
 	"time"
 
@@ -149,7 +150,19 @@ func (a *Agent) putPages(r *http.Request) (any, error) {
 			}
 		}
 		res.Pages += len(hs)
-		return a.store.AddTrusted(hs, buf)
+		if err := a.store.AddTrusted(hs, buf); err != nil {
+			return err
+		}
+		if damaged("target-store") {
+			var err error
+			storeDamage.Do(func() {
+				// A disk that changes a page after it was stored (once per agent): the
+				// verification before the freeze must find it.
+				err = a.store.FlipBit(hs[0])
+			})
+			return err
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("receive pages after %d: %w", n, err)
@@ -192,4 +205,35 @@ func (a *Agent) decodeArchive(ctx context.Context, r *http.Request, sess *pages.
 	}, func(p any) { pw.CloseWithError(fmt.Errorf("decode archive: internal error: %v", p)) })
 	context.AfterFunc(ctx, func() { pr.CloseWithError(ctx.Err()) })
 	return pr, nil
+}
+
+// storeDamage injects MIGRATE_FAULT=damage:target-store once.
+var storeDamage sync.Once
+
+// verifyPages re-reads and re-hashes every page of the move's session that this host
+// holds: the source asks before it freezes the container, so that a page the store no
+// longer holds intact fails the move while the container still runs on the source
+// (what restores it later reads through ReadVerified too).
+func (a *Agent) verifyPages(r *http.Request) (any, error) {
+	sess, err := a.session(r.Context(), r.URL.Query().Get("container"))
+	if err != nil {
+		return nil, err
+	}
+	var res PagesVerify
+	t0 := time.Now()
+	for i := 0; i < sess.Len(); i += 4096 {
+		hs, err := sess.Slice(i, min(4096, sess.Len()-i))
+		if err != nil {
+			return nil, err
+		}
+		if err := a.store.Verify(hs); err != nil {
+			return nil, fmt.Errorf("verify the pages held for the move: %w", err)
+		}
+		res.Pages += len(hs)
+		if err := r.Context().Err(); err != nil {
+			return nil, err
+		}
+	}
+	res.Took = time.Since(t0)
+	return res, nil
 }

@@ -398,18 +398,34 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		emit(Event{Kind: "round", Round: &r})
 		slog.Info("pre-copy round", "container", c.Name, "round", n, "scanned", r.Scanned, "dirty", r.Dirty, "sent", r.Sent,
 			"dedup", r.Deduplicated, "wire", r.WireBytes, "took", r.Duration, "estimate", r.Estimate)
-		switch {
-		case n > 1 && r.Estimate <= maxDown:
-			return rounds, fmt.Sprintf("converged: final copy estimated %s, goal %s", r.Estimate.Round(time.Millisecond), maxDown), nil
-		case n == 1 && r.Dirty == r.Deduplicated:
-			// The target held everything already: one more round catches what changed.
-		case n > 1 && float64(r.Dirty) >= 0.9*float64(rounds[n-2].Dirty):
-			return rounds, fmt.Sprintf("dirty set stopped shrinking (%d pages, %d before)", r.Dirty, rounds[n-2].Dirty), nil
-		}
-		if n >= maxRounds {
-			return rounds, fmt.Sprintf("round limit %d; final copy estimated %s", maxRounds, r.Estimate.Round(time.Millisecond)), nil
+		if why := stopReason(rounds, maxDown, maxRounds); why != "" {
+			return rounds, why, nil
 		}
 	}
+}
+
+// stopReason says why pre-copy stops after the last of rounds, or "" to go on: the final
+// copy is estimated to fit maxDown (from round 2: round 1's estimate knows no dirty
+// rate), the dirty set stopped shrinking (a round dirtied at least 90% of the one before),
+// or maxRounds were run. A first round that found everything on the target already goes on
+// (one more round catches what changed), unless the limit is 1.
+func stopReason(rounds []Round, maxDown time.Duration, maxRounds int) string {
+	n := len(rounds)
+	if n == 0 {
+		return ""
+	}
+	r := rounds[n-1]
+	switch {
+	case n > 1 && r.Estimate <= maxDown:
+		return fmt.Sprintf("converged: final copy estimated %s, goal %s", r.Estimate.Round(time.Millisecond), maxDown)
+	case n == 1 && r.Dirty == r.Deduplicated:
+	case n > 1 && float64(r.Dirty) >= 0.9*float64(rounds[n-2].Dirty):
+		return fmt.Sprintf("dirty set stopped shrinking (%d pages, %d before)", r.Dirty, rounds[n-2].Dirty)
+	}
+	if n >= maxRounds {
+		return fmt.Sprintf("round limit %d; final copy estimated %s", maxRounds, r.Estimate.Round(time.Millisecond))
+	}
+	return ""
 }
 
 // finalCopyEstimate is how long the frozen phase's page copy will take if as many pages
@@ -483,7 +499,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			}
 		}
 		var err error
-		st, err = pages.Encode(src, w, sess, pages.EncodeOptions{Base: seen.base,
+		var in io.Reader = src
+		if damaged("checkpoint-stream") {
+			in = &flipReader{r: src, at: 1024} // damage in transit, after the digest
+		}
+		st, err = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base,
 			Observe: map[string]func([]byte){checkpoint.DumpStatsFile: func(img []byte) {
 				if ds, err := checkpoint.ParseDumpStats(img); err == nil {
 					ft.dump = ds

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,6 +98,38 @@ func TestFinalCopyEstimatePricesPagesAsTheRoundSentThem(t *testing.T) {
 		got := finalCopyEstimate(tc.r).Round(time.Millisecond)
 		if got != tc.want {
 			t.Errorf("%s: estimate %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
+
+// Pre-copy stops for the documented reasons and no other: converged (from round 2), the
+// dirty set not shrinking by 10%, the round limit; otherwise it goes on.
+func TestPrecopyStopReasons(t *testing.T) {
+	ms := time.Millisecond
+	round := func(dirty, dedup int64, est time.Duration) Round {
+		return Round{Dirty: dirty, Deduplicated: dedup, Estimate: est}
+	}
+	for _, tc := range []struct {
+		name   string
+		rounds []Round
+		down   time.Duration
+		max    int
+		want   string // prefix of the reason; "" to go on
+	}{
+		{"round 1 never converges on its estimate", []Round{round(1000, 0, 10*ms)}, 200 * ms, 8, ""},
+		{"round 1 that found everything goes on", []Round{round(1000, 1000, 10*ms)}, 200 * ms, 8, ""},
+		{"converged", []Round{round(1000, 0, 5000*ms), round(100, 0, 150*ms)}, 200 * ms, 8, "converged: final copy estimated 150ms, goal 200ms"},
+		{"converged at the goal exactly", []Round{round(1000, 0, 5000*ms), round(100, 0, 200*ms)}, 200 * ms, 8, "converged"},
+		{"shrinking goes on", []Round{round(1000, 0, 5000*ms), round(899, 0, 4000*ms)}, 200 * ms, 8, ""},
+		{"not shrinking by 10%", []Round{round(1000, 0, 5000*ms), round(900, 0, 4500*ms)}, 200 * ms, 8, "dirty set stopped shrinking (900 pages, 1000 before)"},
+		{"growing", []Round{round(1000, 0, 5000*ms), round(1500, 0, 7000*ms)}, 200 * ms, 8, "dirty set stopped shrinking"},
+		{"--max-rounds 1", []Round{round(1000, 1000, 10*ms)}, 200 * ms, 1, "round limit 1"},
+		{"--max-rounds 3 reached while shrinking", []Round{round(1000, 0, 5000*ms), round(500, 0, 2500*ms), round(250, 0, 1200*ms)}, 200 * ms, 3, "round limit 3; final copy estimated 1.2s"},
+		{"--max-downtime larger converges earlier", []Round{round(1000, 0, 5000*ms), round(500, 0, 2500*ms)}, 3 * time.Second, 8, "converged: final copy estimated 2.5s, goal 3s"},
+	} {
+		got := stopReason(tc.rounds, tc.down, tc.max)
+		if (tc.want == "") != (got == "") || !strings.HasPrefix(got, tc.want) {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
 		}
 	}
 }

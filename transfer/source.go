@@ -438,6 +438,21 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	default:
 		return rollback(fmt.Errorf("mode %q: want %s or %s", req.Mode, ModePrecopy, ModeStopCopy))
 	}
+	// The pages the target holds for the move, re-read and re-hashed there while the
+	// container still runs: a damaged one fails the move here, not after the restore.
+	if sess.Len() > 0 {
+		t1 := time.Now()
+		emit(Event{Kind: "phase", Phase: "verify"})
+		limit := 30*time.Second + time.Duration(sess.Len())*pages.Size*time.Second/(40<<20) // 40 MB/s at worst
+		vctx, cancel := context.WithTimeout(pctx, limit)
+		v, err := target.VerifyPages(vctx, c.Name)
+		cancel()
+		if err != nil {
+			return rollback(fmt.Errorf("%s could not vouch for the pages it holds for %s: %w", req.To, c.Name, err))
+		}
+		slog.Info("target verified the pages it holds", "container", c.Name, "pages", v.Pages, "took", v.Took)
+		phase("verify", t1)
+	}
 
 	// 4. Freeze and copy the rest: traffic for the container is held here (on the hold
 	// port, delivered after the switch), CRIU dumps it with its TCP connections, and the

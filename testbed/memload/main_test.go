@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"net"
 	"strings"
 	"testing"
@@ -60,5 +61,67 @@ func TestStreamCountsAndChecksEveryByte(t *testing.T) {
 	}
 	if err := streamConnect(addr, 1<<20+18); err == nil {
 		t.Fatal("a short stream must fail the check")
+	}
+}
+
+// The checker catches what TCP through a broken move could do to a stream: a flipped
+// bit, a byte delivered twice, two bytes swapped, a byte lost, a block repeated; and
+// counts exactly.
+func TestStreamCheckerCatchesEveryDamage(t *testing.T) {
+	const n = 3 << 20
+	good := make([]byte, n)
+	for i := range good {
+		good[i] = patternByte(int64(i))
+	}
+	check := func(b []byte) *checker {
+		c := newChecker()
+		for len(b) > 0 { // in reads of odd sizes, as a socket delivers them
+			k := min(len(b), 1000+len(b)%7919)
+			c.feed(b[:k])
+			b = b[k:]
+		}
+		return c
+	}
+	if c := check(good); !c.intact(n) {
+		t.Fatalf("an intact stream: corrupt at %d, %d bytes", c.corruptAt, c.received)
+	}
+	const p = 1234567
+	splice := func(parts ...[]byte) []byte {
+		var out []byte
+		for _, x := range parts {
+			out = append(out, x...)
+		}
+		return out
+	}
+	flipped := append([]byte(nil), good...)
+	flipped[p] ^= 0x10
+	swapped := append([]byte(nil), good...)
+	swapped[p], swapped[p+1] = swapped[p+1], swapped[p]
+	for _, tc := range []struct {
+		name string
+		b    []byte
+	}{
+		{"flipped bit", flipped},
+		{"duplicated byte", splice(good[:p+1], good[p:])},
+		{"reordered bytes", swapped},
+		{"lost byte", splice(good[:p], good[p+1:])},
+		{"repeated 64 KiB block, count made up", splice(good[:p], good[p-65536:p], good[p:n-65536])},
+		{"two 8-byte words swapped", splice(good[:p], good[p+8:p+16], good[p:p+8], good[p+16:])},
+	} {
+		if tc.name == "two 8-byte words swapped" && bytes.Equal(good[p:p+8], good[p+8:p+16]) {
+			t.Fatalf("two neighbouring words of the pattern are equal")
+		}
+		c := check(tc.b)
+		if c.intact(n) {
+			t.Errorf("%s: not caught", tc.name)
+			continue
+		}
+		if c.corruptAt < p || c.corruptAt > p+16 {
+			t.Errorf("%s: corrupt at %d, want near %d", tc.name, c.corruptAt, p)
+		}
+	}
+	// A short stream of right bytes is not intact either.
+	if c := check(good[:n-1]); c.intact(n) || c.corruptAt >= 0 {
+		t.Errorf("a stream one byte short: intact %v, corrupt at %d", c.intact(n), c.corruptAt)
 	}
 }

@@ -18,7 +18,36 @@ import (
 //	memload -stream-serve :7000 -bytes N [-rate Mbit]
 //	memload -stream-connect 10.88.0.10:7000 -bytes N   (prints one JSON line)
 
-func patternByte(i int64) byte { return byte(i ^ i>>8 ^ i>>16) }
+// patternByte is the stream's byte at position i: a mix of its 8-byte word's index, so
+// that no stretch of the stream repeats another (a duplicated or swapped block shows).
+func patternByte(i int64) byte {
+	x := uint64(i>>3) * 0x9E3779B97F4A7C15
+	x ^= x >> 29
+	x *= 0xBF58476D1CE4E5B9
+	x ^= x >> 32
+	return byte(x >> (8 * (i & 7)))
+}
+
+// checker checks a received stream against the pattern: the position of its first wrong
+// byte (-1: none yet) and how many bytes it has seen.
+type checker struct {
+	received  int64
+	corruptAt int64
+}
+
+func newChecker() *checker { return &checker{corruptAt: -1} }
+
+func (c *checker) feed(b []byte) {
+	for j := 0; j < len(b) && c.corruptAt < 0; j++ {
+		if b[j] != patternByte(c.received+int64(j)) {
+			c.corruptAt = c.received + int64(j)
+		}
+	}
+	c.received += int64(len(b))
+}
+
+// intact reports whether exactly n bytes arrived, each right.
+func (c *checker) intact(n int64) bool { return c.corruptAt < 0 && c.received == n }
 
 // listenTCP listens without MPTCP: Go >= 1.24 uses MPTCP for listeners by default, and
 // CRIU cannot checkpoint MPTCP sockets ("Unsupported proto 262").
@@ -73,6 +102,7 @@ type streamResult struct {
 
 func streamConnect(addr string, n int64) error {
 	r := streamResult{Expected: n, CorruptAt: -1}
+	ck := newChecker()
 	start := time.Now()
 	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
@@ -89,12 +119,8 @@ func streamConnect(addr string, n int64) error {
 					r.LargestGap = int64(g)
 				}
 				last = now
-				for j := 0; j < k && r.CorruptAt < 0; j++ {
-					if buf[j] != patternByte(r.Received+int64(j)) {
-						r.CorruptAt = r.Received + int64(j)
-					}
-				}
-				r.Received += int64(k)
+				ck.feed(buf[:k])
+				r.Received, r.CorruptAt = ck.received, ck.corruptAt
 			}
 			if err == io.EOF {
 				break
@@ -107,7 +133,7 @@ func streamConnect(addr string, n int64) error {
 	}
 	r.Duration = int64(time.Since(start))
 	json.NewEncoder(os.Stdout).Encode(r)
-	if r.Error != "" || r.Received != n || r.CorruptAt >= 0 {
+	if r.Error != "" || !ck.intact(n) {
 		return fmt.Errorf("stream: received %d of %d bytes, corrupt at %d, error %q", r.Received, n, r.CorruptAt, r.Error)
 	}
 	return nil
