@@ -107,31 +107,15 @@ i=0; while true; do i=$((i+1)); echo $i >> counter; sync counter 2>/dev/null; sl
 	// The volume moves with it, written to all along: the big file intact, the counter
 	// without a missing line, the source's volume gone once the target runs it.
 	// Slowed down (the volume at 20 Mbit/s takes seconds), so that commands meet it in flight.
-	pushCtx, cancelPush := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancelPush()
-	pushCmd := tb.Migrate(pushCtx, testbed.ClientName, "--json", "push", "vol", "--to", "b", "--bwlimit", "20")
-	var pushOut strings.Builder
-	pushCmd.Stdout = &pushOut
-	if err := pushCmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		_, errs, code := migrate(t, tb, "push", "vol", "--to", "b")
-		if code == 5 && strings.Contains(errs, "being moved") && strings.Contains(errs, "from a to b, since") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("a second push during the move: exit %d: %s", code, errs)
-		}
+	p := startPush(t, tb, "push", "vol", "--to", "b", "--bwlimit", "20")
+	p.waitEvent("the volumes' phase", time.Minute, func(ev transfer.Event) bool { return ev.Kind == "phase" && ev.Phase == "volumes" })
+	_, errs, code := migrate(t, tb, "push", "vol", "--to", "b")
+	if code != 5 || !strings.Contains(errs, "being moved") || !strings.Contains(errs, "from a to b, since") {
+		t.Fatalf("a second push during the move: exit %d: %s", code, errs)
 	}
 	wantExit(t, tb, 5, []string{"vol is being moved from a to b"}, "rm", "vol")
-	if err := pushCmd.Wait(); err != nil {
-		t.Fatalf("push: %v\n%s", err, pushOut.String())
-	}
-	r, _, err := testbed.ParsePush([]byte(pushOut.String()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p.wait(0)
+	r := p.result()
 	if got := where(t, tb, "vol"); len(got) != 1 || got[0] != "b" {
 		t.Fatalf("vol runs on %v after the push", got)
 	}

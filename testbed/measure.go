@@ -54,6 +54,29 @@ func SockperfGap(log []byte) (gap, maxRTT time.Duration, n int, err error) {
 	return gap, maxRTT, n, nil
 }
 
+// UDP is what memload -udp-ping reports: datagrams sent, echoed back, lost, and the
+// largest time between two echoes.
+type UDP struct {
+	Sent       int           `json:"sent"`
+	Echoed     int           `json:"echoed"`
+	Lost       int           `json:"lost"`
+	Duplicates int           `json:"duplicates"`
+	LargestGap time.Duration `json:"largest_gap_ns"`
+}
+
+// ParseUDP reads memload -udp-ping's JSON line.
+func ParseUDP(b []byte) (UDP, error) {
+	var u UDP
+	i := bytes.IndexByte(b, '{')
+	if i < 0 {
+		return u, fmt.Errorf("no UDP result in %.200q", b)
+	}
+	if err := json.NewDecoder(bytes.NewReader(b[i:])).Decode(&u); err != nil {
+		return u, fmt.Errorf("UDP result: %w", err)
+	}
+	return u, nil
+}
+
 // StreamPort is where memload's stream server listens in the test containers.
 const StreamPort = 7000
 

@@ -139,6 +139,19 @@ func (p *runningPush) wait(code int) string {
 	return out
 }
 
+// result is the push's result (its last event), once it has ended.
+func (p *runningPush) result() *transfer.PushResult {
+	p.t.Helper()
+	<-p.done
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := len(p.events); n > 0 && p.events[n-1].Kind == "result" && p.events[n-1].Result != nil {
+		return p.events[n-1].Result
+	}
+	p.t.Fatalf("push printed no result:\n%s", p.out.String())
+	return nil
+}
+
 // waitListen waits until a process in container name on host listens on each TCP port
 // (read from the container's /proc/net/tcp: nothing connects to find out).
 func waitListen(t *testing.T, tb *testbed.Testbed, host, name string, ports ...int) {

@@ -386,6 +386,19 @@ func (ap agentPeers) Announce(ctx context.Context, loc overlaynet.Location) []st
 	return ap.a.announce(ctx, loc)
 }
 
+func (ap agentPeers) LocateAt(ctx context.Context, host string, loc overlaynet.Location) error {
+	if host == ap.a.cfg.Name {
+		return ap.a.ovs.Locate(loc)
+	}
+	p, err := ap.a.peer(host)
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, announceWait)
+	defer cancel()
+	return p.Locate(cctx, loc)
+}
+
 // podmanRuntime is podman as a move's containerRuntime.
 type podmanRuntime struct {
 	p *checkpoint.Podman

@@ -49,6 +49,8 @@ type movePeers interface {
 	// Announce tells every node where an endpoint runs and returns the nodes it could
 	// not reach.
 	Announce(ctx context.Context, loc overlaynet.Location) []string
+	// LocateAt tells one node where an endpoint runs (at most announceWait).
+	LocateAt(ctx context.Context, host string, loc overlaynet.Location) error
 }
 
 // moveClient is what a move asks of one other agent (*Peer).
@@ -134,10 +136,17 @@ func (m *mover) commit(ctx context.Context, mv *outgoingMove) (finished, error) 
 // runs it again until nothing is pending.
 func (m *mover) finishCommitted(ctx context.Context, mv *outgoingMove) finished {
 	var f finished
-	// This node first: the frames held here during the freeze follow the container to
-	// the target as soon as its rules point there. Other nodes learn it next; until they
-	// do, their traffic reaches this node and is forwarded the same way.
+	// The target first: until it knows that the container is its own, its rules send
+	// frames for it back here (and OpenFlow drops a frame sent out of the port it came
+	// in on): the held frames would be lost. Then this node: the frames held here during
+	// the freeze follow the container to the target as soon as its rules point there.
+	// Other nodes learn it next; until they do, their traffic reaches this node and is
+	// forwarded the same way.
 	loc := mv.Endpoint.Location(mv.Target)
+	if err := m.peers.LocateAt(ctx, mv.Target, loc); err != nil {
+		slog.Warn("tell the target it runs the container before releasing held frames; they may be lost (clients retransmit)",
+			"container", mv.Container, "target", mv.Target, "err", err)
+	}
 	var err error
 	if f.HeldFrames, f.LostFrames, err = m.ov.Switch(loc); err != nil {
 		slog.Warn("point this node at the target and release held frames", "container", mv.Container, "err", err)

@@ -3,6 +3,7 @@ package transfer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"sort"
 	"strings"
@@ -53,6 +54,8 @@ type fakeOverlay struct {
 	locs   map[string]string // mac -> host
 	local  map[string]bool
 	frozen map[string]bool
+	// atSwitch, if set, sees the world as the held frames are released.
+	atSwitch func(loc overlaynet.Location)
 }
 
 func newFakeOverlay(host string) *fakeOverlay {
@@ -79,6 +82,9 @@ func (o *fakeOverlay) Thaw(mac string) (int, int, error) {
 }
 
 func (o *fakeOverlay) Switch(loc overlaynet.Location) (int, int, error) {
+	if o.atSwitch != nil {
+		o.atSwitch(loc)
+	}
 	o.Locate(loc)
 	return o.Thaw(loc.MAC)
 }
@@ -171,6 +177,14 @@ func (p worldPeers) Announce(_ context.Context, loc overlaynet.Location) []strin
 	}
 	sort.Strings(failed)
 	return failed
+}
+
+func (p worldPeers) LocateAt(_ context.Context, host string, loc overlaynet.Location) error {
+	if p.w.down[host] && host != p.from {
+		return fmt.Errorf("%s does not answer", host)
+	}
+	p.w.ovs[host].locs[loc.MAC] = loc.Host
+	return nil
 }
 
 func newWorld(t *testing.T) *world {
@@ -506,4 +520,25 @@ func TestConcurrentUndoEndsTheMoveOnce(t *testing.T) {
 	if _, ok := w.rts["b"].containers["web"]; ok || len(b.in.list()) != 0 {
 		t.Fatalf("b still holds the move: %v %v", w.rts["b"].containers, b.in.list())
 	}
+}
+
+// The held frames are released only once the target knows it runs the container: until
+// then its rules send them back to the source, where they die (OpenFlow does not send a
+// frame out of the port it came in on).
+func TestHeldFramesAreReleasedAfterTheTargetKnows(t *testing.T) {
+	w := newWorld(t)
+	mv := w.moveUpToRestored()
+	var targetAtRelease string
+	w.ovs["a"].atSwitch = func(loc overlaynet.Location) { targetAtRelease = w.ovs["b"].locs[loc.MAC] }
+	f, err := w.hosts["a"].commit(context.Background(), mv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if targetAtRelease != "b" {
+		t.Fatalf("the source released the held frames while the target's overlay pointed at %q", targetAtRelease)
+	}
+	if f.HeldFrames != 3 {
+		t.Fatalf("held frames not released: %+v", f)
+	}
+	w.mustRunOn("b")
 }

@@ -16,6 +16,7 @@ package main
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"hash/crc64"
@@ -93,8 +94,27 @@ func main() {
 	redisIncrAddr := flag.String("redis-incr", "", "instead: INCR -key at this Redis address on one connection for -for, then print the count acknowledged")
 	redisCmdAddr := flag.String("redis-cmd", "", "instead: send the arguments as one command to this Redis address and print the reply")
 	redisKey := flag.String("key", "counter", "the key -redis-incr increments")
-	redisFor := flag.Duration("for", 10*time.Second, "how long -redis-incr runs")
+	redisFor := flag.Duration("for", 10*time.Second, "how long -redis-incr and -udp-ping run")
+	udpEchoAddr := flag.String("udp-echo", "", "instead: send every UDP datagram that arrives on this address back")
+	udpPingAddr := flag.String("udp-ping", "", "instead: send numbered UDP datagrams to this address for -for and print how many came back")
+	udpRate := flag.Int("udp-rate", 200, "datagrams a second for -udp-ping")
 	flag.Parse()
+	if *udpEchoAddr != "" || *udpPingAddr != "" {
+		var err error
+		if *udpEchoAddr != "" {
+			err = udpEcho(*udpEchoAddr)
+		} else {
+			var r udpResult
+			if r, err = udpPing(*udpPingAddr, *udpRate, *redisFor); err == nil {
+				err = json.NewEncoder(os.Stdout).Encode(r)
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "memload:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *redisIncrAddr != "" || *redisCmdAddr != "" {
 		var err error
 		if *redisIncrAddr != "" {

@@ -125,3 +125,31 @@ func TestStreamCheckerCatchesEveryDamage(t *testing.T) {
 		t.Errorf("a stream one byte short: intact %v, corrupt at %d", c.intact(n), c.corruptAt)
 	}
 }
+
+// The UDP probe counts what came back: all of it through an echo, none without one.
+func TestUDPPingCountsEchoes(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := pc.LocalAddr().String()
+	pc.Close()
+	go udpEcho(addr)
+	time.Sleep(50 * time.Millisecond)
+	r, err := udpPing(addr, 1000, 300*time.Millisecond)
+	if err != nil || r.Sent < 250 || r.Echoed != r.Sent || r.Lost != 0 {
+		t.Fatalf("through an echo: %+v %v", r, err)
+	}
+	// Nobody echoes on another port: everything is lost.
+	pc2, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc2.Close()
+	if r, err := udpPing(pc2.LocalAddr().String(), 1000, 100*time.Millisecond); err != nil || r.Echoed != 0 || r.Lost != r.Sent || r.Sent == 0 {
+		t.Fatalf("without an echo: %+v %v", r, err)
+	}
+	if _, err := udpPing(addr, 0, time.Second); err == nil {
+		t.Fatal("a rate of 0 was accepted")
+	}
+}
