@@ -41,7 +41,7 @@ func logRounds(t *testing.T, r *transfer.PushResult) {
 }
 
 // moveBackRatio bounds the bytes of the move back against the first move's (measured:
-// MOVEBACK_MEASURED; the agents' own figures gave 0.012 before). About 3x the measured.
+// 0.0107 by the wire; the agents' own figures gave 0.012 before). About 3x the measured.
 const moveBackRatio = 0.04
 
 // Pre-copy a -> b keeps memory and the connection, and most pages cross while the
