@@ -103,6 +103,9 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	if criuDump <= 0 || criuDump > checkpointStep {
 		t.Errorf("CRIU's dump time %s (checkpoint step %s): stats-dump not found in the archive?", criuDump, checkpointStep)
 	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("after the push to b web runs on %v", w)
+	}
 	mid := memOverNet(t, tb)
 	if mid.sum != mid.expect || mid.counter <= before.counter {
 		t.Fatalf("memory after a -> b: %+v (before %+v)", mid, before)
@@ -118,6 +121,9 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	t.Logf("bytes on the wire: into b %d, into a %d, ratio %.4f (the agents say %d and %d)", w1, w2, ratio, r1.Bytes, r2.Bytes)
 	if ratio > moveBackRatio {
 		t.Errorf("moving back sent %.1f%% of the first move's bytes (want at most %.0f%%); the pages a kept should have spared most", 100*ratio, 100*moveBackRatio)
+	}
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "a" {
+		t.Fatalf("after the push back web runs on %v", w)
 	}
 	after := memOverNet(t, tb)
 	if after.sum != after.expect || after.counter <= mid.counter {
