@@ -18,7 +18,7 @@ func TestInstallScriptSyntax(t *testing.T) {
 	}
 }
 
-// installSecondRun bounds install.sh on a ready host (measured: see the note of issue 14; the
+// installSecondRun bounds install.sh on a ready host (measured 0.56-0.59 s; the
 // margin covers a slow apt cache or dpkg-query on a loaded machine).
 const installSecondRun = 5 * time.Second
 
