@@ -241,7 +241,17 @@ func TestDownLeavesNothingEvenAfterACrash(t *testing.T) {
 		p, _ := strconv.Atoi(string(pid))
 		syscall.Kill(p, syscall.SIGKILL)
 	}
-	during := snapshot(t)
+	// The three sleeps, once each has started (the client's is nsenter until it execs).
+	var during machineState
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		during = snapshot(t)
+		if n := len(addedOf(before.procs, during.procs)); n >= 3 && strings.Count(strings.Join(added(before.procs, during.procs), " "), ":sleep") >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			break // the check below says what is missing
+		}
+	}
 	if len(added(before.netns, during.netns)) < 4 || len(added(before.procs, during.procs)) < 12 {
 		t.Fatalf("the testbed did not start what it should: netns %v, processes %v",
 			added(before.netns, during.netns), added(before.procs, during.procs))
