@@ -67,14 +67,20 @@ type UDP struct {
 // ParseUDP reads memload -udp-ping's JSON line.
 func ParseUDP(b []byte) (UDP, error) {
 	var u UDP
+	return u, parseResultLine(b, "UDP", &u)
+}
+
+// parseResultLine decodes the first JSON object in b (a memload client's one-line result,
+// after whatever else it printed) into v.
+func parseResultLine(b []byte, what string, v any) error {
 	i := bytes.IndexByte(b, '{')
 	if i < 0 {
-		return u, fmt.Errorf("no UDP result in %.200q", b)
+		return fmt.Errorf("no %s result in %.200q", what, b)
 	}
-	if err := json.NewDecoder(bytes.NewReader(b[i:])).Decode(&u); err != nil {
-		return u, fmt.Errorf("UDP result: %w", err)
+	if err := json.NewDecoder(bytes.NewReader(b[i:])).Decode(v); err != nil {
+		return fmt.Errorf("%s result: %w", what, err)
 	}
-	return u, nil
+	return nil
 }
 
 // StreamPort is where memload's stream server listens in the test containers.
@@ -104,14 +110,7 @@ func (s Stream) Intact() bool {
 // ParseStream reads memload -stream-connect's JSON line.
 func ParseStream(b []byte) (Stream, error) {
 	var s Stream
-	i := bytes.IndexByte(b, '{')
-	if i < 0 {
-		return s, fmt.Errorf("no stream result in %q", b)
-	}
-	if err := json.NewDecoder(bytes.NewReader(b[i:])).Decode(&s); err != nil {
-		return s, fmt.Errorf("stream result: %w", err)
-	}
-	return s, nil
+	return s, parseResultLine(b, "stream", &s)
 }
 
 // StreamClient starts memload -stream-connect on the client against addr.

@@ -44,7 +44,9 @@ func startPush(t *testing.T, tb *testbed.Testbed, args ...string) *runningPush {
 		cancel()
 		t.Fatal(err)
 	}
+	read := make(chan struct{})
 	go func() {
+		defer close(read)
 		sc := bufio.NewScanner(pr)
 		sc.Buffer(make([]byte, 64<<10), 4<<20)
 		for sc.Scan() {
@@ -61,6 +63,7 @@ func startPush(t *testing.T, tb *testbed.Testbed, args ...string) *runningPush {
 	go func() {
 		p.cmd.Wait()
 		pw.Close()
+		<-read // every line it printed is in events before done
 		close(p.done)
 	}()
 	t.Cleanup(func() {
@@ -84,25 +87,27 @@ func (p *runningPush) waitEvent(what string, limit time.Duration, match func(tra
 	p.t.Helper()
 	deadline := time.After(limit)
 	seen := 0
-	for {
+	// scan looks at the events not seen yet.
+	scan := func() (transfer.Event, bool) {
 		p.mu.Lock()
+		defer p.mu.Unlock()
 		for ; seen < len(p.events); seen++ {
 			if match(p.events[seen]) {
-				ev := p.events[seen]
-				p.mu.Unlock()
-				return ev
+				return p.events[seen], true
 			}
 		}
-		p.mu.Unlock()
+		return transfer.Event{}, false
+	}
+	for {
+		if ev, ok := scan(); ok {
+			return ev
+		}
 		select {
 		case <-p.done:
-			p.mu.Lock()
-			for ; seen < len(p.events); seen++ {
-				if match(p.events[seen]) {
-					p.mu.Unlock()
-					return p.events[seen]
-				}
+			if ev, ok := scan(); ok { // its last lines
+				return ev
 			}
+			p.mu.Lock()
 			out := p.out.String()
 			p.mu.Unlock()
 			p.t.Fatalf("push ended before %s:\n%s", what, out)
