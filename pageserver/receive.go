@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"time"
 )
 
 // Sink takes what a dump sends, in the order CRIU sends it.
@@ -25,6 +28,26 @@ type ReceiveOptions struct {
 	MaxBytes int64
 	// ChunkPages is how many pages Sink.Pages gets at most at a time (0: 256).
 	ChunkPages int
+	// Quiet, if set, answers CRIU's close before it arrives: once the dump has sent
+	// nothing for Quiet, the answer goes out.
+	//
+	// CRIU corks its page-server socket and sends the close still corked, so the request
+	// waits in CRIU's send queue until the kernel's probe timer flushes it, 200 ms later
+	// (TCP_RTO_MIN; nothing the receiver does moves it), while CRIU, and the frozen
+	// container, wait for the answer. Every answer this server gives is zero bytes (no
+	// parent, status OK), so an answer that arrives early is still read right: a later
+	// open takes one byte of it and its own answer refills it, the close takes the four.
+	// The close itself then goes unanswered, so that CRIU reads exactly what was sent.
+	//
+	// From then on CRIU may end the dump as soon as it has sent the rest, so the
+	// receiver must take the rest whatever happens: ctx no longer ends the connection
+	// (IdleLimit bounds each wait instead), and Answered tells the sink to keep what
+	// arrives even if it cannot pass it on.
+	Quiet time.Duration
+	// Answered is called (once, before the answer is written) when Quiet answers early.
+	Answered func()
+	// IdleLimit bounds each wait for CRIU after an early answer (0: one minute).
+	IdleLimit time.Duration
 }
 
 // Receive serves one dump's connection: it answers CRIU's page-server requests as `criu
@@ -39,16 +62,66 @@ func Receive(ctx context.Context, conn net.Conn, sink Sink, o ReceiveOptions) (i
 	if o.ChunkPages <= 0 {
 		o.ChunkPages = 256
 	}
+	if o.IdleLimit <= 0 {
+		o.IdleLimit = time.Minute
+	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	n, err := receive(conn, sink, o)
-	if ctx.Err() != nil {
+	var rw io.ReadWriter = conn
+	var early *quietConn
+	if o.Quiet > 0 {
+		early = &quietConn{Conn: conn, quiet: o.Quiet, idle: o.IdleLimit, answered: func() bool {
+			if !stop() {
+				return false // ctx ended the connection already
+			}
+			if o.Answered != nil {
+				o.Answered()
+			}
+			return true
+		}}
+		rw = early
+	}
+	n, err := receive(rw, early, sink, o)
+	if ctx.Err() != nil && (early == nil || !early.fired) {
 		return n, fmt.Errorf("page server: %w", context.Cause(ctx))
 	}
 	return n, err
 }
 
-func receive(conn io.ReadWriter, sink Sink, o ReceiveOptions) (int64, error) {
+// quietConn answers CRIU's close when the dump goes quiet (see ReceiveOptions.Quiet).
+type quietConn struct {
+	net.Conn
+	quiet, idle time.Duration
+	answered    func() bool // false: too late, the connection is ending
+	fired       bool
+}
+
+func (q *quietConn) Read(b []byte) (int, error) {
+	if q.fired {
+		q.Conn.SetReadDeadline(time.Now().Add(q.idle))
+		n, err := q.Conn.Read(b)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("CRIU sent nothing for %s after its pages were acknowledged: %w", q.idle, err)
+		}
+		return n, err
+	}
+	q.Conn.SetReadDeadline(time.Now().Add(q.quiet))
+	n, err := q.Conn.Read(b)
+	if n > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, err
+	}
+	if !q.answered() {
+		return 0, net.ErrClosed
+	}
+	q.fired = true
+	var ok [4]byte
+	if _, err := q.Conn.Write(ok[:]); err != nil {
+		return 0, fmt.Errorf("page server: answer close: %w", err)
+	}
+	return q.Read(b)
+}
+
+func receive(conn io.ReadWriter, early *quietConn, sink Sink, o ReceiveOptions) (int64, error) {
 	br := bufio.NewReaderSize(conn, 1<<20)
 	buf := make([]byte, o.ChunkPages*PageSize)
 	var hb [headerSize]byte
@@ -131,6 +204,9 @@ func receive(conn io.ReadWriter, sink Sink, o ReceiveOptions) (int64, error) {
 				left -= k
 			}
 		case cmdClose, cmdForceClose:
+			if early != nil && early.fired {
+				return total, nil // answered already
+			}
 			var ok [4]byte
 			if _, err := conn.Write(ok[:]); err != nil {
 				return total, fmt.Errorf("page server: answer close: %w", err)

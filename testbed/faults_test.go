@@ -42,6 +42,7 @@ var faultCasesCI = []faultCase{
 	{"source killed while frozen", "source", "crash:source-freeze", 6, "source", ""},
 	// The container is checkpointed (stopped): it must come back from the kept checkpoint.
 	{"source killed mid-stream", "source", "crash:source-stream", 6, "source", ""},
+	{"target killed during the memory hand-over", "target", "crash:target-memory", 4, "source", ""},
 	{"target killed after restoring", "target", "crash:target-restore", 4, "source", ""},
 	{"restore fails", "target", "fail:target-restore", 4, "source", ""},
 	{"operator killed mid-move", "operator", "", 0, "target", ""},

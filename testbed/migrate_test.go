@@ -281,6 +281,9 @@ func TestPushSockperfPingPong(t *testing.T) {
 			t.Fatalf("push: %+v", r)
 		}
 	})
+	for _, p := range r.Downtime {
+		t.Logf("frozen phase: %-90s %s", p.Name, p.Duration)
+	}
 	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s; traffic held %s, %d frames held, %d lost",
 		n, gap, rtt, r.Frozen, r.HeldFrames, r.LostFrames)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {

@@ -23,7 +23,8 @@ import (
 // (CRIU has dumped, the archive's first byte is going out), source-restored
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes); target-prepare
-// (journaled, before plumbing), target-restore (podman restored it, before the journal
+// (journaled, before plumbing), target-memory (the frozen phase's memory is arriving,
+// memory path only), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,
 // decided: each batch of pages pumped to the target); disk-full (every journal write
 // fails with ENOSPC); image-upload (damage: an image archive sent to a target);

@@ -117,9 +117,16 @@ func (d *dumpServer) close() {
 	d.ln.Close()
 }
 
+// closeQuiet is how long a dump sends nothing before its page server answers CRIU's close
+// in advance (pageserver.ReceiveOptions.Quiet): CRIU's corked close request would wait
+// 200 ms, frozen.
+const closeQuiet = 3 * time.Millisecond
+
 // receive takes the one dump's connection (until exported says podman finished without
-// CRIU ever connecting) and hands its memory to mw.
-func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}) (*pages.Memory, pages.Stats, error) {
+// CRIU ever connecting) and hands its memory to mw. Once it has answered CRIU's close in
+// advance, it takes every page CRIU sends whatever becomes of the transfer (answered is
+// called first): CRIU may then end the dump, and the pages must be here for a rollback.
+func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}, answered func()) (*pages.Memory, pages.Stats, error) {
 	type accepted struct {
 		c   net.Conn
 		err error
@@ -145,13 +152,34 @@ func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, export
 	removeCRIUConfig(d.name)
 	d.ln.Close()
 	defer conn.Close()
-	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive()}); err != nil {
+	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), Quiet: closeQuiet, Answered: answered}); err != nil {
 		return nil, pages.Stats{}, err
 	}
 	return mw.Close()
 }
 
 type memorySink struct{ mw *pages.MemoryWriter }
+
+// latchWriter passes writes on until it is latched; from then on a failed write is kept
+// (err) and the data dropped, so that the writer above goes on (a dump's memory is still
+// taken, and stored, when the transfer to the target has failed).
+type latchWriter struct {
+	w       io.Writer
+	latched bool
+	err     error
+}
+
+func (l *latchWriter) Write(b []byte) (int, error) {
+	if l.err != nil {
+		return len(b), nil
+	}
+	n, err := l.w.Write(b)
+	if err != nil && l.latched {
+		l.err = err
+		return len(b), nil
+	}
+	return n, err
+}
 
 func (s memorySink) Entry(img pageserver.Image, vaddr, n uint64, flags uint32) error {
 	return s.mw.Entry(int(img.Kind), img.ID, vaddr, n, flags)
@@ -524,11 +552,15 @@ func extractCheckpoint(archive []byte, dir string) error {
 	}
 }
 
-// criuErrors quotes the error lines of a CRIU log (empty if none or no log).
+// criuErrors quotes the error lines of a CRIU log (empty if none, no log, or CRIU says it
+// finished successfully).
 func criuErrors(log string) string {
 	b, err := os.ReadFile(log)
 	if err != nil {
 		return ""
+	}
+	if bytes.Contains(b, []byte("Dumping finished successfully")) || bytes.Contains(b, []byte("Restore finished successfully")) {
+		return "" // CRIU did its part; the error lines it logs on the way are not the cause
 	}
 	var out []string
 	for _, l := range strings.Split(string(b), "\n") {

@@ -481,12 +481,15 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		if ps != nil {
 			// The memory first: CRIU sends it while it dumps, before podman's archive.
-			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
+			// Once the page server has answered CRIU's close in advance, CRIU may end the
+			// dump: the pages are taken and stored even if the target is gone.
+			lw := &latchWriter{w: w}
+			mw := pages.NewMemoryWriter(lw, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
 				if err := a.store.AddTrusted(hs, p); err != nil {
 					slog.Warn("page store", "err", err)
 				}
 			}})
-			mem, mst, err := ps.receive(ctx, mw, exported)
+			mem, mst, err := ps.receive(ctx, mw, exported, func() { lw.latched = true })
 			ft.memoryDone = time.Now()
 			if err != nil {
 				return exportError{fmt.Errorf("memory of %s: %w", c.Name, err)}
@@ -496,6 +499,9 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			// A rollback rebuilds the page images from it.
 			if err := a.saveMemory(c.Name, mem); err != nil {
 				return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
+			}
+			if lw.err != nil {
+				return fmt.Errorf("send the memory of %s to %s: %w", c.Name, target.Name, lw.err)
 			}
 		}
 		var err error

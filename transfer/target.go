@@ -190,6 +190,12 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			if err != nil {
 				return nil, err
 			}
+			// The source hands the memory over now: CRIU may have its close answered
+			// already (the dump then ends whatever happens here).
+			if err := fault("target-memory"); err != nil {
+				done()
+				return nil, err
+			}
 			var archive []byte
 			var pc *postcopyIn
 			if mode == "postcopy" {
