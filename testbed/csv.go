@@ -36,6 +36,10 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 		if len(rec) > 11 {
 			rows[len(rows)-1].OwnBytes = num(rec[11])
 		}
+		if len(rec) > 13 {
+			rows[len(rows)-1].AfterP99 = time.Duration(num(rec[12])) * time.Microsecond
+			rows[len(rows)-1].BeforeP99 = time.Duration(num(rec[13])) * time.Microsecond
+		}
 	}
 	return rows, nil
 }

@@ -41,6 +41,19 @@ type ExpRow struct {
 	Phases   string        `json:"phases"` // the frozen phase, step by step
 	// Postcopy is the post-copy phase's length (postcopy only).
 	Postcopy time.Duration `json:"postcopy_ns,omitempty"`
+	// AfterP99 is the 99th percentile of the client's round trips sent in the window
+	// after the largest gap: the post-copy phase (postcopy), else the first second;
+	// BeforeP99 of the same window before the gap.
+	AfterP99  time.Duration `json:"after_p99_ns,omitempty"`
+	BeforeP99 time.Duration `json:"before_p99_ns,omitempty"`
+}
+
+// AfterWindow is the window after the largest gap whose latency the experiment reports.
+func AfterWindow(r ExpRow) time.Duration {
+	if r.Case == CasePostcopy && r.Postcopy > 0 {
+		return r.Postcopy
+	}
+	return time.Second
 }
 
 // config is one configuration of the experiment: a memory size and a dirty rate.
@@ -74,11 +87,12 @@ func byConfig(rows []ExpRow) ([]config, map[config]map[string]ExpRow) {
 // WriteCSV writes the rows with a header.
 func WriteCSV(w io.Writer, rows []ExpRow) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms", "own_bytes"})
+	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms", "own_bytes", "after_p99_us", "before_p99_us"})
 	ms := func(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
 	for _, r := range rows {
 		cw.Write([]string{strconv.Itoa(r.SizeMiB), strconv.FormatFloat(r.DirtyPct, 'g', -1, 64), r.Case, ms(r.Gap), ms(r.Held), ms(r.Total),
-			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy), strconv.FormatInt(r.OwnBytes, 10)})
+			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy), strconv.FormatInt(r.OwnBytes, 10),
+			strconv.FormatInt(r.AfterP99.Microseconds(), 10), strconv.FormatInt(r.BeforeP99.Microseconds(), 10)})
 	}
 	cw.Flush()
 	return cw.Error()
@@ -132,9 +146,10 @@ func Ratios(rows []ExpRow) []string {
 		if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
 			continue
 		}
-		out = append(out, fmt.Sprintf("%-16s post-copy / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f  total time %.2f; post-copy phase %s",
+		out = append(out, fmt.Sprintf("%-16s post-copy / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f  total time %.2f; post-copy phase %s, client p99 %s in it (%s before the move)",
 			k.String(), float64(p.Gap)/float64(s.Gap), float64(s.Gap)/float64(max(p.Gap, time.Millisecond)), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
-			float64(p.Bytes)/float64(s.Bytes), float64(p.Total)/float64(s.Total), p.Postcopy.Round(time.Millisecond)))
+			float64(p.Bytes)/float64(s.Bytes), float64(p.Total)/float64(s.Total), p.Postcopy.Round(time.Millisecond),
+			p.AfterP99.Round(100*time.Microsecond), p.BeforeP99.Round(100*time.Microsecond)))
 	}
 	return out
 }

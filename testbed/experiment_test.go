@@ -75,7 +75,7 @@ func TestExperimentDowntime(t *testing.T) {
 					seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
 				}
 				t0 := time.Now()
-				gap, _, n := sockperfAt(t, tb, ip, seconds, func() {
+				log := sockperfLog(t, tb, ip, seconds, func() {
 					switch c {
 					case testbed.CaseStock:
 						r, err := tb.StockMove(ctx, name, ip+"/16", "a", "b")
@@ -116,15 +116,24 @@ func TestExperimentDowntime(t *testing.T) {
 						t.Errorf("%s %s: the move outlasted the sockperf run; its gap is not measured", row.Case, row.Phases)
 					}
 				})
-				row.Gap, row.Replies = gap, n
+				var err error
+				if row.Gap, _, row.Replies, err = testbed.SockperfGap(log); err != nil {
+					t.Fatal(err)
+				}
+				// The client's latency once the container runs again (post-copy: while
+				// pages still arrive), beside the same window before the move.
+				if row.AfterP99, row.BeforeP99, _, err = testbed.SockperfAfterGap(log, testbed.AfterWindow(row)); err != nil {
+					t.Fatal(err)
+				}
 				row.Bytes = wireCounts(t, tb)["b"].Sub(w0).DownBytes
 				if row.Bytes < row.OwnBytes || float64(row.Bytes) > float64(row.OwnBytes)*wireShare+wireFixed {
 					t.Errorf("%s: %d bytes entered b, the mover says it sent %d", c, row.Bytes, row.OwnBytes)
 				}
 				rows = append(rows, row)
 				writeResults(t, out, rows) // after every move: a cut-short run keeps what it measured
-				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d | %s", row.SizeMiB, row.DirtyPct, row.Case,
-					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds, row.Phases)
+				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d p99 after %s (before %s) | %s", row.SizeMiB, row.DirtyPct, row.Case,
+					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds,
+					row.AfterP99.Round(100*time.Microsecond), row.BeforeP99.Round(100*time.Microsecond), row.Phases)
 				// The same process, on b, its memory intact: a restarted memload would also
 				// have sum == expect, but its counter would have started again.
 				if w := where(t, tb, name); len(w) != 1 || w[0] != "b" {

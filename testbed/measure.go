@@ -6,7 +6,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -52,6 +54,62 @@ func SockperfGap(log []byte) (gap, maxRTT time.Duration, n int, err error) {
 		return 0, 0, 0, fmt.Errorf("no replies in the sockperf log")
 	}
 	return gap, maxRTT, n, nil
+}
+
+// SockperfAfterGap reads the same log and returns the 99th percentile of the round
+// trips of the requests sent within window after the largest gap ended (the post-copy
+// phase, when the container runs on pages still arriving), and, for comparison, of the
+// requests sent within the same window before the gap began. n is how many fell into
+// the window after the gap.
+func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Duration, n int, err error) {
+	type sample struct{ tx, rx float64 }
+	var s []sample
+	sc := bufio.NewScanner(bytes.NewReader(log))
+	started := false
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "packet,") {
+			started = true
+			continue
+		}
+		f := strings.Split(line, ",")
+		if !started || len(f) < 3 {
+			continue
+		}
+		tx, err1 := strconv.ParseFloat(strings.TrimSpace(f[1]), 64)
+		rx, err2 := strconv.ParseFloat(strings.TrimSpace(f[2]), 64)
+		if err1 == nil && err2 == nil {
+			s = append(s, sample{tx, rx})
+		}
+	}
+	if len(s) < 2 {
+		return 0, 0, 0, fmt.Errorf("%d replies in the sockperf log: too few for a gap", len(s))
+	}
+	g := 1 // the reply that ends the largest gap
+	for i := 2; i < len(s); i++ {
+		if s[i].rx-s[i-1].rx > s[g].rx-s[g-1].rx {
+			g = i
+		}
+	}
+	w := window.Seconds()
+	p99 := func(from, to float64) (time.Duration, int) {
+		var rtts []float64
+		for _, x := range s {
+			if x.tx >= from && x.tx < to {
+				rtts = append(rtts, x.rx-x.tx)
+			}
+		}
+		if len(rtts) == 0 {
+			return 0, 0
+		}
+		sort.Float64s(rtts)
+		i := int(math.Ceil(0.99*float64(len(rtts)))) - 1 // nearest rank
+		return time.Duration(rtts[i] * float64(time.Second)), len(rtts)
+	}
+	end, begin := s[g].rx, s[g-1].rx
+	during, n = p99(end, end+w)
+	before, _ = p99(begin-w, begin)
+	return during, before, n, nil
 }
 
 // UDP is what memload -udp-ping reports: datagrams sent, echoed back, lost, and the

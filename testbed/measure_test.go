@@ -1,6 +1,9 @@
 package testbed
 
 import (
+	"fmt"
+	"math"
+	"strings"
 	"testing"
 	"time"
 )
@@ -25,5 +28,41 @@ packet, txTime(sec), rxTime(sec), latency(usec)
 	}
 	if _, _, _, err := SockperfGap([]byte("nothing")); err == nil {
 		t.Error("an empty log must be an error")
+	}
+}
+
+// The post-copy phase's latency: the 99th percentile of the round trips sent within the
+// window after the largest gap, beside the same window before it; nothing outside.
+func TestSockperfAfterGap(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("packet, txTime(sec), rxTime(sec), latency(usec)\n")
+	tx := 1.0
+	add := func(rtt float64) {
+		fmt.Fprintf(&b, "0, %.6f, %.6f, 0\n", tx, tx+rtt)
+		tx += rtt + 0.005
+	}
+	for i := 0; i < 100; i++ { // before: 1 ms, one of them 4 ms
+		add(map[bool]float64{true: 0.004, false: 0.001}[i == 50])
+	}
+	add(0.6)                   // frozen: the largest gap
+	for i := 0; i < 100; i++ { // after: 2 ms, two of them 30 ms (page faults)
+		add(map[bool]float64{true: 0.030, false: 0.002}[i == 10 || i == 20])
+	}
+	for i := 0; i < 200; i++ { // long after: 50 ms, outside the window
+		add(0.050)
+	}
+	during, before, n, err := SockperfAfterGap([]byte(b.String()), 500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 60 || n > 80 {
+		t.Errorf("%d requests in the 500 ms after the gap, want about 70", n)
+	}
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	if math.Abs(ms(during)-30) > 0.01 || math.Abs(ms(before)-4) > 0.01 {
+		t.Errorf("p99 during %v, before %v: want 30ms and 4ms", during, before)
+	}
+	if _, _, _, err := SockperfAfterGap([]byte("packet, x\n0, 1.0, 1.1, 0\n"), time.Second); err == nil {
+		t.Error("one reply has no gap: want an error")
 	}
 }

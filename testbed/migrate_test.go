@@ -233,6 +233,17 @@ func sockperfThrough(t *testing.T, tb *testbed.Testbed, seconds int, move func()
 // happening 3 s in, and returns the largest gap between replies.
 func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move func()) (gap, rtt time.Duration, n int) {
 	t.Helper()
+	log := sockperfLog(t, tb, ip, seconds, move)
+	gap, rtt, n, err := testbed.SockperfGap(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gap, rtt, n
+}
+
+// sockperfLog is sockperfAt's run; it returns the client's full log.
+func sockperfLog(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move func()) []byte {
+	t.Helper()
 	logf := filepath.Join(t.TempDir(), "sockperf.csv")
 	// It runs for the given time, which must cover the move: wait that long and a margin.
 	c0 := wireCounts(t, tb)[testbed.ClientName]
@@ -255,11 +266,7 @@ func sockperfAt(t *testing.T, tb *testbed.Testbed, ip string, seconds int, move 
 	if err != nil {
 		t.Fatal(err)
 	}
-	gap, rtt, n, err = testbed.SockperfGap(log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return gap, rtt, n
+	return log
 }
 
 // A sockperf ping-pong client runs through a move without error or reconnect; beside it a

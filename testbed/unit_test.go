@@ -103,17 +103,19 @@ func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
 	rows := []ExpRow{
 		{SizeMiB: 256, DirtyPct: 1, Case: CaseStock, Gap: 28 * time.Second, Total: 28 * time.Second, Bytes: 268e6},
 		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second, Total: 38 * time.Second, Bytes: 272e6, OwnBytes: 260e6, Rounds: 3, Phases: "a; b, c"},
+		{SizeMiB: 256, DirtyPct: 1, Case: CasePostcopy, Gap: time.Second, Total: 30 * time.Second, Bytes: 272e6, Postcopy: 1700 * time.Millisecond,
+			AfterP99: 41300 * time.Microsecond, BeforeP99: 12100 * time.Microsecond},
 	}
 	var b strings.Builder
 	if err := WriteCSV(&b, rows); err != nil {
 		t.Fatal(err)
 	}
 	back, err := ReadCSV(strings.NewReader(b.String()))
-	if err != nil || len(back) != 2 || back[1] != rows[1] {
+	if err != nil || len(back) != 3 || back[1] != rows[1] || back[2] != rows[2] {
 		t.Fatalf("read back %+v, %v", back, err)
 	}
 	r := Ratios(back)
-	if len(r) != 1 || !strings.Contains(r[0], "downtime 0.250") {
+	if len(r) != 2 || !strings.Contains(r[0], "downtime 0.250") || !strings.Contains(r[1], "client p99 41.3ms in it (12.1ms before the move)") {
 		t.Fatalf("ratios %q", r)
 	}
 	var svg strings.Builder
