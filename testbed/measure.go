@@ -14,56 +14,12 @@ import (
 	"time"
 )
 
-// SockperfGap reads a `sockperf ping-pong --full-log` file and returns the largest time
-// between two consecutive replies (what a user of the service feels as downtime), the
-// largest round trip, and the number of replies.
-func SockperfGap(log []byte) (gap, maxRTT time.Duration, n int, err error) {
-	sc := bufio.NewScanner(bytes.NewReader(log))
-	var prev float64
-	started := false
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.HasPrefix(line, "packet,") {
-			started = true
-			continue
-		}
-		if !started {
-			continue
-		}
-		f := strings.Split(line, ",")
-		if len(f) < 3 {
-			continue
-		}
-		tx, err1 := strconv.ParseFloat(strings.TrimSpace(f[1]), 64)
-		rx, err2 := strconv.ParseFloat(strings.TrimSpace(f[2]), 64)
-		if err1 != nil || err2 != nil {
-			continue
-		}
-		if rtt := time.Duration((rx - tx) * float64(time.Second)); rtt > maxRTT {
-			maxRTT = rtt
-		}
-		if n > 0 {
-			if g := time.Duration((rx - prev) * float64(time.Second)); g > gap {
-				gap = g
-			}
-		}
-		prev = rx
-		n++
-	}
-	if n == 0 {
-		return 0, 0, 0, fmt.Errorf("no replies in the sockperf log")
-	}
-	return gap, maxRTT, n, nil
-}
+// sockperfReply is one request of a `sockperf ping-pong --full-log` file: when it was
+// sent and when its reply arrived, in seconds.
+type sockperfReply struct{ tx, rx float64 }
 
-// SockperfAfterGap reads the same log and returns the 99th percentile of the round
-// trips of the requests sent within window after the largest gap ended (the post-copy
-// phase, when the container runs on pages still arriving), and, for comparison, of the
-// requests sent within the same window before the gap began. n is how many fell into
-// the window after the gap.
-func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Duration, n int, err error) {
-	type sample struct{ tx, rx float64 }
-	var s []sample
+func sockperfReplies(log []byte) []sockperfReply {
+	var s []sockperfReply
 	sc := bufio.NewScanner(bytes.NewReader(log))
 	started := false
 	for sc.Scan() {
@@ -79,19 +35,54 @@ func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Dur
 		tx, err1 := strconv.ParseFloat(strings.TrimSpace(f[1]), 64)
 		rx, err2 := strconv.ParseFloat(strings.TrimSpace(f[2]), 64)
 		if err1 == nil && err2 == nil {
-			s = append(s, sample{tx, rx})
+			s = append(s, sockperfReply{tx, rx})
 		}
 	}
-	if len(s) < 2 {
-		return 0, 0, 0, fmt.Errorf("%d replies in the sockperf log: too few for a gap", len(s))
-	}
-	g := 1 // the reply that ends the largest gap
+	return s
+}
+
+// largestGap returns the index of the reply that ends the largest time between two
+// consecutive replies (len(s) >= 2).
+func largestGap(s []sockperfReply) int {
+	g := 1
 	for i := 2; i < len(s); i++ {
 		if s[i].rx-s[i-1].rx > s[g].rx-s[g-1].rx {
 			g = i
 		}
 	}
-	w := window.Seconds()
+	return g
+}
+
+func seconds(f float64) time.Duration { return time.Duration(f * float64(time.Second)) }
+
+// SockperfGap reads a `sockperf ping-pong --full-log` file and returns the largest time
+// between two consecutive replies (what a user of the service feels as downtime), the
+// largest round trip, and the number of replies.
+func SockperfGap(log []byte) (gap, maxRTT time.Duration, n int, err error) {
+	s := sockperfReplies(log)
+	if len(s) == 0 {
+		return 0, 0, 0, fmt.Errorf("no replies in the sockperf log")
+	}
+	for _, x := range s {
+		maxRTT = max(maxRTT, seconds(x.rx-x.tx))
+	}
+	if len(s) > 1 {
+		g := largestGap(s)
+		gap = seconds(s[g].rx - s[g-1].rx)
+	}
+	return gap, maxRTT, len(s), nil
+}
+
+// SockperfAfterGap reads the same log and returns the 99th percentile of the round
+// trips of the requests sent within window after the largest gap ended (the post-copy
+// phase, when the container runs on pages still arriving), and, for comparison, of the
+// requests sent within the same window before the gap began. n is how many fell into
+// the window after the gap.
+func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Duration, n int, err error) {
+	s := sockperfReplies(log)
+	if len(s) < 2 {
+		return 0, 0, 0, fmt.Errorf("%d replies in the sockperf log: too few for a gap", len(s))
+	}
 	p99 := func(from, to float64) (time.Duration, int) {
 		var rtts []float64
 		for _, x := range s {
@@ -103,9 +94,9 @@ func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Dur
 			return 0, 0
 		}
 		sort.Float64s(rtts)
-		i := int(math.Ceil(0.99*float64(len(rtts)))) - 1 // nearest rank
-		return time.Duration(rtts[i] * float64(time.Second)), len(rtts)
+		return seconds(rtts[int(math.Ceil(0.99*float64(len(rtts))))-1]), len(rtts) // nearest rank
 	}
+	g, w := largestGap(s), window.Seconds()
 	end, begin := s[g].rx, s[g-1].rx
 	during, n = p99(end, end+w)
 	before, _ = p99(begin-w, begin)
