@@ -89,9 +89,13 @@ func TestCRIUDumpsToUsAndRestoresLazilyFromUs(t *testing.T) {
 			return
 		}
 		defer conn.Close()
-		// As the agent receives: the close answered once the dump goes quiet. The
-		// checksum after the restore shows that no page was lost to it.
-		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{Quiet: 3 * time.Millisecond})
+		// As the agent receives: the close answered once the dump goes quiet after CRIU
+		// wrote its inventory image. The checksum after the restore shows that no page
+		// was lost to it.
+		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{Quiet: 3 * time.Millisecond, Ready: func() bool {
+			_, err := os.Stat(filepath.Join(dir, "img", "inventory.img"))
+			return err == nil
+		}})
 		recv <- err
 	}()
 	img := filepath.Join(dir, "img")

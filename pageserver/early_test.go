@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,19 +93,22 @@ func pattern(n int, seed byte) []byte {
 }
 
 // CRIU's close waits corked in its send queue (200 ms, frozen): the page server answers
-// it as soon as the dump goes quiet. The dump still sends everything, answers are read
-// exactly (none twice), and an answer given mid-dump (a pause between two processes,
-// with a page tail still corked) is read right by the next open. Once answered, the
-// end of ctx no longer cuts the transfer: CRIU may end its dump, the rest must arrive.
+// it as soon as the dump goes quiet after CRIU has sent its last page (Ready: here, the
+// fake's inventory flag; the agent looks for CRIU's inventory image). Never before: a
+// pause mid-dump (between two processes, a page tail still corked) is not the end, and
+// an agent that answered there and died would lose the container. The dump still sends
+// everything, answers are read exactly (none twice), and once answered the end of ctx
+// no longer cuts the transfer: CRIU may end its dump, the rest must arrive.
 func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
-		quiet time.Duration
-		pause time.Duration // between the two processes
+		ready bool // Ready given
+		pause time.Duration
+		early bool // want the close answered early
 	}{
-		{"answered early", 3 * time.Millisecond, 0},
-		{"answered mid-dump", 3 * time.Millisecond, 30 * time.Millisecond},
-		{"not answered early", 0, 0},
+		{"answered early", true, 0, true},
+		{"not in a pause mid-dump, then early", true, 30 * time.Millisecond, true},
+		{"not early without Ready", false, 0, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -116,7 +120,12 @@ func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 			defer cancel()
 			one, two := pattern(37, 1), pattern(300, 9) // 300 pages: more than one chunk
 			sink := &sumSink{h: map[uint64][]byte{}}
-			answered := 0
+			answered, answeredBeforeReady := 0, false
+			var inventory atomic.Bool // the fake's last page sent
+			var ready func() bool
+			if tc.ready {
+				ready = inventory.Load
+			}
 			type result struct {
 				at  time.Time
 				err error
@@ -129,8 +138,9 @@ func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 					return
 				}
 				defer c.Close()
-				_, err = Receive(ctx, c, sink, ReceiveOptions{Quiet: tc.quiet, Answered: func() {
+				_, err = Receive(ctx, c, sink, ReceiveOptions{Quiet: 3 * time.Millisecond, Ready: ready, Answered: func() {
 					answered++
+					answeredBeforeReady = answeredBeforeReady || !inventory.Load()
 					cancel() // a watchdog firing now must not lose the rest
 				}})
 				done <- result{time.Now(), err}
@@ -140,6 +150,7 @@ func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 			d.image(1, one)
 			time.Sleep(tc.pause)
 			d.image(2, two)
+			inventory.Store(true)
 			d.send(header{cmd: cmdClose}, nil) // corked, as CRIU sends it
 			d.read(4)
 			statusAt := time.Now()
@@ -159,9 +170,9 @@ func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 			}
 			// With the early answer CRIU has its status before its close request even
 			// reached the server (the kernel holds it 200 ms); without, it waits for that.
-			if want := tc.quiet > 0; (answered == 1) != want || (want && !statusAt.Before(r.at)) {
-				t.Fatalf("answered early %d times, status read %s before the server saw the close; want early: %v",
-					answered, r.at.Sub(statusAt), want)
+			if (answered == 1) != tc.early || answeredBeforeReady || (tc.early && !statusAt.Before(r.at)) {
+				t.Fatalf("answered early %d times (before the last page: %v), status read %s before the server saw the close; want early: %v",
+					answered, answeredBeforeReady, r.at.Sub(statusAt), tc.early)
 			}
 		})
 	}

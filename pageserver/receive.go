@@ -39,11 +39,16 @@ type ReceiveOptions struct {
 	// open takes one byte of it and its own answer refills it, the close takes the four.
 	// The close itself then goes unanswered, so that CRIU reads exactly what was sent.
 	//
-	// From then on CRIU may end the dump as soon as it has sent the rest, so the
-	// receiver must take the rest whatever happens: ctx no longer ends the connection
-	// (IdleLimit bounds each wait instead), and Answered tells the sink to keep what
-	// arrives even if it cannot pass it on.
+	// From then on CRIU may end the dump as soon as it has sent the rest, and a
+	// receiver that dies before it has kept the rest loses the container: so the answer
+	// waits for Ready, which must say that CRIU has sent all its pages (CRIU writes its
+	// inventory image just before its close), and the receiver takes the rest whatever
+	// happens: ctx no longer ends the connection (IdleLimit bounds each wait instead),
+	// and Answered tells the sink to keep what arrives even if it cannot pass it on.
 	Quiet time.Duration
+	// Ready is asked at each quiet moment; the close is answered early only once it
+	// says yes (required with Quiet).
+	Ready func() bool
 	// Answered is called (once, before the answer is written) when Quiet answers early.
 	Answered func()
 	// IdleLimit bounds each wait for CRIU after an early answer (0: one minute).
@@ -69,8 +74,8 @@ func Receive(ctx context.Context, conn net.Conn, sink Sink, o ReceiveOptions) (i
 	defer stop()
 	var rw io.ReadWriter = conn
 	var early *quietConn
-	if o.Quiet > 0 {
-		early = &quietConn{Conn: conn, quiet: o.Quiet, idle: o.IdleLimit, answered: func() bool {
+	if o.Quiet > 0 && o.Ready != nil {
+		early = &quietConn{Conn: conn, quiet: o.Quiet, idle: o.IdleLimit, ready: o.Ready, answered: func() bool {
 			if !stop() {
 				return false // ctx ended the connection already
 			}
@@ -92,6 +97,7 @@ func Receive(ctx context.Context, conn net.Conn, sink Sink, o ReceiveOptions) (i
 type quietConn struct {
 	net.Conn
 	quiet, idle time.Duration
+	ready       func() bool // CRIU has sent every page
 	answered    func() bool // false: too late, the connection is ending
 	fired       bool
 }
@@ -105,10 +111,16 @@ func (q *quietConn) Read(b []byte) (int, error) {
 		}
 		return n, err
 	}
-	q.Conn.SetReadDeadline(time.Now().Add(q.quiet))
-	n, err := q.Conn.Read(b)
-	if n > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
-		return n, err
+	for {
+		q.Conn.SetReadDeadline(time.Now().Add(q.quiet))
+		n, err := q.Conn.Read(b)
+		if n > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return n, err
+		}
+		if q.ready() {
+			break
+		}
+		// Quiet, but CRIU is still dumping (other state, or a pause between processes).
 	}
 	if !q.answered() {
 		return 0, net.ErrClosed

@@ -180,7 +180,10 @@ func (tr *traffic) check(t *testing.T) {
 		t.Fatalf("iperf3 client: %v\n%s", err, out)
 	}
 	gap, sent, recv, err := testbed.IperfStream(out)
-	if err != nil || sent != tr.iperfN || recv != sent {
+	// iperf3 stops once it has sent at least what was asked; a write that the socket
+	// took only in part counts, so it may overshoot by less than one 128 KiB block (CI
+	// saw 226 bytes). Every byte it sent must have arrived.
+	if err != nil || sent < tr.iperfN || sent >= tr.iperfN+131072 || recv != sent {
 		t.Fatalf("iperf3: asked for %d bytes, %d sent, %d received: %v", tr.iperfN, sent, recv, err)
 	}
 	serr := tr.stream.Wait()

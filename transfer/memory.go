@@ -126,7 +126,16 @@ const closeQuiet = 3 * time.Millisecond
 // CRIU ever connecting) and hands its memory to mw. Once it has answered CRIU's close in
 // advance, it takes every page CRIU sends whatever becomes of the transfer (answered is
 // called first): CRIU may then end the dump, and the pages must be here for a rollback.
-func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}, answered func()) (*pages.Memory, pages.Stats, error) {
+//
+// The early answer waits until CRIU has written its inventory image into images (the
+// checkpoint directory), which it does after its last page and just before its close:
+// from then on nothing but the close's corked tail is still to come.
+// since is when the checkpoint was asked for.
+func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}, images string, since time.Time, answered func()) (*pages.Memory, pages.Stats, error) {
+	ready := func() bool {
+		fi, err := os.Stat(filepath.Join(images, "inventory.img"))
+		return err == nil && !fi.ModTime().Before(since) // not an earlier checkpoint's
+	}
 	type accepted struct {
 		c   net.Conn
 		err error
@@ -152,7 +161,7 @@ func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, export
 	removeCRIUConfig(d.name)
 	d.ln.Close()
 	defer conn.Close()
-	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), Quiet: closeQuiet, Answered: answered}); err != nil {
+	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), Quiet: closeQuiet, Ready: ready, Answered: answered}); err != nil {
 		return nil, pages.Stats{}, err
 	}
 	return mw.Close()

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -465,6 +466,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		}
 		defer ps.close()
 	}
+	asked := time.Now()
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
 	exported := make(chan struct{})
@@ -489,7 +491,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 					slog.Warn("page store", "err", err)
 				}
 			}})
-			mem, mst, err := ps.receive(ctx, mw, exported, func() { lw.latched = true })
+			mem, mst, err := ps.receive(ctx, mw, exported, filepath.Join(c.StaticDir, "checkpoint"), asked, func() { lw.latched = true })
 			ft.memoryDone = time.Now()
 			if err != nil {
 				return exportError{fmt.Errorf("memory of %s: %w", c.Name, err)}
