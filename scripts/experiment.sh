@@ -5,11 +5,14 @@
 # --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
 # `migrate push --memory-path archive` (pre-copy, pages in podman's archive), (d) by
 # `migrate push` (pre-copy, the memory path: page server, lazy restore), (e) by `migrate
-# push --postcopy`. Writes results/experiment/experiment.{csv,svg} and prints ratio lines
-# per configuration (pre-copy / stock, post-copy / stock). Takes about 45 minutes for
+# push --postcopy`; then the same five moves of a Redis holding REDIS keys (1000000 by
+# default; DEBUG POPULATE, values of 100 bytes), checked by the same run_id and dataset
+# digest (DEBUG DIGEST) on the target. Writes results/experiment/experiment.{csv,svg} and
+# prints ratio lines per configuration (pre-copy / stock, post-copy / stock). Takes about 45 minutes for
 # SIZES=64,256,1024 DIRTY=1. Run as root.
 #
-#   SIZES=64,256 DIRTY=1 scripts/experiment.sh     # a smaller matrix
+#   SIZES=64,256 DIRTY=1 REDIS=0 scripts/experiment.sh     # a smaller matrix, no Redis
+#   SIZES= scripts/experiment.sh                            # only the Redis moves
 #   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -20,7 +23,8 @@ out="${OUT:-$REPO/results/experiment}"
 mkdir -p "$out"
 cd "$REPO"
 MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload" \
-MIGRATE_EXPERIMENT_SIZES="${SIZES:-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
+MIGRATE_EXPERIMENT_SIZES="${SIZES-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
+MIGRATE_EXPERIMENT_REDIS="${REDIS:-1000000}" \
 	go test -tags "$GO_TAGS" -count=1 -timeout 120m -run '^TestExperimentDowntime$' -v ./testbed/ 2>&1 |
 	grep --line-buffered -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|-copy / stock|results in|FAIL|PASS|ok '
 echo "CSV: $out/experiment.csv  plot: $out/experiment.svg  log: $out/experiment.log"

@@ -40,6 +40,9 @@ func ReadCSV(r io.Reader) ([]ExpRow, error) {
 			rows[len(rows)-1].AfterP99 = time.Duration(num(rec[12])) * time.Microsecond
 			rows[len(rows)-1].BeforeP99 = time.Duration(num(rec[13])) * time.Microsecond
 		}
+		if len(rec) > 14 {
+			rows[len(rows)-1].Workload = rec[14]
+		}
 	}
 	return rows, nil
 }

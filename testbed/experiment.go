@@ -46,6 +46,9 @@ type ExpRow struct {
 	// BeforeP99 of the same window before the gap.
 	AfterP99  time.Duration `json:"after_p99_ns,omitempty"`
 	BeforeP99 time.Duration `json:"before_p99_ns,omitempty"`
+	// Workload names a workload other than memload (e.g. "redis 1000000 keys"), whose
+	// SizeMiB is its resident memory before the move and DirtyPct 0.
+	Workload string `json:"workload,omitempty"`
 }
 
 // AfterWindow is the window after the largest gap whose latency the experiment reports.
@@ -56,17 +59,39 @@ func AfterWindow(r ExpRow) time.Duration {
 	return time.Second
 }
 
-// config is one configuration of the experiment: a memory size and a dirty rate.
+// config is one configuration of the experiment: a memory size and a dirty rate, or
+// another workload.
 type config struct {
 	sizeMiB  int
 	dirtyPct float64
+	workload string
 }
 
-func (r ExpRow) config() config { return config{r.SizeMiB, r.DirtyPct} }
+func (r ExpRow) config() config { return config{r.SizeMiB, r.DirtyPct, r.Workload} }
 
-func (c config) size() string   { return fmt.Sprintf("%d MiB", c.sizeMiB) }
-func (c config) rate() string   { return fmt.Sprintf("%g%%/s", c.dirtyPct) }
-func (c config) String() string { return c.size() + " " + c.rate() }
+// Config names the row's configuration, as the ratio lines do.
+func (r ExpRow) Config() string { return r.config().String() }
+
+func (c config) size() string {
+	if c.workload != "" {
+		return c.workload
+	}
+	return fmt.Sprintf("%d MiB", c.sizeMiB)
+}
+
+func (c config) rate() string {
+	if c.workload != "" {
+		return fmt.Sprintf("%d MiB RSS", c.sizeMiB)
+	}
+	return fmt.Sprintf("%g%%/s", c.dirtyPct)
+}
+
+func (c config) String() string {
+	if c.workload != "" {
+		return fmt.Sprintf("%s (%s)", c.size(), c.rate())
+	}
+	return c.size() + " " + c.rate()
+}
 
 // byConfig groups rows by configuration, in the order first seen, and by case within one;
 // a later row of the same configuration and case replaces an earlier one.
@@ -87,12 +112,12 @@ func byConfig(rows []ExpRow) ([]config, map[config]map[string]ExpRow) {
 // WriteCSV writes the rows with a header.
 func WriteCSV(w io.Writer, rows []ExpRow) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms", "own_bytes", "after_p99_us", "before_p99_us"})
+	cw.Write([]string{"size_mib", "dirty_pct_per_s", "case", "downtime_ms", "held_ms", "total_ms", "wire_bytes", "rounds", "replies", "frozen_phases", "postcopy_ms", "own_bytes", "after_p99_us", "before_p99_us", "workload"})
 	ms := func(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
 	for _, r := range rows {
 		cw.Write([]string{strconv.Itoa(r.SizeMiB), strconv.FormatFloat(r.DirtyPct, 'g', -1, 64), r.Case, ms(r.Gap), ms(r.Held), ms(r.Total),
 			strconv.FormatInt(r.Bytes, 10), strconv.Itoa(r.Rounds), strconv.Itoa(r.Replies), r.Phases, ms(r.Postcopy), strconv.FormatInt(r.OwnBytes, 10),
-			strconv.FormatInt(r.AfterP99.Microseconds(), 10), strconv.FormatInt(r.BeforeP99.Microseconds(), 10)})
+			strconv.FormatInt(r.AfterP99.Microseconds(), 10), strconv.FormatInt(r.BeforeP99.Microseconds(), 10), r.Workload})
 	}
 	cw.Flush()
 	return cw.Error()

@@ -22,6 +22,9 @@ func envList(t *testing.T, name string, def []float64, lo, hi float64) []float64
 		return def
 	}
 	var out []float64
+	if strings.TrimSpace(v) == "" {
+		return nil // explicitly none
+	}
 	for _, f := range strings.Split(v, ",") {
 		x, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
 		if err != nil || x < lo || x > hi {
@@ -41,6 +44,16 @@ func envList(t *testing.T, name string, def []float64, lo, hi float64) []float64
 func TestExperimentDowntime(t *testing.T) {
 	sizes := envList(t, "MIGRATE_EXPERIMENT_SIZES", []float64{64}, 8, 4096)
 	dirty := envList(t, "MIGRATE_EXPERIMENT_DIRTY", []float64{1}, 0, 100)
+	// Keys of the Redis workload (0: none); CI moves a small one so the harness is tested.
+	keys := 0
+	if k := envList(t, "MIGRATE_EXPERIMENT_REDIS", []float64{20000}, 0, 1e8); len(k) == 1 {
+		keys = int(k[0])
+	} else if len(k) > 1 {
+		t.Fatalf("MIGRATE_EXPERIMENT_REDIS: one number of keys, not %v", k)
+	}
+	if (len(sizes) == 0 || len(dirty) == 0) && keys == 0 {
+		t.Fatal("the experiment has nothing to move: no memory sizes or dirty rates, and no Redis keys")
+	}
 	out := os.Getenv("MIGRATE_EXPERIMENT_OUT")
 	if out == "" {
 		out = t.TempDir()
@@ -67,73 +80,9 @@ func TestExperimentDowntime(t *testing.T) {
 				waitMemload(t, tb, ip)
 				waitListen(t, tb, "a", name, 11111)
 				before := memAt(t, tb, ip)
-				// Bytes as the wire counts them: what entered b's link during the move.
-				w0 := wireCounts(t, tb)["b"]
-				// sockperf runs for a fixed time that must cover the move.
-				seconds := 12 + int(xfer*1.3)
-				if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePostcopy {
-					seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
-				}
-				t0 := time.Now()
-				log := sockperfLog(t, tb, ip, seconds, func() {
-					switch c {
-					case testbed.CaseStock:
-						r, err := tb.StockMove(ctx, name, ip+"/16", "a", "b")
-						if err != nil {
-							t.Fatalf("stock move: %v", err)
-						}
-						row.Held, row.Total, row.OwnBytes = r.Checkpoint+r.Copy+r.Restore+r.Repoint, r.Total, r.Bytes
-						row.Phases = fmt.Sprintf("checkpoint %s; copy %s; restore %s; re-point %s", r.Checkpoint.Round(time.Millisecond),
-							r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond), r.Repoint.Round(time.Millisecond))
-					default:
-						args := map[string][]string{
-							testbed.CaseStopCopy:       {"--mode", "stop-copy"},
-							testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
-							testbed.CasePrecopy:        {"--mode", "precopy"},
-							testbed.CasePostcopy:       {"--mode", "precopy", "--postcopy"},
-						}[c]
-						r := pushArgs(t, tb, append([]string{name, "--to", "b"}, args...)...)
-						if !r.OK {
-							t.Fatalf("push %v: %s", args, r.Error)
-						}
-						// The default takes the memory path on this testbed; the other
-						// case keeps the archive path measured beside it.
-						if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
-							t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
-						}
-						row.Held, row.Total, row.OwnBytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
-						if r.Postcopy != nil {
-							row.Postcopy = r.Postcopy.Duration
-						}
-						var ph []string
-						for _, p := range r.Downtime {
-							ph = append(ph, fmt.Sprintf("%s %s", p.Name, p.Duration.Round(time.Millisecond)))
-						}
-						row.Phases = strings.Join(ph, "; ")
-						logRounds(t, r)
-					}
-					if left := time.Duration(seconds)*time.Second - time.Since(t0); left < 2*time.Second {
-						t.Errorf("%s %s: the move outlasted the sockperf run; its gap is not measured", row.Case, row.Phases)
-					}
-				})
-				var err error
-				if row.Gap, _, row.Replies, err = testbed.SockperfGap(log); err != nil {
-					t.Fatal(err)
-				}
-				// The client's latency once the container runs again (post-copy: while
-				// pages still arrive), beside the same window before the move.
-				if row.AfterP99, row.BeforeP99, _, err = testbed.SockperfAfterGap(log, testbed.AfterWindow(row)); err != nil {
-					t.Fatal(err)
-				}
-				row.Bytes = wireCounts(t, tb)["b"].Sub(w0).DownBytes
-				if row.Bytes < row.OwnBytes || float64(row.Bytes) > float64(row.OwnBytes)*wireShare+wireFixed {
-					t.Errorf("%s: %d bytes entered b, the mover says it sent %d", c, row.Bytes, row.OwnBytes)
-				}
+				measureMove(t, tb, &row, name, ip, xfer)
 				rows = append(rows, row)
 				writeResults(t, out, rows) // after every move: a cut-short run keeps what it measured
-				t.Logf("%4d MiB %4g%%/s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d p99 after %s (before %s) | %s", row.SizeMiB, row.DirtyPct, row.Case,
-					row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds,
-					row.AfterP99.Round(100*time.Microsecond), row.BeforeP99.Round(100*time.Microsecond), row.Phases)
 				// The same process, on b, its memory intact: a restarted memload would also
 				// have sum == expect, but its counter would have started again.
 				if w := where(t, tb, name); len(w) != 1 || w[0] != "b" {
@@ -148,6 +97,45 @@ func TestExperimentDowntime(t *testing.T) {
 			}
 		}
 	}
+	// Redis holding many keys: real, compressible memory that barely changes.
+	for _, c := range testbed.Cases {
+		if keys == 0 {
+			break
+		}
+		seed++
+		name, ip := fmt.Sprintf("redis%d", seed), fmt.Sprintf("10.88.2.%d", seed)
+		cmd := "redis-server --save '' --appendonly no --protected-mode no --bind 0.0.0.0 --port 6379 --enable-debug-command yes & exec sockperf server --tcp -p 11111"
+		mustMigrate(t, tb, "run", "--on", "a", "--name", name, "--ip", ip+"/16", testbed.ImageV1, "sh", "-c", cmd)
+		waitListen(t, tb, "a", name, 6379, 11111)
+		if got := redisAt(t, tb, ip, "DEBUG", "POPULATE", strconv.Itoa(keys), "key", "100"); got != "OK" {
+			t.Fatalf("DEBUG POPULATE: %q", got)
+		}
+		digest, runID := redisAt(t, tb, ip, "DEBUG", "DIGEST"), redisInfo(t, tb, ip, "run_id")
+		rss, err := strconv.ParseInt(redisInfo(t, tb, ip, "used_memory_rss"), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		row := testbed.ExpRow{SizeMiB: int(rss >> 20), Case: c, Workload: fmt.Sprintf("redis %d keys", keys)}
+		measureMove(t, tb, &row, name, ip, float64(rss)*1.05*8/92e6)
+		rows = append(rows, row)
+		writeResults(t, out, rows)
+		// The same Redis process on b, with the same data.
+		if w := where(t, tb, name); len(w) != 1 || w[0] != "b" {
+			t.Fatalf("%s: %s runs on %v after the move, want b", c, name, w)
+		}
+		if got := redisInfo(t, tb, ip, "run_id"); got != runID {
+			t.Fatalf("%s: Redis run_id %s after the move, %s before: not the same process", c, got, runID)
+		}
+		if got := redisAt(t, tb, ip, "DEBUG", "DIGEST"); got != digest {
+			t.Fatalf("%s: the dataset's digest is %s after the move, %s before", c, got, digest)
+		}
+		if got := redisAt(t, tb, ip, "DBSIZE"); got != strconv.Itoa(keys) {
+			t.Fatalf("%s: %s keys after the move, want %d", c, got, keys)
+		}
+		if _, err := tb.Run(ctx, "b", "podman", "rm", "-f", name); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, l := range testbed.Ratios(rows) {
 		t.Log(l)
 	}
@@ -157,6 +145,93 @@ func TestExperimentDowntime(t *testing.T) {
 		t.Error(err)
 	}
 	t.Logf("results in %s", out)
+}
+
+// measureMove moves the container name (at ip, serving sockperf on 11111) from a to b the
+// way row.Case says, under a sockperf ping-pong client, and fills row with what it
+// measured: the client's largest gap and its latency after, the wire's bytes, the
+// mover's figures. xfer is how long the container's memory takes at the link's rate.
+func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, ip string, xfer float64) {
+	t.Helper()
+	ctx := context.Background()
+	c := row.Case
+	// Bytes as the wire counts them: what entered b's link during the move.
+	w0 := wireCounts(t, tb)["b"]
+	// sockperf runs for a fixed time that must cover the move.
+	seconds := 12 + int(xfer*1.3)
+	if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePostcopy {
+		seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
+	}
+	t0 := time.Now()
+	log := sockperfLog(t, tb, ip, seconds, func() {
+		switch c {
+		case testbed.CaseStock:
+			r, err := tb.StockMove(ctx, name, ip+"/16", "a", "b")
+			if err != nil {
+				t.Fatalf("stock move: %v", err)
+			}
+			row.Held, row.Total, row.OwnBytes = r.Checkpoint+r.Copy+r.Restore+r.Repoint, r.Total, r.Bytes
+			row.Phases = fmt.Sprintf("checkpoint %s; copy %s; restore %s; re-point %s", r.Checkpoint.Round(time.Millisecond),
+				r.Copy.Round(time.Millisecond), r.Restore.Round(time.Millisecond), r.Repoint.Round(time.Millisecond))
+		default:
+			args := map[string][]string{
+				testbed.CaseStopCopy:       {"--mode", "stop-copy"},
+				testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
+				testbed.CasePrecopy:        {"--mode", "precopy"},
+				testbed.CasePostcopy:       {"--mode", "precopy", "--postcopy"},
+			}[c]
+			r := pushArgs(t, tb, append([]string{name, "--to", "b"}, args...)...)
+			if !r.OK {
+				t.Fatalf("push %v: %s", args, r.Error)
+			}
+			// The default takes the memory path on this testbed; the other
+			// case keeps the archive path measured beside it.
+			if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
+				t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
+			}
+			row.Held, row.Total, row.OwnBytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
+			if r.Postcopy != nil {
+				row.Postcopy = r.Postcopy.Duration
+			}
+			var ph []string
+			for _, p := range r.Downtime {
+				ph = append(ph, fmt.Sprintf("%s %s", p.Name, p.Duration.Round(time.Millisecond)))
+			}
+			row.Phases = strings.Join(ph, "; ")
+			logRounds(t, r)
+		}
+		if left := time.Duration(seconds)*time.Second - time.Since(t0); left < 2*time.Second {
+			t.Errorf("%s %s: the move outlasted the sockperf run; its gap is not measured", row.Case, row.Phases)
+		}
+	})
+	var err error
+	if row.Gap, _, row.Replies, err = testbed.SockperfGap(log); err != nil {
+		t.Fatal(err)
+	}
+	// The client's latency once the container runs again (post-copy: while
+	// pages still arrive), beside the same window before the move.
+	if row.AfterP99, row.BeforeP99, _, err = testbed.SockperfAfterGap(log, testbed.AfterWindow(*row)); err != nil {
+		t.Fatal(err)
+	}
+	row.Bytes = wireCounts(t, tb)["b"].Sub(w0).DownBytes
+	if row.Bytes < row.OwnBytes || float64(row.Bytes) > float64(row.OwnBytes)*wireShare+wireFixed {
+		t.Errorf("%s: %d bytes entered b, the mover says it sent %d", c, row.Bytes, row.OwnBytes)
+	}
+	t.Logf("%-16s %-9s downtime %7s held %7s total %8s bytes %11d rounds %d p99 after %s (before %s) | %s", row.Config(), row.Case,
+		row.Gap.Round(time.Millisecond), row.Held.Round(time.Millisecond), row.Total.Round(100*time.Millisecond), row.Bytes, row.Rounds,
+		row.AfterP99.Round(100*time.Microsecond), row.BeforeP99.Round(100*time.Microsecond), row.Phases)
+}
+
+// redisInfo returns one field of the INFO reply of the Redis at ip.
+func redisInfo(t *testing.T, tb *testbed.Testbed, ip, field string) string {
+	t.Helper()
+	for _, l := range strings.Split(redisAt(t, tb, ip, "INFO"), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), field+":"); ok {
+			return v
+		}
+	}
+	t.Fatalf("Redis at %s: no %s in INFO", ip, field)
+	return ""
 }
 
 // writeResults writes the rows as CSV and SVG into dir.

@@ -20,9 +20,15 @@ var incrRE = regexp.MustCompile(`redis-incr acked=(\d+) last=(\d+) max_wait_ms=(
 // redisCmd runs one Redis command from the client and returns the reply.
 func redisCmd(t *testing.T, tb *testbed.Testbed, args ...string) string {
 	t.Helper()
+	return redisAt(t, tb, redisIP, args...)
+}
+
+// redisAt runs one command against the Redis at ip from the client and returns the reply.
+func redisAt(t *testing.T, tb *testbed.Testbed, ip string, args ...string) string {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
-	cmd, err := tb.Command(ctx, testbed.ClientName, append([]string{tb.MemloadBin, "-redis-cmd", redisIP + ":6379"}, args...)...)
+	cmd, err := tb.Command(ctx, testbed.ClientName, append([]string{tb.MemloadBin, "-redis-cmd", ip + ":6379"}, args...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

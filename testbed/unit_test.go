@@ -105,17 +105,20 @@ func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
 		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopy, Gap: 7 * time.Second, Total: 38 * time.Second, Bytes: 272e6, OwnBytes: 260e6, Rounds: 3, Phases: "a; b, c"},
 		{SizeMiB: 256, DirtyPct: 1, Case: CasePostcopy, Gap: time.Second, Total: 30 * time.Second, Bytes: 272e6, Postcopy: 1700 * time.Millisecond,
 			AfterP99: 41300 * time.Microsecond, BeforeP99: 12100 * time.Microsecond},
+		{SizeMiB: 190, Case: CaseStock, Gap: 20 * time.Second, Total: 20 * time.Second, Bytes: 200e6, Workload: "redis 1000000 keys"},
+		{SizeMiB: 190, Case: CasePrecopy, Gap: 500 * time.Millisecond, Total: 22 * time.Second, Bytes: 202e6, Workload: "redis 1000000 keys"},
 	}
 	var b strings.Builder
 	if err := WriteCSV(&b, rows); err != nil {
 		t.Fatal(err)
 	}
 	back, err := ReadCSV(strings.NewReader(b.String()))
-	if err != nil || len(back) != 3 || back[1] != rows[1] || back[2] != rows[2] {
+	if err != nil || len(back) != 5 || back[1] != rows[1] || back[2] != rows[2] || back[4] != rows[4] {
 		t.Fatalf("read back %+v, %v", back, err)
 	}
 	r := Ratios(back)
-	if len(r) != 2 || !strings.Contains(r[0], "downtime 0.250") || !strings.Contains(r[1], "client p99 41.3ms in it (12.1ms before the move)") {
+	if len(r) != 3 || !strings.Contains(r[0], "downtime 0.250") || !strings.Contains(r[2], "client p99 41.3ms in it (12.1ms before the move)") ||
+		!strings.HasPrefix(r[1], "redis 1000000 keys (190 MiB RSS) pre-copy / stock: downtime 0.025 = 1/40") {
 		t.Fatalf("ratios %q", r)
 	}
 	var svg strings.Builder
