@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -51,6 +52,16 @@ func TestExperimentDowntime(t *testing.T) {
 	} else if len(k) > 1 {
 		t.Fatalf("MIGRATE_EXPERIMENT_REDIS: one number of keys, not %v", k)
 	}
+	cases := testbed.Cases
+	if v := os.Getenv("MIGRATE_EXPERIMENT_CASES"); v != "" {
+		cases = nil
+		for _, c := range strings.Split(v, ",") {
+			if !slices.Contains(testbed.Cases, c) {
+				t.Fatalf("MIGRATE_EXPERIMENT_CASES=%q: %q is not one of %v", v, c, testbed.Cases)
+			}
+			cases = append(cases, c)
+		}
+	}
 	if (len(sizes) == 0 || len(dirty) == 0) && keys == 0 {
 		t.Fatal("the experiment has nothing to move: no memory sizes or dirty rates, and no Redis keys")
 	}
@@ -70,7 +81,7 @@ func TestExperimentDowntime(t *testing.T) {
 		for _, pct := range dirty {
 			rate := int(size * 256 * pct / 100) // pages per second
 			xfer := size * 1.05 * 8 / 92        // seconds for the memory at the link's rate
-			for _, c := range testbed.Cases {
+			for _, c := range cases {
 				seed++
 				row := testbed.ExpRow{SizeMiB: int(size), DirtyPct: pct, Case: c}
 				// A name and address per move: each starts from nothing.
@@ -98,7 +109,7 @@ func TestExperimentDowntime(t *testing.T) {
 		}
 	}
 	// Redis holding many keys: real, compressible memory that barely changes.
-	for _, c := range testbed.Cases {
+	for _, c := range cases {
 		if keys == 0 {
 			break
 		}

@@ -522,24 +522,52 @@ type PostcopyWant struct {
 	Pages     uint64 `json:"pages"`
 }
 
+// exportCall is podman's checkpoint call of a post-copy move, running while CRIU serves
+// the pages: it returns once CRIU's dump has ended, after the last page was fetched. Its
+// result may be waited for more than once (the pump, then a rollback).
+type exportCall struct {
+	done chan struct{} // closed when podman returned
+	err  error
+}
+
+func (e *exportCall) finish(err error) {
+	e.err = err
+	close(e.done)
+}
+
+// exportAfterPages bounds the wait for podman's checkpoint call once CRIU has handed
+// over its last page (the dump's end, podman's archive of the rest).
+const exportAfterPages = 2 * time.Minute
+
+// wait waits for podman's checkpoint call to return, at most limit.
+func (e *exportCall) wait(limit time.Duration) error {
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-e.done:
+		return e.err
+	case <-t.C:
+		return fmt.Errorf("podman's checkpoint did not return within %s of CRIU's last page", limit)
+	}
+}
+
 // postcopyCopy is the frozen phase of a post-copy move: CRIU dumps the container with
 // lazy pages, the images go to the target, which restores it lazily. It returns once the
 // target has restored it; the pages follow (pump). d is nil if the dump never got as far
 // as its page server.
 func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyContainer, l *link, sess *pages.Session, seen *lastSent,
-	progress func(int64), sent func(int64), startPump func(*lazyDump)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, <-chan error, error) {
+	progress func(int64), sent func(int64), startPump func(*lazyDump, *exportCall)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, *exportCall, error) {
 	var ft finalTimes
 	d, err := startLazyDump(c.Name, c.StaticDir, a.store)
 	if err != nil {
 		return nil, nil, ft, nil, nil, exportError{err}
 	}
 	exported := make(chan struct{})
-	expDone := make(chan error, 1)
+	expDone := &exportCall{done: exported}
 	go func() {
 		// Podman returns once every page was fetched; its archive is not needed then.
 		_, err := a.podman.Export(context.WithoutCancel(ctx), c.Name, io.Discard, checkpoint.Options{TCPEstablished: true, Keep: true})
-		close(exported)
-		expDone <- err
+		expDone.finish(err)
 	}()
 	if err := d.connect(ctx, exported); err != nil {
 		d.close()
@@ -564,7 +592,7 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 		ft.lastByte = time.Now()
 		sent(int64(len(archive)))
 		// The pages start now: the restore itself may wait for some.
-		startPump(d)
+		startPump(d, expDone)
 		sum := sha256.Sum256(archive)
 		return "sha256:" + hex.EncodeToString(sum[:])
 	}

@@ -529,8 +529,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		fst     *pages.Stats
 		ft      finalTimes
 		rerr    error
-		ld      *lazyDump    // post-copy: CRIU's lazy page server
-		expDone <-chan error // post-copy: podman's checkpoint, which ends after the last page
+		ld      *lazyDump   // post-copy: CRIU's lazy page server
+		expDone *exportCall // post-copy: podman's checkpoint, which ends after the last page
 	)
 	// Post-copy: the pump sends every page to the target from the moment the images
 	// are there; its result is pumped's.
@@ -538,14 +538,15 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	pumpCtx, stopPump := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopPump()
 	if req.Postcopy {
-		startPump := func(d *lazyDump) {
+		startPump := func(d *lazyDump, exp *exportCall) {
 			pumped = make(chan error, 1)
 			t0 := time.Now()
 			goSafe("post-copy pump", func() {
 				w, err := a.pumpToTarget(pumpCtx, d, target, c.Name, self.move, l, sess, seen)
 				res.Postcopy = &PostcopyResult{WireBytes: w}
 				if err == nil {
-					err = <-expDone
+					// exp, not expDone: the pump may end before postcopyCopy returns.
+					err = exp.wait(exportAfterPages)
 				}
 				res.Postcopy.Duration = time.Since(t0)
 				pumped <- err
@@ -580,7 +581,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		perr := a.pumpHere(context.WithoutCancel(ctx), ld, c.Name)
 		if perr == nil {
-			perr = <-expDone
+			perr = expDone.wait(exportAfterPages)
 		}
 		if perr != nil {
 			slog.Error("post-copy rollback: fetching the memory back", "container", c.Name, "err", perr)
