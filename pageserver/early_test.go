@@ -177,3 +177,59 @@ func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
 		})
 	}
 }
+
+// What a rollback needs is kept before CRIU's close is answered (the answer lets CRIU end
+// the dump and podman kill the container): BeforeClose runs with every page taken and
+// before the status goes out; if it fails, the close goes unanswered (CRIU's dump then
+// fails and the container runs on) and Receive returns its error.
+func TestCloseAnsweredOnlyAfterBeforeClose(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		data := pattern(300, 5)
+		sink := &sumSink{h: map[uint64][]byte{}}
+		var keptPages atomic.Int64
+		var keptAt atomic.Int64
+		kept := errors.New("disk full")
+		done := make(chan error, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				done <- err
+				return
+			}
+			defer c.Close()
+			_, err = Receive(context.Background(), c, sink, ReceiveOptions{BeforeClose: func() error {
+				time.Sleep(20 * time.Millisecond) // keeping takes a while: CRIU must wait
+				keptPages.Store(int64(sink.pages))
+				keptAt.Store(time.Now().UnixNano())
+				if fail {
+					return kept
+				}
+				return nil
+			}})
+			done <- err
+		}()
+		d := dialDump(t, ln.Addr().String())
+		d.image(1, data)
+		d.send(header{cmd: cmdClose}, nil)
+		d.setsockopt(unix.TCP_NODELAY, 1) // as CRIU does after its close
+		b := make([]byte, 4)
+		d.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, rerr := io.ReadFull(d.conn, b)
+		statusAt := time.Now().UnixNano()
+		err = <-done
+		d.conn.Close()
+		switch {
+		case keptPages.Load() != 300:
+			t.Fatalf("fail=%v: BeforeClose saw %d pages, want all 300", fail, keptPages.Load())
+		case !fail && (rerr != nil || n != 4 || err != nil || statusAt < keptAt.Load()):
+			t.Fatalf("status %d bytes (%v), receive %v, status read %d ns after keeping: want 4 bytes after keeping", n, rerr, err, statusAt-keptAt.Load())
+		case fail && (n != 0 || !errors.Is(err, kept)):
+			t.Fatalf("keeping failed: CRIU read %d bytes of status, receive returned %v; want no status and %v", n, err, kept)
+		}
+	}
+}

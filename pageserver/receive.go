@@ -29,7 +29,9 @@ type ReceiveOptions struct {
 	// ChunkPages is how many pages Sink.Pages gets at most at a time (0: 256).
 	ChunkPages int
 	// Quiet, if set, answers CRIU's close before it arrives: once the dump has sent
-	// nothing for Quiet, the answer goes out.
+	// nothing for Quiet, the answer goes out. (The agent does not use it: between the
+	// early answer and the last page kept there is a window in which a crash of the
+	// receiver loses the container, see BeforeClose.)
 	//
 	// CRIU corks its page-server socket and sends the close still corked, so the request
 	// waits in CRIU's send queue until the kernel's probe timer flushes it, 200 ms later
@@ -53,6 +55,11 @@ type ReceiveOptions struct {
 	Answered func()
 	// IdleLimit bounds each wait for CRIU after an early answer (0: one minute).
 	IdleLimit time.Duration
+	// BeforeClose, if set, is called when CRIU's close arrives, before it is answered
+	// (not with an early answer): once answered, CRIU ends the dump and the container
+	// with it, so whatever a rollback needs must be kept by then. If it fails, the close
+	// goes unanswered, CRIU's dump fails and the container runs on.
+	BeforeClose func() error
 }
 
 // Receive serves one dump's connection: it answers CRIU's page-server requests as `criu
@@ -218,6 +225,11 @@ func receive(conn io.ReadWriter, early *quietConn, sink Sink, o ReceiveOptions) 
 		case cmdClose, cmdForceClose:
 			if early != nil && early.fired {
 				return total, nil // answered already
+			}
+			if o.BeforeClose != nil {
+				if err := o.BeforeClose(); err != nil {
+					return total, err
+				}
 			}
 			var ok [4]byte
 			if _, err := conn.Write(ok[:]); err != nil {

@@ -117,25 +117,13 @@ func (d *dumpServer) close() {
 	d.ln.Close()
 }
 
-// closeQuiet is how long a dump sends nothing before its page server answers CRIU's close
-// in advance (pageserver.ReceiveOptions.Quiet): CRIU's corked close request would wait
-// 200 ms, frozen.
-const closeQuiet = 3 * time.Millisecond
-
 // receive takes the one dump's connection (until exported says podman finished without
-// CRIU ever connecting) and hands its memory to mw. Once it has answered CRIU's close in
-// advance, it takes every page CRIU sends whatever becomes of the transfer (answered is
-// called first): CRIU may then end the dump, and the pages must be here for a rollback.
-//
-// The early answer waits until CRIU has written its inventory image into images (the
-// checkpoint directory), which it does after its last page and just before its close:
-// from then on nothing but the close's corked tail is still to come.
-// since is when the checkpoint was asked for.
-func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}, images string, since time.Time, answered func()) (*pages.Memory, pages.Stats, error) {
-	ready := func() bool {
-		fi, err := os.Stat(filepath.Join(images, "inventory.img"))
-		return err == nil && !fi.ModTime().Before(since) // not an earlier checkpoint's
-	}
+// CRIU ever connecting) and hands its memory to mw. When CRIU closes the transfer, the
+// memory is complete: keep gets it before CRIU's close is answered, because the answer
+// lets CRIU end the dump and podman kill the container, and a rollback then needs the
+// memory. If keep fails, or anything before it, the close goes unanswered: the dump
+// fails and the container runs on.
+func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, exported <-chan struct{}, keep func(*pages.Memory) error) (*pages.Memory, pages.Stats, error) {
 	type accepted struct {
 		c   net.Conn
 		err error
@@ -161,34 +149,22 @@ func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, export
 	removeCRIUConfig(d.name)
 	d.ln.Close()
 	defer conn.Close()
-	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), Quiet: closeQuiet, Ready: ready, Answered: answered}); err != nil {
+	var mem *pages.Memory
+	var st pages.Stats
+	beforeClose := func() error {
+		var err error
+		if mem, st, err = mw.Close(); err != nil {
+			return err
+		}
+		return keep(mem)
+	}
+	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), BeforeClose: beforeClose}); err != nil {
 		return nil, pages.Stats{}, err
 	}
-	return mw.Close()
+	return mem, st, nil
 }
 
 type memorySink struct{ mw *pages.MemoryWriter }
-
-// latchWriter passes writes on until it is latched; from then on a failed write is kept
-// (err) and the data dropped, so that the writer above goes on (a dump's memory is still
-// taken, and stored, when the transfer to the target has failed).
-type latchWriter struct {
-	w       io.Writer
-	latched bool
-	err     error
-}
-
-func (l *latchWriter) Write(b []byte) (int, error) {
-	if l.err != nil {
-		return len(b), nil
-	}
-	n, err := l.w.Write(b)
-	if err != nil && l.latched {
-		l.err = err
-		return len(b), nil
-	}
-	return n, err
-}
 
 func (s memorySink) Entry(img pageserver.Image, vaddr, n uint64, flags uint32) error {
 	return s.mw.Entry(int(img.Kind), img.ID, vaddr, n, flags)

@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -466,7 +465,6 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		}
 		defer ps.close()
 	}
-	asked := time.Now()
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
 	exported := make(chan struct{})
@@ -483,28 +481,29 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		if ps != nil {
 			// The memory first: CRIU sends it while it dumps, before podman's archive.
-			// Once the page server has answered CRIU's close in advance, CRIU may end the
-			// dump: the pages are taken and stored even if the target is gone.
-			lw := &latchWriter{w: w}
-			mw := pages.NewMemoryWriter(lw, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
+			// It is kept here (its pages in the store, their names on disk) before CRIU's
+			// close is answered: a rollback rebuilds the page images from it.
+			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
 				if err := a.store.AddTrusted(hs, p); err != nil {
 					slog.Warn("page store", "err", err)
 				}
 			}})
-			mem, mst, err := ps.receive(ctx, mw, exported, filepath.Join(c.StaticDir, "checkpoint"), asked, func() { lw.latched = true })
+			mem, mst, err := ps.receive(ctx, mw, exported, func(mem *pages.Memory) error {
+				if err := a.saveMemory(c.Name, mem); err != nil {
+					return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
+				}
+				return nil
+			})
 			ft.memoryDone = time.Now()
 			if err != nil {
+				var ee exportError
+				if errors.As(err, &ee) {
+					return ee
+				}
 				return exportError{fmt.Errorf("memory of %s: %w", c.Name, err)}
 			}
 			ft.memory = &mst
 			ft.memoryBytes = mem.Bytes()
-			// A rollback rebuilds the page images from it.
-			if err := a.saveMemory(c.Name, mem); err != nil {
-				return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
-			}
-			if lw.err != nil {
-				return fmt.Errorf("send the memory of %s to %s: %w", c.Name, target.Name, lw.err)
-			}
 		}
 		var err error
 		var in io.Reader = src
