@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -89,13 +90,13 @@ func TestCRIUDumpsToUsAndRestoresLazilyFromUs(t *testing.T) {
 			return
 		}
 		defer conn.Close()
-		// As the agent receives: the close answered once the dump goes quiet after CRIU
-		// wrote its inventory image. The checksum after the restore shows that no page
-		// was lost to it.
-		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{Quiet: 3 * time.Millisecond, Ready: func() bool {
-			_, err := os.Stat(filepath.Join(dir, "img", "inventory.img"))
-			return err == nil
-		}})
+		// As the agent receives: the memory kept before CRIU's close is answered. The
+		// checksum after the restore shows that no page was lost.
+		var kept bool
+		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{BeforeClose: func() error { kept = true; return nil }})
+		if err == nil && !kept {
+			err = errors.New("the close was answered without BeforeClose")
+		}
 		recv <- err
 	}()
 	img := filepath.Join(dir, "img")

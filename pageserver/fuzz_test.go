@@ -37,7 +37,7 @@ func FuzzReceive(f *testing.F) {
 	f.Add(msg(cmdAddF|FlagPresent<<cmdBits, 1<<40, 0, 1))
 	f.Add(msg(cmdGet, 1, 0, 1))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		receive(&rw{Reader: bytes.NewReader(b)}, nil, &nopSink{}, ReceiveOptions{MaxBytes: 1 << 20, ChunkPages: 4})
+		receive(&rw{Reader: bytes.NewReader(b)}, &nopSink{}, ReceiveOptions{MaxBytes: 1 << 20, ChunkPages: 4})
 	})
 }
 

@@ -4,12 +4,9 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"time"
 )
 
 // Sink takes what a dump sends, in the order CRIU sends it.
@@ -28,37 +25,11 @@ type ReceiveOptions struct {
 	MaxBytes int64
 	// ChunkPages is how many pages Sink.Pages gets at most at a time (0: 256).
 	ChunkPages int
-	// Quiet, if set, answers CRIU's close before it arrives: once the dump has sent
-	// nothing for Quiet, the answer goes out. (The agent does not use it: between the
-	// early answer and the last page kept there is a window in which a crash of the
-	// receiver loses the container, see BeforeClose.)
-	//
-	// CRIU corks its page-server socket and sends the close still corked, so the request
-	// waits in CRIU's send queue until the kernel's probe timer flushes it, 200 ms later
-	// (TCP_RTO_MIN; nothing the receiver does moves it), while CRIU, and the frozen
-	// container, wait for the answer. Every answer this server gives is zero bytes (no
-	// parent, status OK), so an answer that arrives early is still read right: a later
-	// open takes one byte of it and its own answer refills it, the close takes the four.
-	// The close itself then goes unanswered, so that CRIU reads exactly what was sent.
-	//
-	// From then on CRIU may end the dump as soon as it has sent the rest, and a
-	// receiver that dies before it has kept the rest loses the container: so the answer
-	// waits for Ready, which must say that CRIU has sent all its pages (CRIU writes its
-	// inventory image just before its close), and the receiver takes the rest whatever
-	// happens: ctx no longer ends the connection (IdleLimit bounds each wait instead),
-	// and Answered tells the sink to keep what arrives even if it cannot pass it on.
-	Quiet time.Duration
-	// Ready is asked at each quiet moment; the close is answered early only once it
-	// says yes (required with Quiet).
-	Ready func() bool
-	// Answered is called (once, before the answer is written) when Quiet answers early.
-	Answered func()
-	// IdleLimit bounds each wait for CRIU after an early answer (0: one minute).
-	IdleLimit time.Duration
-	// BeforeClose, if set, is called when CRIU's close arrives, before it is answered
-	// (not with an early answer): once answered, CRIU ends the dump and the container
-	// with it, so whatever a rollback needs must be kept by then. If it fails, the close
-	// goes unanswered, CRIU's dump fails and the container runs on.
+	// BeforeClose, if set, is called when CRIU's close arrives, before it is answered:
+	// once answered, CRIU ends the dump and the container with it, so whatever a
+	// rollback needs must be kept by then. If it fails, the close goes unanswered,
+	// CRIU's dump fails and the container runs on. (Answering the corked close in
+	// advance would save 200 ms but opens a window in which a crash loses the container.)
 	BeforeClose func() error
 }
 
@@ -74,73 +45,16 @@ func Receive(ctx context.Context, conn net.Conn, sink Sink, o ReceiveOptions) (i
 	if o.ChunkPages <= 0 {
 		o.ChunkPages = 256
 	}
-	if o.IdleLimit <= 0 {
-		o.IdleLimit = time.Minute
-	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	var rw io.ReadWriter = conn
-	var early *quietConn
-	if o.Quiet > 0 && o.Ready != nil {
-		early = &quietConn{Conn: conn, quiet: o.Quiet, idle: o.IdleLimit, ready: o.Ready, answered: func() bool {
-			if !stop() {
-				return false // ctx ended the connection already
-			}
-			if o.Answered != nil {
-				o.Answered()
-			}
-			return true
-		}}
-		rw = early
-	}
-	n, err := receive(rw, early, sink, o)
-	if ctx.Err() != nil && (early == nil || !early.fired) {
+	n, err := receive(conn, sink, o)
+	if ctx.Err() != nil {
 		return n, fmt.Errorf("page server: %w", context.Cause(ctx))
 	}
 	return n, err
 }
 
-// quietConn answers CRIU's close when the dump goes quiet (see ReceiveOptions.Quiet).
-type quietConn struct {
-	net.Conn
-	quiet, idle time.Duration
-	ready       func() bool // CRIU has sent every page
-	answered    func() bool // false: too late, the connection is ending
-	fired       bool
-}
-
-func (q *quietConn) Read(b []byte) (int, error) {
-	if q.fired {
-		q.Conn.SetReadDeadline(time.Now().Add(q.idle))
-		n, err := q.Conn.Read(b)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("CRIU sent nothing for %s after its pages were acknowledged: %w", q.idle, err)
-		}
-		return n, err
-	}
-	for {
-		q.Conn.SetReadDeadline(time.Now().Add(q.quiet))
-		n, err := q.Conn.Read(b)
-		if n > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
-			return n, err
-		}
-		if q.ready() {
-			break
-		}
-		// Quiet, but CRIU is still dumping (other state, or a pause between processes).
-	}
-	if !q.answered() {
-		return 0, net.ErrClosed
-	}
-	q.fired = true
-	var ok [4]byte
-	if _, err := q.Conn.Write(ok[:]); err != nil {
-		return 0, fmt.Errorf("page server: answer close: %w", err)
-	}
-	return q.Read(b)
-}
-
-func receive(conn io.ReadWriter, early *quietConn, sink Sink, o ReceiveOptions) (int64, error) {
+func receive(conn io.ReadWriter, sink Sink, o ReceiveOptions) (int64, error) {
 	br := bufio.NewReaderSize(conn, 1<<20)
 	buf := make([]byte, o.ChunkPages*PageSize)
 	var hb [headerSize]byte
@@ -223,9 +137,6 @@ func receive(conn io.ReadWriter, early *quietConn, sink Sink, o ReceiveOptions) 
 				left -= k
 			}
 		case cmdClose, cmdForceClose:
-			if early != nil && early.fired {
-				return total, nil // answered already
-			}
 			if o.BeforeClose != nil {
 				if err := o.BeforeClose(); err != nil {
 					return total, err

@@ -3,11 +3,9 @@ package pageserver
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"io"
 	"net"
-	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -90,92 +88,6 @@ func pattern(n int, seed byte) []byte {
 		b[i] = seed + byte(i*7) + byte(i>>12)
 	}
 	return b
-}
-
-// CRIU's close waits corked in its send queue (200 ms, frozen): the page server answers
-// it as soon as the dump goes quiet after CRIU has sent its last page (Ready: here, the
-// fake's inventory flag; the agent looks for CRIU's inventory image). Never before: a
-// pause mid-dump (between two processes, a page tail still corked) is not the end, and
-// an agent that answered there and died would lose the container. The dump still sends
-// everything, answers are read exactly (none twice), and once answered the end of ctx
-// no longer cuts the transfer: CRIU may end its dump, the rest must arrive.
-func TestCloseAnsweredWhileCRIUsRequestIsCorked(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		ready bool // Ready given
-		pause time.Duration
-		early bool // want the close answered early
-	}{
-		{"answered early", true, 0, true},
-		{"not in a pause mid-dump, then early", true, 30 * time.Millisecond, true},
-		{"not early without Ready", false, 0, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			one, two := pattern(37, 1), pattern(300, 9) // 300 pages: more than one chunk
-			sink := &sumSink{h: map[uint64][]byte{}}
-			answered, answeredBeforeReady := 0, false
-			var inventory atomic.Bool // the fake's last page sent
-			var ready func() bool
-			if tc.ready {
-				ready = inventory.Load
-			}
-			type result struct {
-				at  time.Time
-				err error
-			}
-			done := make(chan result, 1)
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					done <- result{err: err}
-					return
-				}
-				defer c.Close()
-				_, err = Receive(ctx, c, sink, ReceiveOptions{Quiet: 3 * time.Millisecond, Ready: ready, Answered: func() {
-					answered++
-					answeredBeforeReady = answeredBeforeReady || !inventory.Load()
-					cancel() // a watchdog firing now must not lose the rest
-				}})
-				done <- result{time.Now(), err}
-			}()
-			d := dialDump(t, ln.Addr().String())
-			defer d.conn.Close()
-			d.image(1, one)
-			time.Sleep(tc.pause)
-			d.image(2, two)
-			inventory.Store(true)
-			d.send(header{cmd: cmdClose}, nil) // corked, as CRIU sends it
-			d.read(4)
-			statusAt := time.Now()
-			// Nothing more: an answer given twice would desynchronise CRIU.
-			d.conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			if n, err := d.conn.Read(make([]byte, 8)); n > 0 || (err != nil && !errors.Is(err, os.ErrDeadlineExceeded) && err != io.EOF) {
-				t.Fatalf("after the status: %d more bytes (%v): want none", n, err)
-			}
-			d.conn.Close() // CRIU closes at once: what was corked goes out
-			r := <-done
-			if r.err != nil {
-				t.Fatalf("receive: %v", r.err)
-			}
-			if sha256.Sum256(sink.h[1]) != sha256.Sum256(one) || sha256.Sum256(sink.h[2]) != sha256.Sum256(two) || sink.pages != 337 {
-				t.Fatalf("received %d pages, process 1 intact %v, process 2 intact %v: want 337, both intact", sink.pages,
-					bytes.Equal(sink.h[1], one), bytes.Equal(sink.h[2], two))
-			}
-			// With the early answer CRIU has its status before its close request even
-			// reached the server (the kernel holds it 200 ms); without, it waits for that.
-			if (answered == 1) != tc.early || answeredBeforeReady || (tc.early && !statusAt.Before(r.at)) {
-				t.Fatalf("answered early %d times (before the last page: %v), status read %s before the server saw the close; want early: %v",
-					answered, answeredBeforeReady, r.at.Sub(statusAt), tc.early)
-			}
-		})
-	}
 }
 
 // What a rollback needs is kept before CRIU's close is answered (the answer lets CRIU end
