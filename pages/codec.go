@@ -126,6 +126,9 @@ type Stats struct {
 	PagesCopied  int64 `json:"pages_referenced"`
 	PagesSent    int64 `json:"pages_sent"`  // sent whole or as deltas
 	PagesDelta   int64 `json:"pages_delta"` // of those, sent as deltas
+	// PagesKnown: pages of the memory part named without hashing them (unchanged since
+	// the last pre-copy round read them, EncodeOptions.Known).
+	PagesKnown int64 `json:"pages_known,omitempty"`
 }
 
 // EncodeOptions are Encode's optional parts.
@@ -137,6 +140,10 @@ type EncodeOptions struct {
 	// goes as a delta against it. pid is the process's PID in its namespace, as CRIU's
 	// images name it.
 	Base func(pid int, vaddr uint64, into []byte) (place int, ok bool)
+	// Known, if set, may name a process's page without hashing it (MemoryWriter): it
+	// returns the page's SHA-256 when it can vouch that page's content is what it had
+	// when that hash was taken (FastSum of the same address matches). pid is as for Base.
+	Known func(pid int, vaddr uint64, page []byte) (Hash, bool)
 	// Observe hands the content of the archive's small regular files (under 1 MiB) to
 	// the function named by their base name (e.g. CRIU's stats-dump). They still go as
 	// raw bytes.

@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"hash/maphash"
 	"runtime"
 	"sync"
 )
@@ -71,4 +72,50 @@ func ParseHashes(b []byte) ([]Hash, error) {
 		copy(hs[i][:], b[i*len(Hash{}):])
 	}
 	return hs, nil
+}
+
+// Fast is a page's quick fingerprint: two 64-bit hashes under seeds chosen at random when
+// the process starts (hash/maphash, several GB/s). It is no name: it only tells whether
+// the content at an address is still what it was when this process last read it, so that
+// the page's SHA-256 computed then can be used again without hashing it anew. Equal
+// fingerprints of different contents happen with probability 2^-128, and the seeds are
+// secret, so content cannot be made to collide on purpose.
+type Fast [2]uint64
+
+var fastSeeds = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
+
+// FastSum fingerprints one page.
+func FastSum(page []byte) Fast {
+	return Fast{maphash.Bytes(fastSeeds[0], page), maphash.Bytes(fastSeeds[1], page)}
+}
+
+// sumMissing fills out[i] with the SHA-256 of the i-th page of buf where need[i], on all
+// CPUs when there are enough of them.
+func sumMissing(buf []byte, out []Hash, need []bool) {
+	var idx []int
+	for i, n := range need {
+		if n {
+			idx = append(idx, i)
+		}
+	}
+	workers := min(runtime.GOMAXPROCS(0), len(idx)/32)
+	if workers <= 1 {
+		for _, i := range idx {
+			out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	per := (len(idx) + workers - 1) / workers
+	for lo := 0; lo < len(idx); lo += per {
+		part := idx[lo:min(lo+per, len(idx))]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, i := range part {
+				out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
+			}
+		}()
+	}
+	wg.Wait()
 }

@@ -96,6 +96,7 @@ type MemoryWriter struct {
 	mem  Memory
 
 	hs   []Hash
+	need []bool
 	base []byte
 	left uint64 // pages of the current entry still to come
 	kind int
@@ -106,7 +107,7 @@ type MemoryWriter struct {
 // NewMemoryWriter writes to w; follow it with Encode of the archive on the same w.
 func NewMemoryWriter(w io.Writer, sess *Session, o EncodeOptions) *MemoryWriter {
 	ow := &opWriter{w: newBufWriter(w)}
-	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), base: make([]byte, Size)}
+	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), need: make([]bool, chunk), base: make([]byte, Size)}
 	m.run = &pendingRun{ow: ow, st: &m.st, sent: o.Sent}
 	return m
 }
@@ -137,7 +138,7 @@ func (m *MemoryWriter) Pages(vaddr uint64, data []byte) error {
 	for len(data) > 0 {
 		n := min(len(data)/Size, chunk)
 		buf := data[:n*Size]
-		SumAll(buf, m.hs[:n])
+		m.name(buf, m.hs[:n])
 		m.mem.Hashes = append(m.mem.Hashes, m.hs[:n]...)
 		for i := 0; i < n; {
 			if at, ok := m.sess.Index(m.hs[i]); ok {
@@ -182,6 +183,24 @@ func (m *MemoryWriter) Pages(vaddr uint64, data []byte) error {
 		data = data[n*Size:]
 	}
 	return nil
+}
+
+// name fills hs with the names of the pages in buf (the current entry's, from m.next):
+// those Known vouches for without hashing them, the others by their SHA-256.
+func (m *MemoryWriter) name(buf []byte, hs []Hash) {
+	if m.o.Known == nil || m.kind != KindProcess {
+		SumAll(buf, hs)
+		return
+	}
+	need := m.need[:len(hs)]
+	for i := range hs {
+		h, ok := m.o.Known(int(m.id), m.next+uint64(i)*Size, buf[i*Size:(i+1)*Size])
+		hs[i], need[i] = h, !ok
+		if ok {
+			m.st.PagesKnown++
+		}
+	}
+	sumMissing(buf, hs, need)
 }
 
 // Close ends the memory part and returns what it holds and what it sent.

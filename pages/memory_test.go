@@ -2,6 +2,7 @@ package pages
 
 import (
 	"bytes"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -138,5 +139,123 @@ func TestDecodeMemoryRefusesEntriesBeyondTheLimitAndStrayOps(t *testing.T) {
 	mw.ow.w.Flush()
 	if _, err := DecodeMemory(bytes.NewReader(wire.Bytes()), &bytes.Buffer{}, NewSession(), store, 1<<30, &Memory{}); err == nil {
 		t.Fatal("the stream ended inside a memory entry without an error")
+	}
+}
+
+// TestKnownPagesAreNamedWithoutHashingAndChangedOnesAreNot: in the frozen phase the writer
+// takes the last round's name of a page whose fingerprint is unchanged, and hashes the
+// others. A page changed since (its fingerprint differs) must cross with its new content,
+// even though the last round's name of its address is one the receiver holds.
+func TestKnownPagesAreNamedWithoutHashingAndChangedOnesAreNot(t *testing.T) {
+	dir := t.TempDir()
+	store, err := OpenStore(filepath.Join(dir, "dst"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n, base = 300, uint64(0x7f0000000000)
+	old := randomPages(t, n)
+	// The last round: every page's name and fingerprint by address; the receiver holds them.
+	names, err := store.Add(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast := map[uint64]Fast{}
+	name := map[uint64]Hash{}
+	for i := 0; i < n; i++ {
+		a := base + uint64(i)*Size
+		fast[a], name[a] = FastSum(old[i*Size:(i+1)*Size]), names[i]
+	}
+	sSess, dSess := NewSession(), NewSession()
+	sSess.Append(names...)
+	dSess.Append(names...)
+	// Since then, 7 pages changed (one byte each).
+	now := append([]byte(nil), old...)
+	changed := []int{0, 1, 63, 64, 150, 298, 299}
+	for _, i := range changed {
+		now[i*Size+100] ^= 0x5a
+	}
+	asked := 0
+	known := func(pid int, vaddr uint64, page []byte) (Hash, bool) {
+		asked++
+		if pid != 4 || FastSum(page) != fast[vaddr] {
+			return Hash{}, false
+		}
+		return name[vaddr], true
+	}
+	var wire bytes.Buffer
+	mw := NewMemoryWriter(&wire, sSess, EncodeOptions{Known: known})
+	if err := mw.Entry(KindProcess, 4, base, n, FlagPresent|FlagLazy); err != nil {
+		t.Fatal(err)
+	}
+	if err := mw.Pages(base, now); err != nil {
+		t.Fatal(err)
+	}
+	sent, st, err := mw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if asked != n || st.PagesKnown != int64(n-len(changed)) || st.PagesSent != int64(len(changed)) || st.PagesCopied != int64(n-len(changed)) {
+		t.Fatalf("asked %d, stats %+v: want %d known and referenced, %d sent", asked, st, n-len(changed), len(changed))
+	}
+	for _, i := range changed {
+		if sent.Hashes[i] != Sum(now[i*Size:(i+1)*Size]) {
+			t.Fatalf("changed page %d named %s, not by its new content", i, sent.Hashes[i])
+		}
+	}
+	wire.WriteByte('E')
+	var got Memory
+	if _, err := DecodeMemory(bytes.NewReader(wire.Bytes()), &bytes.Buffer{}, dSess, store, 1<<30, &got); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, n*Size)
+	for off := 0; off < n; {
+		k, err := got.ReadPages(store, 4, base+uint64(off)*Size, buf[off*Size:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		off += k
+	}
+	if !bytes.Equal(buf, now) {
+		t.Fatal("the receiver's memory differs from the sender's")
+	}
+}
+
+func BenchmarkMemoryWriterKnown(b *testing.B) {
+	const n, base = 4096, uint64(0x7f0000000000)
+	data := make([]byte, n*Size)
+	for i := range data {
+		data[i] = byte(i*7 + i>>12)
+	}
+	hs := make([]Hash, n)
+	SumAll(data, hs)
+	sess := NewSession()
+	sess.Append(hs...)
+	fast := map[uint64]Fast{}
+	name := map[uint64]Hash{}
+	for i := 0; i < n; i++ {
+		a := base + uint64(i)*Size
+		fast[a], name[a] = FastSum(data[i*Size:(i+1)*Size]), hs[i]
+	}
+	for _, mode := range []string{"sha256", "known"} {
+		b.Run(mode, func(b *testing.B) {
+			o := EncodeOptions{}
+			if mode == "known" {
+				o.Known = func(pid int, vaddr uint64, page []byte) (Hash, bool) {
+					if FastSum(page) != fast[vaddr] {
+						return Hash{}, false
+					}
+					return name[vaddr], true
+				}
+			}
+			b.SetBytes(int64(len(data)))
+			for b.Loop() {
+				mw := NewMemoryWriter(io.Discard, sess, o)
+				mw.Entry(KindProcess, 1, base, n, FlagPresent)
+				for off := 0; off < n; off += 256 {
+					mw.Pages(base+uint64(off)*Size, data[off*Size:(off+256)*Size])
+				}
+				mw.Close()
+			}
+		})
 	}
 }

@@ -84,6 +84,12 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	if f := r1.Final; f.PagesCopied < 20*f.PagesSent {
 		t.Errorf("frozen phase sent %d pages and referenced %d: pre-copy did not carry the memory", f.PagesSent, f.PagesCopied)
 	}
+	// The frozen phase names the pages unchanged since the last round by that round's
+	// hashes (their fingerprints match) and hashes only the others; the checksum after
+	// the move shows the changed ones crossed with their new content.
+	if f := r1.Final; f.PagesKnown < f.PagesCopied*8/10 || f.PagesKnown > f.PagesCopied+f.PagesSent {
+		t.Errorf("frozen phase: %d pages named from the last round, %d referenced, %d sent: the fingerprints were not used", f.PagesKnown, f.PagesCopied, f.PagesSent)
+	}
 	// memload dirties pages at addresses the rounds have seen: the frozen phase sends
 	// those as deltas (CRIU's pagemap images give each page's address).
 	if f := r1.Final; f.PagesDelta == 0 {

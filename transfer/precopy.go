@@ -253,6 +253,7 @@ func (pt *putter) wait() (int64, error) {
 // that content, which the target holds.
 type lastSent struct {
 	at    map[pageAddr]pages.Hash
+	fast  map[pageAddr]pages.Fast // the fingerprint of what at names, taken from the same bytes
 	sess  *pages.Session
 	store *pages.Store
 }
@@ -265,7 +266,20 @@ type pageAddr struct {
 }
 
 func newLastSent(sess *pages.Session, store *pages.Store) *lastSent {
-	return &lastSent{at: map[pageAddr]pages.Hash{}, sess: sess, store: store}
+	return &lastSent{at: map[pageAddr]pages.Hash{}, fast: map[pageAddr]pages.Fast{}, sess: sess, store: store}
+}
+
+// known is pages.EncodeOptions.Known: a page whose fingerprint is the one the last round
+// took at its address is named by the hash that round gave it. The frozen phase then
+// hashes only the pages changed since (SHA-256 of a whole container's memory would cost
+// about a second per GiB on this kind of machine).
+func (s *lastSent) known(pid int, vaddr uint64, page []byte) (pages.Hash, bool) {
+	key := pageAddr{pid, vaddr}
+	f, ok := s.fast[key]
+	if !ok || pages.FastSum(page) != f {
+		return pages.Hash{}, false
+	}
+	return s.at[key], true
 }
 
 // base is pages.EncodeOptions.Base.
@@ -358,6 +372,7 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 				key := pageAddr{ch.NSPid, ch.Addrs[i]}
 				old := seen.at[key]
 				seen.at[key] = h
+				seen.fast[key] = pages.FastSum(ch.Data[i*pages.Size : (i+1)*pages.Size])
 				if inBatch[h] {
 					continue
 				}
@@ -483,7 +498,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			// The memory first: CRIU sends it while it dumps, before podman's archive.
 			// It is kept here (its pages in the store, their names on disk) before CRIU's
 			// close is answered: a rollback rebuilds the page images from it.
-			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Sent: func(hs []pages.Hash, p []byte) {
+			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: func(hs []pages.Hash, p []byte) {
 				if err := a.store.AddTrusted(hs, p); err != nil {
 					slog.Warn("page store", "err", err)
 				}
@@ -557,6 +572,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		st.PagesCopied += m.PagesCopied
 		st.PagesSent += m.PagesSent
 		st.PagesDelta += m.PagesDelta
+		st.PagesKnown += m.PagesKnown
 	}
 	return &rr, &st, ft, nil
 }

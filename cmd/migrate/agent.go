@@ -526,7 +526,8 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 			fmt.Fprintf(w, "  pre-copy: %d rounds, %.1f MB while running; %s\n", len(r.Rounds), float64(r.RoundBytes)/1e6, r.StopReason)
 		}
 		if f := r.Final; f != nil {
-			fmt.Fprintf(w, "  frozen phase: %d pages sent (%d as deltas), %d referenced, %.1f MB of other images\n", f.PagesSent, f.PagesDelta, f.PagesCopied, float64(f.RawBytes)/1e6)
+			fmt.Fprintf(w, "  frozen phase: %d pages sent (%d as deltas), %d referenced (%d unchanged since the last round, not re-hashed), %.1f MB of other images\n",
+				f.PagesSent, f.PagesDelta, f.PagesCopied, f.PagesKnown, float64(f.RawBytes)/1e6)
 		}
 		if r.MemoryPath != "" {
 			fmt.Fprintf(w, "  memory path: %s\n", map[string]string{transfer.PathMemory: "page server, lazy restore", transfer.PathArchive: "in podman's archive"}[r.MemoryPath])
