@@ -27,29 +27,40 @@ func Sum(page []byte) Hash { return sha256.Sum256(page) }
 
 // SumAll fills out[i] with the hash of the i-th page of buf, on all CPUs when buf is large
 // enough to pay for it. len(buf) must be len(out)*Size.
-func SumAll(buf []byte, out []Hash) {
-	n := len(out)
-	workers := runtime.GOMAXPROCS(0)
-	if n < 64 || workers == 1 {
-		for i := range out {
+func SumAll(buf []byte, out []Hash) { sumPages(buf, out, nil) }
+
+// sumPages hashes the pages of buf named by idx (all of them if idx is nil) into out, on
+// all CPUs when there are enough of them.
+func sumPages(buf []byte, out []Hash, idx []int) {
+	n := len(idx)
+	if idx == nil {
+		n = len(out)
+	}
+	page := func(k int) int {
+		if idx == nil {
+			return k
+		}
+		return idx[k]
+	}
+	sum := func(lo, hi int) {
+		for k := lo; k < hi; k++ {
+			i := page(k)
 			out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
 		}
-		return
 	}
-	if workers > n/32 {
-		workers = n / 32
+	workers := min(runtime.GOMAXPROCS(0), n/32)
+	if n < 64 || workers <= 1 {
+		sum(0, n)
+		return
 	}
 	var wg sync.WaitGroup
 	per := (n + workers - 1) / workers
 	for lo := 0; lo < n; lo += per {
-		hi := min(lo+per, n)
 		wg.Add(1)
 		go func(lo, hi int) {
 			defer wg.Done()
-			for i := lo; i < hi; i++ {
-				out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
-			}
-		}(lo, hi)
+			sum(lo, hi)
+		}(lo, min(lo+per, n))
 	}
 	wg.Wait()
 }
@@ -89,33 +100,13 @@ func FastSum(page []byte) Fast {
 	return Fast{maphash.Bytes(fastSeeds[0], page), maphash.Bytes(fastSeeds[1], page)}
 }
 
-// sumMissing fills out[i] with the SHA-256 of the i-th page of buf where need[i], on all
-// CPUs when there are enough of them.
+// sumMissing fills out[i] with the SHA-256 of the i-th page of buf where need[i].
 func sumMissing(buf []byte, out []Hash, need []bool) {
-	var idx []int
+	idx := []int{}
 	for i, n := range need {
 		if n {
 			idx = append(idx, i)
 		}
 	}
-	workers := min(runtime.GOMAXPROCS(0), len(idx)/32)
-	if workers <= 1 {
-		for _, i := range idx {
-			out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
-		}
-		return
-	}
-	var wg sync.WaitGroup
-	per := (len(idx) + workers - 1) / workers
-	for lo := 0; lo < len(idx); lo += per {
-		part := idx[lo:min(lo+per, len(idx))]
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for _, i := range part {
-				out[i] = sha256.Sum256(buf[i*Size : (i+1)*Size])
-			}
-		}()
-	}
-	wg.Wait()
+	sumPages(buf, out, idx)
 }

@@ -252,10 +252,16 @@ func (pt *putter) wait() (int64, error) {
 // last sent for it. The frozen phase sends a page that changed since as its delta against
 // that content, which the target holds.
 type lastSent struct {
-	at    map[pageAddr]pages.Hash
-	fast  map[pageAddr]pages.Fast // the fingerprint of what at names, taken from the same bytes
+	at    map[pageAddr]lastPage
 	sess  *pages.Session
 	store *pages.Store
+}
+
+// lastPage is what the last round read at an address: the page's hash and its
+// fingerprint, taken from the same bytes.
+type lastPage struct {
+	hash pages.Hash
+	fast pages.Fast
 }
 
 // pageAddr is a page's address in a process, named by its PID in the container's
@@ -266,7 +272,7 @@ type pageAddr struct {
 }
 
 func newLastSent(sess *pages.Session, store *pages.Store) *lastSent {
-	return &lastSent{at: map[pageAddr]pages.Hash{}, fast: map[pageAddr]pages.Fast{}, sess: sess, store: store}
+	return &lastSent{at: map[pageAddr]lastPage{}, sess: sess, store: store}
 }
 
 // known is pages.EncodeOptions.Known: a page whose fingerprint is the one the last round
@@ -274,20 +280,20 @@ func newLastSent(sess *pages.Session, store *pages.Store) *lastSent {
 // hashes only the pages changed since (SHA-256 of a whole container's memory would cost
 // about a second per GiB on this kind of machine).
 func (s *lastSent) known(pid int, vaddr uint64, page []byte) (pages.Hash, bool) {
-	key := pageAddr{pid, vaddr}
-	f, ok := s.fast[key]
-	if !ok || pages.FastSum(page) != f {
+	last, ok := s.at[pageAddr{pid, vaddr}]
+	if !ok || pages.FastSum(page) != last.fast {
 		return pages.Hash{}, false
 	}
-	return s.at[key], true
+	return last.hash, true
 }
 
 // base is pages.EncodeOptions.Base.
 func (s *lastSent) base(pid int, vaddr uint64, into []byte) (int, bool) {
-	h, ok := s.at[pageAddr{pid, vaddr}]
+	last, ok := s.at[pageAddr{pid, vaddr}]
 	if !ok {
 		return 0, false
 	}
+	h := last.hash
 	place, ok := s.sess.Index(h)
 	if !ok || s.store.Read([]pages.Hash{h}, into) != nil {
 		return 0, false
@@ -370,9 +376,8 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			r.Scanned += int64(len(ch.Hashes))
 			for i, h := range ch.Hashes {
 				key := pageAddr{ch.NSPid, ch.Addrs[i]}
-				old := seen.at[key]
-				seen.at[key] = h
-				seen.fast[key] = pages.FastSum(ch.Data[i*pages.Size : (i+1)*pages.Size])
+				old := seen.at[key].hash
+				seen.at[key] = lastPage{h, pages.FastSum(ch.Data[i*pages.Size : (i+1)*pages.Size])}
 				if inBatch[h] {
 					continue
 				}
