@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -93,19 +94,31 @@ func TestCRIUDumpsToUsAndRestoresLazilyFromUs(t *testing.T) {
 		// As the agent receives: the memory kept before CRIU's close is answered. The
 		// checksum after the restore shows that no page was lost.
 		var kept bool
-		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{BeforeClose: func() error { kept = true; return nil }})
+		uncorked := errors.New("not told")
+		_, err = pageserver.Receive(ctx, conn, sink{mw}, pageserver.ReceiveOptions{BeforeClose: func() error { kept = true; return nil },
+			Uncork: true, Uncorked: func(err error) { uncorked = err }})
 		if err == nil && !kept {
 			err = errors.New("the close was answered without BeforeClose")
+		}
+		if err == nil && uncorked != nil {
+			err = fmt.Errorf("CRIU's socket was not uncorked: %w", uncorked)
 		}
 		recv <- err
 	}()
 	img := filepath.Join(dir, "img")
 	os.MkdirAll(img, 0o755)
 	lport := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-	runCRIU(t, img, "dump", "-t", strconv.Itoa(pid), "-D", img, "-o", "dump.log", "--tcp-established",
+	runCRIU(t, img, "dump", "-t", strconv.Itoa(pid), "-D", img, "-o", "dump.log", "-v4", "--tcp-established",
 		"--page-server", "--address", "127.0.0.1", "--port", lport)
 	if err := <-recv; err != nil {
 		t.Fatalf("page server: %v", err)
+	}
+	// How long CRIU waited for its close's answer: without the uncork, at least the
+	// kernel's 200 ms cork timer; with it, how far the receiver lags behind CRIU.
+	if gap, err := closeGap(filepath.Join(img, "dump.log")); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("CRIU waited %s for its close to be answered", gap)
 	}
 	cmd.Wait() // the dumped process is gone
 	mem, st, err := mw.Close()
@@ -184,6 +197,36 @@ func runCRIU(t *testing.T, dir string, args ...string) {
 		log := filepath.Join(dir, args[0]+".log")
 		t.Fatalf("criu %s: %v\n%s\n%s", args[0], err, out, tail(log))
 	}
+}
+
+// closeGap reads from CRIU's log how long it waited between starting to close the page
+// transfer and its next step (the answer arrived in between).
+func closeGap(log string) (time.Duration, error) {
+	b, err := os.ReadFile(log)
+	if err != nil {
+		return 0, err
+	}
+	stamp := func(l string) (time.Duration, bool) {
+		// "(00.123456) ..."
+		if len(l) < 12 || l[0] != '(' || l[10] != ')' {
+			return 0, false
+		}
+		f, err := strconv.ParseFloat(l[1:10], 64)
+		return time.Duration(f * float64(time.Second)), err == nil
+	}
+	var at time.Duration
+	seen := false
+	for _, l := range strings.Split(string(b), "\n") {
+		ts, ok := stamp(l)
+		switch {
+		case !ok:
+		case seen:
+			return ts - at, nil
+		case strings.Contains(l, "Disconnect from the page server"):
+			at, seen = ts, true
+		}
+	}
+	return 0, fmt.Errorf("%s: no page-server disconnect followed by another line", log)
 }
 
 func tail(path string) string {

@@ -31,6 +31,12 @@ type ReceiveOptions struct {
 	// CRIU's dump fails and the container runs on. (Answering the corked close in
 	// advance would save 200 ms but opens a window in which a crash loses the container.)
 	BeforeClose func() error
+	// Uncork clears TCP_CORK on the sender's socket once the stream goes quiet (the
+	// sender must be a process on this host's loopback; see uncork.go), so that CRIU's
+	// corked close arrives at once instead of after the kernel's 200 ms cork ceiling.
+	Uncork bool
+	// Uncorked, if set, is told once whether the sender was uncorked (nil) or why not.
+	Uncorked func(error)
 }
 
 // Receive serves one dump's connection: it answers CRIU's page-server requests as `criu
@@ -47,7 +53,13 @@ func Receive(ctx context.Context, conn net.Conn, sink Sink, o ReceiveOptions) (i
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	n, err := receive(conn, sink, o)
+	var rw io.ReadWriter = conn
+	if o.Uncork {
+		u := newUncorker(conn, o.Uncorked)
+		defer u.close()
+		rw = u
+	}
+	n, err := receive(rw, sink, o)
 	if ctx.Err() != nil {
 		return n, fmt.Errorf("page server: %w", context.Cause(ctx))
 	}

@@ -38,7 +38,7 @@ version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ];
 # ---------------------------------------------------------------- packages
 PKGS=(podman runc conmon containers-storage iproute2 iputils-ping netcat-openbsd ethtool util-linux procps psmisc
       openvswitch-switch openvswitch-common iperf3 sockperf busybox-static
-      redis-server redis-tools nginx-light postgresql-15
+      redis-server redis-tools nginx-light postgresql-15 gcc libc6-dev
       tar xz-utils zstd ca-certificates nftables iptables)
 apt_updated=0
 apt_update() {

@@ -94,8 +94,57 @@ func imageLayers(ctx context.Context, memload string) (map[string][]layerFile, e
 	if err != nil {
 		return nil, err
 	}
-	layers["pg"] = pg
+	shim, err := buildAsUser(ctx)
+	if err != nil {
+		return nil, err
+	}
+	layers["pg"] = append(pg, layerFile{shim, AsUserLib})
 	return layers, nil
+}
+
+// AsUserLib, preloaded (LD_PRELOAD) with MIGRATE_TEST_AS_UID set, makes a root process
+// see that uid from getuid and geteuid, and nothing else: PostgreSQL, which refuses to
+// run as root, runs as root while believing it is that user. The PostgreSQL test uses it
+// on hosts whose root lacks CAP_SYS_RESOURCE, where CRIU cannot dump a process of
+// another user (push refuses it: "process users"), so that the database's move is still
+// proven there. Every file access is root's; the rest of PostgreSQL is unchanged.
+const AsUserLib = "/usr/lib/migrate-test/asuser.so"
+
+const asUserSource = `#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+static uid_t as_user(long nr) {
+	const char *s = getenv("MIGRATE_TEST_AS_UID");
+	return s && *s ? (uid_t)strtoul(s, 0, 10) : (uid_t)syscall(nr);
+}
+uid_t getuid(void) { return as_user(SYS_getuid); }
+uid_t geteuid(void) { return as_user(SYS_geteuid); }
+`
+
+// buildAsUser compiles AsUserLib with the host's C compiler into the image cache, once
+// per source; no build ID, so that the image's layer digest is the same on every build.
+func buildAsUser(ctx context.Context) (string, error) {
+	sum := sha256.Sum256([]byte(asUserSource))
+	out := filepath.Join(ImageCache, "asuser-"+hex.EncodeToString(sum[:8])+".so")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	if err := os.MkdirAll(ImageCache, 0o755); err != nil {
+		return "", err
+	}
+	src := out + ".c"
+	if err := os.WriteFile(src, []byte(asUserSource), 0o644); err != nil {
+		return "", err
+	}
+	defer os.Remove(src)
+	tmp := out + ".partial"
+	cmd := exec.CommandContext(ctx, "gcc", "-shared", "-fPIC", "-O2", "-Wl,--build-id=none", "-o", tmp, src)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("test image: compile %s with gcc (scripts/install.sh installs it): %w: %s", AsUserLib, err, b)
+	}
+	return out, os.Rename(tmp, out)
 }
 
 // pgDir is Debian's PostgreSQL 15 (package postgresql-15).

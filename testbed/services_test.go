@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/testbed"
-	"github.com/migrate-project/migrate/transfer"
 )
 
 const redisIP = "10.88.0.40"
@@ -145,9 +144,25 @@ func TestPostgresPgbenchThroughAMove(t *testing.T) {
 	tb := upAgents(t, "pg", testbed.Link{RateMbit: 100, Delay: 5 * time.Millisecond})
 	const ip = "10.88.0.42"
 	bin := "/usr/lib/postgresql/15/bin/"
-	start := `chown postgres /data && exec su -s /bin/sh postgres -c '` +
-		`[ -s /data/pg/PG_VERSION ] || { ` + bin + `initdb -D /data/pg -U postgres --auth=trust --locale=C -E UTF8 >/data/initdb.log 2>&1 && echo "host all all 0.0.0.0/0 trust" >> /data/pg/pg_hba.conf; }; ` +
-		`exec ` + bin + `postgres -D /data/pg -c listen_addresses=* -c unix_socket_directories=/tmp -c shared_buffers=32MB'`
+	initdb := `[ -s /data/pg/PG_VERSION ] || { ` + bin + `initdb -D /data/pg -U postgres --auth=trust --locale=C -E UTF8 >/data/initdb.log 2>&1 && echo "host all all 0.0.0.0/0 trust" >> /data/pg/pg_hba.conf; }; ` +
+		`exec ` + bin + `postgres -D /data/pg -c listen_addresses=* -c unix_socket_directories=/tmp -c shared_buffers=32MB`
+	start := `chown postgres /data && exec su -s /bin/sh postgres -c '` + initdb + `'`
+	// Without CAP_SYS_RESOURCE (this VM kind's bounding set lacks it) CRIU cannot dump a
+	// process of another user: push's pre-flight must refuse one before anything freezes,
+	// and the container runs on. PostgreSQL refuses to run as root, so here it runs as
+	// root believing it is user postgres (testbed.AsUserLib), and the database's move is
+	// proven all the same. With the capability it runs as postgres.
+	if noSysResource() {
+		mustMigrate(t, tb, "run", "--on", "a", "--name", "nonroot", "--ip", "10.88.0.43/16", testbed.ImageV1, "su", "-s", "/bin/sh", "postgres", "-c", "exec sleep 600")
+		wantExit(t, tb, 1, []string{"process users", "CAP_SYS_RESOURCE"}, "push", "nonroot", "--to", "b")
+		if w := where(t, tb, "nonroot"); len(w) != 1 || w[0] != "a" {
+			t.Fatalf("after the refused push, nonroot runs on %v, want a", w)
+		}
+		mustMigrate(t, tb, "rm", "nonroot")
+		t.Log("this host lacks CAP_SYS_RESOURCE: the move of a non-root process was refused at the pre-flight, as documented")
+		start = `mkdir -p /data/pg && chown postgres /data/pg && chmod 700 /data/pg && export LD_PRELOAD=` + testbed.AsUserLib +
+			` MIGRATE_TEST_AS_UID=999 && ` + initdb
+	}
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "pg", "--ip", ip+"/16", "-v", "pgdata:/data", "--memory", "1g", testbed.ImagePG, "sh", "-c", start)
 	client := func(limit time.Duration, args ...string) string {
 		t.Helper()
@@ -177,36 +192,32 @@ func TestPostgresPgbenchThroughAMove(t *testing.T) {
 		}
 	}
 	client(2*time.Minute, bin+"pgbench", "-h", ip, "-U", "postgres", "-i", "-s", "5", "-q", "postgres")
-	wait := startClientFor(t, tb, 3*time.Minute, bin+"pgbench", "-h", ip, "-U", "postgres", "-c", "4", "-T", "60", "-P", "10", "postgres")
-	// Transactions under way: 1 MB of pgbench's traffic has reached the client.
-	waitWire(t, tb, testbed.ClientName, false, 1<<20, time.Minute)
-	// Without CAP_SYS_RESOURCE (this VM kind's bounding set lacks it) CRIU cannot dump a
-	// process of another user, and PostgreSQL refuses to run as root: the pre-flight must
-	// refuse the move with that reason, before anything freezes, and pgbench must not
-	// notice. With the capability the database moves.
-	want := "b"
-	var r *transfer.PushResult
-	if noSysResource() {
-		want = "a"
-		wantExit(t, tb, 1, []string{"process users", "CAP_SYS_RESOURCE"}, "push", "pg", "--to", "b")
-		t.Log("this host lacks CAP_SYS_RESOURCE: the move of a non-root PostgreSQL was refused at the pre-flight, as documented")
-	} else {
-		r = pushArgs(t, tb, "pg", "--to", "b")
+	const run = 60 * time.Second
+	began := time.Now()
+	wait := startClientFor(t, tb, 3*time.Minute, bin+"pgbench", "-h", ip, "-U", "postgres", "-c", "4", "-T", strconv.Itoa(int(run.Seconds())), "-P", "5", "postgres")
+	// Transactions under way (100 KB of pgbench's traffic has reached the client), and
+	// the move must end well before pgbench does: a move after its run proves nothing.
+	waitWire(t, tb, testbed.ClientName, false, 100<<10, time.Minute)
+	r := pushArgs(t, tb, "pg", "--to", "b")
+	if !r.OK {
+		t.Fatalf("push pg: %s", r.Error)
 	}
+	if ended := time.Since(began); ended > run-5*time.Second {
+		t.Fatalf("the move ended %s after pgbench began, too close to the end of its %s run to prove anything", ended.Round(time.Second), run)
+	}
+	t.Logf("the move ended %s into pgbench's %s run (frozen %s)", time.Since(began).Round(time.Second), run, r.Frozen.Round(time.Millisecond))
 	out, err := wait()
 	if err != nil {
 		t.Fatalf("pgbench through the move: %v\n%s", err, out)
 	}
 	report := string(out)
 	t.Logf("pgbench:\n%s", report)
-	if r != nil {
-		t.Logf("push: held %s, volume passes %+v", r.Frozen, r.Volumes)
-	}
+	t.Logf("push: held %s, volume passes %+v", r.Frozen, r.Volumes)
 	if !strings.Contains(report, "number of failed transactions: 0 (") || strings.Contains(report, "aborted") {
 		t.Fatalf("pgbench saw failures or lost a client (a reconnect):\n%s", report)
 	}
-	if w := where(t, tb, "pg"); len(w) != 1 || w[0] != want {
-		t.Fatalf("pg runs on %v", w)
+	if w := where(t, tb, "pg"); len(w) != 1 || w[0] != "b" {
+		t.Fatalf("pg runs on %v after the move, want b", w)
 	}
 	sums := strings.Fields(client(time.Minute, "psql", "-h", ip, "-U", "postgres", "-At", "-F", " ", "-c",
 		"select (select count(*) from pgbench_accounts), (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), "+
@@ -214,7 +225,7 @@ func TestPostgresPgbenchThroughAMove(t *testing.T) {
 	if len(sums) != 6 || sums[0] != "500000" || sums[1] != sums[2] || sums[2] != sums[3] || sums[3] != sums[4] || sums[5] == "0" {
 		t.Fatalf("after the move: accounts, balances (accounts, tellers, branches, history) and history rows %v: want 500000 accounts and four equal sums", sums)
 	}
-	t.Logf("afterwards on %s: %s history rows, balances %s", want, sums[5], sums[1])
+	t.Logf("afterwards on b: %s history rows, balances %s", sums[5], sums[1])
 }
 
 // noSysResource reports whether this machine lacks CAP_SYS_RESOURCE (the agents run with

@@ -158,7 +158,8 @@ func (d *dumpServer) receive(ctx context.Context, mw *pages.MemoryWriter, export
 		}
 		return keep(mem)
 	}
-	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), BeforeClose: beforeClose}); err != nil {
+	if _, err := pageserver.Receive(ctx, conn, memorySink{mw}, pageserver.ReceiveOptions{MaxBytes: maxArchive(), BeforeClose: beforeClose,
+		Uncork: true, Uncorked: func(err error) { slog.Debug("page server: CRIU's socket uncorked", "container", d.name, "err", err) }}); err != nil {
 		return nil, pages.Stats{}, err
 	}
 	return mem, st, nil
