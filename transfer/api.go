@@ -194,6 +194,9 @@ type RestoreResult struct {
 	Received time.Duration `json:"receive_ns"`
 	// CRIURestore is CRIU's own restore time as podman reports it.
 	CRIURestore time.Duration `json:"criu_restore_ns,omitempty"`
+	// LazySetUp (lazy restores) is the set-up after the stream ended and before podman's
+	// import: memory images written, page server and CRIU's lazy-pages daemon listening.
+	LazySetUp time.Duration `json:"lazy_setup_ns,omitempty"`
 	Pages       *pages.Stats  `json:"pages,omitempty"` // for an encoded archive
 }
 

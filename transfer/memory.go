@@ -270,6 +270,9 @@ type lazyRestore struct {
 	postcopy    *postcopyIn // post-copy: pages still arrive from the source
 	unpin       func()
 	start       time.Time
+	// setupTook is how long setUp took once the stream had ended: images written, the
+	// page server and CRIU's lazy-pages daemon started and listening.
+	setupTook time.Duration
 }
 
 // lazyDir is where a lazy restore's images and CRIU's logs live.
@@ -291,10 +294,12 @@ func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, se
 		lr.unpin()
 		return nil, nil, err
 	}
+	began := time.Now()
 	if err := lr.setUp(ctx, archive.Bytes()); err != nil {
 		lr.stop(false)
 		return nil, nil, err
 	}
+	lr.setupTook = time.Since(began)
 	return lr, archive.Bytes(), nil
 }
 

@@ -637,7 +637,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		released = time.Now()
 	}
 	res.Frozen = released.Sub(frozenAt)
-	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, released, rr.CRIURestore)
+	res.Downtime = frozenSteps(frozenAt, ft, restoredAt, released, *rr)
 	if len(vols) > 0 {
 		res.Downtime = append([]Phase{{Name: "volumes: changed files", Duration: volumesFinal}}, res.Downtime...)
 	}
@@ -673,12 +673,14 @@ const (
 	StepStream        = "stream (archive read, encoded, sent)"
 	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
 	StepCRIURestore   = "  of restore: CRIU itself"
+	StepLazySetUp     = "  of restore: lazy set-up (memory images, page server, CRIU lazy-pages daemon)"
+	StepPodmanImport  = "  of restore: podman import (runtime, CRIU)"
 	StepOverlaySwitch = "overlay switch (journal the decision, point this node at the target, release held frames)"
 )
 
 // frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
 // part where it is known.
-func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Time, criuRestore time.Duration) []Phase {
+func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Time, rr RestoreResult) []Phase {
 	checkpoint := ft.firstByte.Sub(frozenAt)
 	steps := []Phase{{Name: StepCheckpoint, Duration: checkpoint}}
 	if d := ft.dump; d != nil {
@@ -694,8 +696,14 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 	steps = append(steps,
 		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
 		Phase{Name: StepRestore, Duration: restoredAt.Sub(ft.lastByte)})
-	if criuRestore > 0 {
-		steps = append(steps, Phase{Name: StepCRIURestore, Duration: criuRestore})
+	if rr.LazySetUp > 0 {
+		steps = append(steps, Phase{Name: StepLazySetUp, Duration: rr.LazySetUp})
+	}
+	if rr.Restore > 0 {
+		steps = append(steps, Phase{Name: StepPodmanImport, Duration: rr.Restore})
+	}
+	if rr.CRIURestore > 0 {
+		steps = append(steps, Phase{Name: StepCRIURestore, Duration: rr.CRIURestore})
 	}
 	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})
 }

@@ -275,6 +275,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	if encoded {
 		out.Pages = &pst
 	}
+	if lr != nil {
+		out.LazySetUp = lr.setupTook
+	}
 	return out, nil
 }
 
