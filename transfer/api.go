@@ -197,7 +197,7 @@ type RestoreResult struct {
 	// LazySetUp (lazy restores) is the set-up after the stream ended and before podman's
 	// import: memory images written, page server and CRIU's lazy-pages daemon listening.
 	LazySetUp time.Duration `json:"lazy_setup_ns,omitempty"`
-	Pages       *pages.Stats  `json:"pages,omitempty"` // for an encoded archive
+	Pages     *pages.Stats  `json:"pages,omitempty"` // for an encoded archive
 }
 
 // ImageResult is the target's report of an image load.
