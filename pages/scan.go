@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // Processes returns the host PIDs of every process in the PID namespace of init (a
@@ -96,11 +97,18 @@ func Scan(pids []int, chunkPages int, fn func(Chunk) error) error {
 	}
 	for _, pid := range pids {
 		err := scanProcess(pid, buf, pm, addrs, hashed)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err != nil && !exited(err) {
 			return fmt.Errorf("read memory of process %d: %w", pid, err)
 		}
 	}
 	return nil
+}
+
+// exited reports whether err says that the process is gone: its /proc directory went
+// (ENOENT), or it was released between the lookup and the open (ESRCH, "no such
+// process"; CI saw it for a container's short-lived shell child).
+func exited(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
 func scanProcess(pid int, buf, pm []byte, addrs []uint64, fn func(Chunk) error) error {
