@@ -29,8 +29,8 @@ func Sum(page []byte) Hash { return sha256.Sum256(page) }
 // enough to pay for it. len(buf) must be len(out)*Size.
 func SumAll(buf []byte, out []Hash) { sumPages(buf, out, nil) }
 
-// sumPages hashes the pages of buf named by idx (all of them if idx is nil) into out, on
-// all CPUs when there are enough of them.
+// sumPages hashes the pages of buf named by idx (all of them if idx is nil; none if it is
+// empty) into out, on all CPUs when there are enough of them.
 func sumPages(buf []byte, out []Hash, idx []int) {
 	n := len(idx)
 	if idx == nil {
@@ -98,15 +98,4 @@ var fastSeeds = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 // FastSum fingerprints one page.
 func FastSum(page []byte) Fast {
 	return Fast{maphash.Bytes(fastSeeds[0], page), maphash.Bytes(fastSeeds[1], page)}
-}
-
-// sumMissing fills out[i] with the SHA-256 of the i-th page of buf where need[i].
-func sumMissing(buf []byte, out []Hash, need []bool) {
-	idx := []int{}
-	for i, n := range need {
-		if n {
-			idx = append(idx, i)
-		}
-	}
-	sumPages(buf, out, idx)
 }

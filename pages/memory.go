@@ -96,7 +96,7 @@ type MemoryWriter struct {
 	mem  Memory
 
 	hs   []Hash
-	need []bool
+	idx  []int // scratch: the pages of a chunk still to hash
 	base []byte
 	left uint64 // pages of the current entry still to come
 	kind int
@@ -107,7 +107,7 @@ type MemoryWriter struct {
 // NewMemoryWriter writes to w; follow it with Encode of the archive on the same w.
 func NewMemoryWriter(w io.Writer, sess *Session, o EncodeOptions) *MemoryWriter {
 	ow := &opWriter{w: newBufWriter(w)}
-	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), need: make([]bool, chunk), base: make([]byte, Size)}
+	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), idx: make([]int, 0, chunk), base: make([]byte, Size)}
 	m.run = &pendingRun{ow: ow, st: &m.st, sent: o.Sent}
 	return m
 }
@@ -192,15 +192,17 @@ func (m *MemoryWriter) name(buf []byte, hs []Hash) {
 		SumAll(buf, hs)
 		return
 	}
-	need := m.need[:len(hs)]
+	m.idx = m.idx[:0]
 	for i := range hs {
 		h, ok := m.o.Known(int(m.id), m.next+uint64(i)*Size, buf[i*Size:(i+1)*Size])
-		hs[i], need[i] = h, !ok
 		if ok {
+			hs[i] = h
 			m.st.PagesKnown++
+		} else {
+			m.idx = append(m.idx, i)
 		}
 	}
-	sumMissing(buf, hs, need)
+	sumPages(buf, hs, m.idx)
 }
 
 // Close ends the memory part and returns what it holds and what it sent.

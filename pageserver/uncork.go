@@ -44,7 +44,11 @@ func findPeer(conn *net.TCPConn) (*peerSocket, error) {
 	if !ok || !remote.IP.IsLoopback() {
 		return nil, fmt.Errorf("peer %v is not on loopback", conn.RemoteAddr())
 	}
-	ino, err := socketInode(remote.Port)
+	local, ok := conn.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return nil, fmt.Errorf("local address %v is not TCP", conn.LocalAddr())
+	}
+	ino, err := socketInode(remote.Port, local.Port)
 	if err != nil {
 		return nil, err
 	}
@@ -86,25 +90,26 @@ func findPeer(conn *net.TCPConn) (*peerSocket, error) {
 	return nil, fmt.Errorf("no process holds the socket on port %d", remote.Port)
 }
 
-// socketInode reads the inode of the IPv4 TCP socket whose local port is port.
-func socketInode(port int) (uint64, error) {
+// socketInode reads the inode of the IPv4 TCP socket from local port port to remote
+// port peer: the sender's end of this connection, not another socket on the same port.
+func socketInode(port, peer int) (uint64, error) {
 	f, err := os.Open("/proc/net/tcp")
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
-	want := fmt.Sprintf(":%04X", port)
+	local, remote := fmt.Sprintf(":%04X", port), fmt.Sprintf(":%04X", peer)
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
-		if len(fs) > 9 && strings.HasSuffix(fs[1], want) {
+		if len(fs) > 9 && strings.HasSuffix(fs[1], local) && strings.HasSuffix(fs[2], remote) {
 			return strconv.ParseUint(fs[9], 10, 64)
 		}
 	}
 	if err := sc.Err(); err != nil {
 		return 0, err
 	}
-	return 0, fmt.Errorf("no TCP socket on local port %d", port)
+	return 0, fmt.Errorf("no TCP socket from local port %d to port %d", port, peer)
 }
 
 // uncork clears TCP_CORK on the peer's socket, through a duplicate of its descriptor
