@@ -103,6 +103,24 @@ func SockperfAfterGap(log []byte, window time.Duration) (during, before time.Dur
 	return during, before, n, nil
 }
 
+// SockperfRateAfterGap reads the same log and returns the rate of replies, per second,
+// from the end of the largest gap to the last reply: whether the connection carried on
+// at the client's pace after the move, whatever the client's warm-up or the machine's
+// load did before it. It is an error if less than a second follows the gap.
+func SockperfRateAfterGap(log []byte) (rate float64, n int, err error) {
+	s := sockperfReplies(log)
+	if len(s) < 2 {
+		return 0, 0, fmt.Errorf("%d replies in the sockperf log: too few for a gap", len(s))
+	}
+	g := largestGap(s)
+	span := s[len(s)-1].rx - s[g].rx
+	if span < 1 {
+		return 0, 0, fmt.Errorf("only %.3f s of replies after the largest gap: too little for a rate", span)
+	}
+	n = len(s) - g - 1 // the replies after the first one that ended the gap
+	return float64(n) / span, n, nil
+}
+
 // UDP is what memload -udp-ping reports: datagrams sent, echoed back, lost, and the
 // largest time between two echoes.
 type UDP struct {

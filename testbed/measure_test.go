@@ -66,3 +66,35 @@ func TestSockperfAfterGap(t *testing.T) {
 		t.Error("one reply has no gap: want an error")
 	}
 }
+
+// The rate after the gap counts only what followed the gap: a slow start does not lower it,
+// a client that slowed after the move does.
+func TestSockperfRateAfterGap(t *testing.T) {
+	log := func(after float64) []byte {
+		var b strings.Builder
+		b.WriteString("packet, txTime(sec), rxTime(sec), latency(usec)\n")
+		tx := 1.0
+		for i := 0; i < 50; i++ { // a slow warm-up: 20/s
+			fmt.Fprintf(&b, "0, %.6f, %.6f, 0\n", tx, tx+0.001)
+			tx += 0.05
+		}
+		tx += 0.7 // frozen
+		for i := 0; i < 600; i++ {
+			fmt.Fprintf(&b, "0, %.6f, %.6f, 0\n", tx, tx+0.001)
+			tx += 1 / after
+		}
+		return []byte(b.String())
+	}
+	for _, c := range []struct{ after, want float64 }{{200, 200}, {100, 100}} {
+		rate, n, err := SockperfRateAfterGap(log(c.after))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if math.Abs(rate-c.want) > 1 || n != 599 {
+			t.Errorf("client at %v/s after the gap: rate %.1f/s over %d replies, want %v/s over 599", c.after, rate, n, c.want)
+		}
+	}
+	if _, _, err := SockperfRateAfterGap([]byte("packet, x\n0, 1.0, 1.001, 0\n0, 2.0, 2.001, 0\n0, 2.1, 2.101, 0\n")); err == nil {
+		t.Error("0.1 s after the gap: want an error")
+	}
+}

@@ -284,7 +284,7 @@ func TestPushSockperfPingPong(t *testing.T) {
 	waitListen(t, tb, "a", "web", 11111)
 	var r *transfer.PushResult
 	var udp func() ([]byte, error)
-	gap, rtt, n := sockperfThrough(t, tb, 10, func() {
+	log := sockperfLog(t, tb, webIP, 10, func() {
 		// The UDP client starts once sockperf runs (its frames would count as sockperf's)
 		// and sends for 5 s: from before the freeze to after the switch.
 		udp = startClient(t, tb, tb.MemloadBin, "-udp-ping", webIP+":7002", "-udp-rate", "200", "-for", "5s")
@@ -292,6 +292,10 @@ func TestPushSockperfPingPong(t *testing.T) {
 			t.Fatalf("push: %+v", r)
 		}
 	})
+	gap, rtt, n, err := testbed.SockperfGap(log)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, p := range r.Downtime {
 		t.Logf("frozen phase: %-90s %s", p.Name, p.Duration)
 	}
@@ -300,10 +304,13 @@ func TestPushSockperfPingPong(t *testing.T) {
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
 		t.Fatalf("after the push web runs on %v", w)
 	}
-	// 10 s at 200 a second, less the gap and sockperf's warm-up: 1,693-1,968 measured.
-	// Margin 5% below the fewest.
-	if n < 1600 {
-		t.Errorf("only %d replies in 10 s at 200/s", n)
+	// After the move the connection carries on at the client's pace, 200 a second. Judged
+	// on what follows the gap alone: the total count also holds sockperf's warm-up and
+	// the machine's load before the move (1,582-1,968 of 2,000 measured).
+	if rate, after, err := testbed.SockperfRateAfterGap(log); err != nil {
+		t.Error(err)
+	} else if rate < 0.8*200 {
+		t.Errorf("after the move sockperf got %.0f replies a second (%d replies), want at least 160 of its 200", rate, after)
 	}
 	// TCP's gap: the held time and a round trip (8-9 ms more measured; 158-191 ms more
 	// before the target learnt it ran the container ahead of the release, the held pings
