@@ -4,8 +4,8 @@
 # each serving a sockperf ping-pong client, are moved (a) the stock way (podman checkpoint
 # --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
 # `migrate push --memory-path archive` (pre-copy, pages in podman's archive), (d) by
-# `migrate push` (pre-copy, the memory path: page server, lazy restore), (e) by `migrate
-# push --postcopy`; then the same five moves of a Redis holding REDIS keys (1000000 by
+# `migrate push` (pre-copy, the memory path: page server, lazy restore),
+# (e) by `migrate push --postcopy`; then the same five moves of a Redis holding REDIS keys (1000000 by
 # default; DEBUG POPULATE, values of 100 bytes), checked by the same run_id and dataset
 # digest (DEBUG DIGEST) on the target. Writes results/experiment/experiment.{csv,svg} and
 # prints ratio lines per configuration (pre-copy / stock, post-copy / stock). Takes about 45 minutes for
@@ -14,7 +14,9 @@
 #   SIZES=64,256 DIRTY=1 REDIS=0 scripts/experiment.sh     # a smaller matrix, no Redis
 #   SIZES= scripts/experiment.sh                            # only the Redis moves
 #   CASES=precopy,postcopy scripts/experiment.sh            # only these cases (of stock,
-#                                                           # stop-copy, precopy-archive, precopy, postcopy)
+#                                                           # stop-copy, precopy-archive, precopy, postcopy,
+#                                                           # and precopy-read: push --handover read, the
+#                                                           # agent reads the frozen memory of a lazy dump)
 #   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"

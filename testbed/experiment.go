@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -15,6 +16,9 @@ const (
 	CaseStock    = "stock"     // podman checkpoint --export, copy, podman restore --import
 	CaseStopCopy = "stop-copy" // migrate push --mode stop-copy
 	CasePrecopy  = "precopy"   // migrate push: pre-copy, the memory path (page server, lazy restore)
+	// CasePrecopyRead is the memory path with the frozen memory read by the agent from
+	// the processes of a lazy dump (push --handover read).
+	CasePrecopyRead = "precopy-read"
 	// CasePrecopyArchive is pre-copy with the pages inside podman's archive (the path
 	// before the memory path, and the fallback).
 	CasePrecopyArchive = "precopy-archive"
@@ -23,8 +27,12 @@ const (
 	CasePostcopy = "postcopy"
 )
 
-// Cases are the experiment's cases, in the order they run.
-var Cases = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopy, CasePostcopy}
+// Cases are the experiment's cases, in the order they run; AllCases adds those run only
+// when asked for (MIGRATE_EXPERIMENT_CASES).
+var (
+	Cases    = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopy, CasePostcopy}
+	AllCases = []string{CaseStock, CaseStopCopy, CasePrecopyArchive, CasePrecopyRead, CasePrecopy, CasePostcopy}
+)
 
 // ExpRow is one move of the experiment.
 type ExpRow struct {
@@ -199,8 +207,13 @@ func Ratios(rows []ExpRow) []string {
 // WriteSVG draws two bar charts, downtime and bytes on the wire, one group of bars per
 // configuration and one bar per case, on a log scale.
 func WriteSVG(w io.Writer, rows []ExpRow) error {
-	cases := Cases
-	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopyArchive: "#90b0e0", CasePrecopy: "#2070c0", CasePostcopy: "#30a050"}
+	var cases []string // those the rows hold
+	for _, c := range AllCases {
+		if slices.ContainsFunc(rows, func(r ExpRow) bool { return r.Case == c }) {
+			cases = append(cases, c)
+		}
+	}
+	colors := map[string]string{CaseStock: "#888888", CaseStopCopy: "#e08030", CasePrecopyArchive: "#90b0e0", CasePrecopyRead: "#8060c0", CasePrecopy: "#2070c0", CasePostcopy: "#30a050"}
 	keys, by := byConfig(rows)
 	const bw, gap, left, panelH, top = 18, 24, 70, 220, 40
 	groupW := len(cases)*bw + gap

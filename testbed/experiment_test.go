@@ -56,8 +56,8 @@ func TestExperimentDowntime(t *testing.T) {
 	if v := os.Getenv("MIGRATE_EXPERIMENT_CASES"); v != "" {
 		cases = nil
 		for _, c := range strings.Split(v, ",") {
-			if !slices.Contains(testbed.Cases, c) {
-				t.Fatalf("MIGRATE_EXPERIMENT_CASES=%q: %q is not one of %v", v, c, testbed.Cases)
+			if !slices.Contains(testbed.AllCases, c) {
+				t.Fatalf("MIGRATE_EXPERIMENT_CASES=%q: %q is not one of %v", v, c, testbed.AllCases)
 			}
 			cases = append(cases, c)
 		}
@@ -171,7 +171,7 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 	w0 := wireCounts(t, tb)["b"]
 	// sockperf runs for a fixed time that must cover the move.
 	seconds := 12 + int(xfer*1.3)
-	if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePostcopy {
+	if c == testbed.CasePrecopy || c == testbed.CasePrecopyArchive || c == testbed.CasePrecopyRead || c == testbed.CasePostcopy {
 		seconds = 12 + int(xfer*3.3) // rounds, then the frozen copy
 	}
 	t0 := time.Now()
@@ -190,6 +190,7 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 				testbed.CaseStopCopy:       {"--mode", "stop-copy"},
 				testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
 				testbed.CasePrecopy:        {"--mode", "precopy"},
+				testbed.CasePrecopyRead:    {"--mode", "precopy", "--handover", "read"},
 				testbed.CasePostcopy:       {"--mode", "precopy", "--postcopy"},
 			}[c]
 			r := pushArgs(t, tb, append([]string{name, "--to", "b"}, args...)...)
@@ -200,6 +201,9 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 			// case keeps the archive path measured beside it.
 			if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
 				t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
+			}
+			if want := map[string]string{testbed.CasePrecopy: transfer.HandOverPageServer, testbed.CasePrecopyRead: transfer.HandOverRead}[c]; r.HandOver != want {
+				t.Fatalf("push %v handed the memory over by %q, want %q", args, r.HandOver, want)
 			}
 			row.Held, row.Total, row.OwnBytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
 			if r.Postcopy != nil {

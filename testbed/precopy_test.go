@@ -102,7 +102,7 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 		switch p.Name {
 		case transfer.StepCheckpoint:
 			checkpointStep = p.Duration
-		case transfer.StepCRIUDump:
+		case transfer.StepCRIUDump, transfer.StepCRIULazyDump: // CRIU's own account, or its lazy dump's listening
 			criuDump = p.Duration
 		}
 	}
@@ -117,10 +117,15 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 		t.Fatalf("memory after a -> b: %+v (before %+v)", mid, before)
 	}
 
-	r2, w2 := pushCounted(t, tb, "b", "a", "web", "--to", "a")
+	// Back by the read hand-over (CRIU's lazy dump, its memory read by the agent): the
+	// same memory must arrive.
+	r2, w2 := pushCounted(t, tb, "b", "a", "web", "--to", "a", "--handover", "read")
 	logRounds(t, r2)
 	if !r2.OK {
 		t.Fatalf("push back: %+v", r2)
+	}
+	if r1.HandOver != transfer.HandOverPageServer || r2.HandOver != transfer.HandOverRead {
+		t.Errorf("hand-overs %q and %q, want %q by default and %q asked for", r1.HandOver, r2.HandOver, transfer.HandOverPageServer, transfer.HandOverRead)
 	}
 	// Counted by the wire (what entered the target's link), not by the agents.
 	ratio := float64(w2) / float64(w1)

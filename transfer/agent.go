@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -445,7 +446,11 @@ func (r podmanRuntime) RemoveVolumes(ctx context.Context, names []string, move s
 	return errors.Join(errs...)
 }
 
-// Unfreeze thaws the container's cgroup if it runs.
+// Unfreeze makes a running container whose checkpoint did not complete run again: it
+// thaws its cgroup and releases the network lock CRIU may have left. A checkpoint of it that is still
+// failing (its agent restarted while CRIU dumped) is waited for first: CRIU, which found
+// the cgroup frozen, freezes it again as it lets the processes go, so a thaw before that
+// would be undone.
 func (r podmanRuntime) Unfreeze(ctx context.Context, name string) error {
 	c, err := r.p.Inspect(ctx, name)
 	if err != nil || c.PID == 0 {
@@ -455,7 +460,63 @@ func (r podmanRuntime) Unfreeze(ctx context.Context, name string) error {
 	if err != nil {
 		return nil // no freezer: nothing can be frozen
 	}
+	if err := waitUntraced(ctx, c.PID, 30*time.Second); err != nil {
+		slog.Warn("thawing a container CRIU still holds", "container", name, "err", err)
+	}
+	// A lazy dump that failed leaves its network lock behind (netunlock.go).
+	released, err := unlockNetwork(ctx, c.PID)
+	if len(released) > 0 {
+		slog.Warn("released the network lock of a failed checkpoint", "container", name, "released", released)
+	}
+	if err != nil {
+		return fmt.Errorf("release the network lock of %s: %w", name, err)
+	}
 	return fz.thaw()
+}
+
+// waitUntraced waits until no process of the container whose first process is init is
+// traced (CRIU seizes every process it dumps with ptrace, and detaches them last).
+func waitUntraced(ctx context.Context, init int, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		pids, err := pages.Processes(init)
+		if err != nil {
+			return nil // gone: nothing to thaw
+		}
+		tracer := 0
+		for _, p := range pids {
+			if t := tracerOf(p); t != 0 {
+				tracer = t
+				break
+			}
+		}
+		if tracer == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("process %d still traces it after %s", tracer, limit)
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// tracerOf is the PID tracing process pid (0: none, or pid gone).
+func tracerOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "TracerPid:"); ok {
+			t, _ := strconv.Atoi(strings.TrimSpace(v))
+			return t
+		}
+	}
+	return 0
 }
 
 // RestoreLocal restores the checkpoint podman kept; one whose memory went through the

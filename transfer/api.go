@@ -246,6 +246,11 @@ type PushRequest struct {
 	// last pre-copy round have crossed; the source serves them on demand and in the
 	// background. A source or link failure in that phase loses the container.
 	Postcopy bool `json:"postcopy,omitempty"`
+	// HandOver is how the frozen phase's memory reaches the source agent on the memory
+	// path: HandOverAuto (the default), HandOverRead (a lazy dump whose pages the agent
+	// reads from the frozen processes) or HandOverPageServer (CRIU sends every page to
+	// the agent's page server).
+	HandOver string `json:"handover,omitempty"`
 }
 
 // PostcopyResult is the post-copy phase: from the restore on the target until its last
@@ -262,6 +267,11 @@ func (r PushRequest) Validate() error {
 	case "", PathAuto, PathMemory, PathArchive:
 	default:
 		return fmt.Errorf("--memory-path %q: want %s, %s or %s", r.MemoryPath, PathAuto, PathMemory, PathArchive)
+	}
+	switch r.HandOver {
+	case HandOverAuto, HandOverRead, HandOverPageServer:
+	default:
+		return fmt.Errorf("--handover %q: want %s or %s", r.HandOver, HandOverRead, HandOverPageServer)
 	}
 	if r.Mode != "" && r.Mode != ModePrecopy && r.Mode != ModeStopCopy {
 		return fmt.Errorf("--mode %q: want %s or %s", r.Mode, ModePrecopy, ModeStopCopy)
@@ -361,6 +371,9 @@ type PushResult struct {
 	DirtyTrack string       `json:"dirty_tracking,omitempty"`
 	// MemoryPath is the path the memory took: PathMemory or PathArchive.
 	MemoryPath string `json:"memory_path,omitempty"`
+	// HandOver is how the memory path's frozen memory reached the source agent:
+	// HandOverRead or HandOverPageServer (empty for the archive path and post-copy).
+	HandOver string `json:"handover,omitempty"`
 	// Postcopy reports the post-copy phase of a --postcopy move.
 	Postcopy   *PostcopyResult `json:"postcopy,omitempty"`
 	HeldFrames int             `json:"held_frames"`           // frames for the container kept during the freeze and delivered after

@@ -22,7 +22,9 @@ import (
 // pre-copy round), source-freeze (traffic held, before the checkpoint), source-stream
 // (CRIU has dumped, the archive's first byte is going out), source-restored
 // (the target restored it, before the decision), source-committed (decision journaled,
-// before anything else), source-cleanup (before the source copy goes); target-prepare
+// before anything else), source-cleanup (before the source copy goes), source-handover
+// (the memory path's read hand-over: CRIU's lazy dump waits, nothing read yet),
+// source-handover-close (that memory kept, before CRIU's transfer is closed); target-prepare
 // (journaled, before plumbing), target-memory (the frozen phase's memory is arriving,
 // memory path only), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,

@@ -469,21 +469,30 @@ func finalCopyEstimate(r Round) time.Duration {
 type finalTimes struct {
 	firstByte, lastByte time.Time
 	memoryDone          time.Time    // the memory path: CRIU closed the page server
+	lazyListening       time.Time    // the read hand-over: CRIU's lazy page server listened
 	memory              *pages.Stats // what the memory carried
 	memoryBytes         int64
 	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, handOver string, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
-	var ps *dumpServer
+	var ps *dumpServer // the page-server hand-over
+	var ld *lazyDump   // the read hand-over
 	if memory {
 		var err error
-		if ps, err = startDumpServer(c.Name); err != nil {
+		if handOver == HandOverRead {
+			ld, err = startLazyDump(c.Name, c.StaticDir, a.store)
+			if err == nil {
+				defer ld.close()
+			}
+		} else if ps, err = startDumpServer(c.Name); err == nil {
+			defer ps.close()
+		}
+		if err != nil {
 			return nil, nil, ft, exportError{err}
 		}
-		defer ps.close()
 	}
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
@@ -499,21 +508,32 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
-		if ps != nil {
-			// The memory first: CRIU sends it while it dumps, before podman's archive.
-			// It is kept here (its pages in the store, their names on disk) before CRIU's
-			// close is answered: a rollback rebuilds the page images from it.
+		if ps != nil || ld != nil {
+			// The memory first: CRIU hands it over while it dumps, before podman's
+			// archive. It is kept here (its pages in the store, their names on disk)
+			// before CRIU's transfer ends: a rollback rebuilds the page images from it.
 			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: func(hs []pages.Hash, p []byte) {
 				if err := a.store.AddTrusted(hs, p); err != nil {
 					slog.Warn("page store", "err", err)
 				}
 			}})
-			mem, mst, err := ps.receive(ctx, mw, exported, func(mem *pages.Memory) error {
+			keep := func(mem *pages.Memory) error {
 				if err := a.saveMemory(c.Name, mem); err != nil {
 					return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
 				}
 				return nil
-			})
+			}
+			var mem *pages.Memory
+			var mst pages.Stats
+			var err error
+			if ld != nil {
+				var hs handOverStats
+				mem, mst, hs, err = readHandOver(ctx, ld, c.PID, mw, exported, keep)
+				ft.lazyListening = hs.Listening
+				slog.Debug("memory handed over", "container", c.Name, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages)
+			} else {
+				mem, mst, err = ps.receive(ctx, mw, exported, keep)
+			}
 			ft.memoryDone = time.Now()
 			if err != nil {
 				var ee exportError

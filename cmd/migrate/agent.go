@@ -416,6 +416,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd level: auto (fitted to the measured link), none, fastest, default, better, best"},
 		&cli.Float64Flag{Name: "bwlimit", Usage: "cap what the move sends to this many Mbit/s (0: no cap)"},
 		&cli.StringFlag{Name: "memory-path", Value: transfer.PathAuto, Usage: "auto (page server + lazy restore where possible), memory (that or fail), archive (pages inside podman's archive)"},
+		&cli.StringFlag{Name: "handover", Usage: "memory path only: how the frozen memory reaches the agent: page-server (the default: CRIU sends every page) or read (experimental: CRIU dumps lazily and the agent reads the frozen processes; shorter downtime for large memory)"},
 		&cli.BoolFlag{Name: "postcopy", Usage: "resume on the target before the last changed pages crossed (lowest downtime; a source or link failure in that phase LOSES the container)"},
 	},
 	Action: func(c *cli.Context) error {
@@ -425,7 +426,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		name := c.Args().First()
 		req := transfer.PushRequest{Container: name, To: c.String("to"), DryRun: c.Bool("dry-run"), StallTimeout: c.Duration("stall-timeout"),
 			Mode: c.String("mode"), MaxDowntime: c.Duration("max-downtime"), MaxRounds: c.Int("max-rounds"), Compress: c.String("compress"), BWLimitMbit: c.Float64("bwlimit"),
-			MemoryPath: c.String("memory-path"), Postcopy: c.Bool("postcopy")}
+			MemoryPath: c.String("memory-path"), Postcopy: c.Bool("postcopy"), HandOver: c.String("handover")}
 		if err := req.Validate(); err != nil {
 			return usageError{err}
 		}
@@ -530,7 +531,11 @@ func printPush(c *cli.Context, r *transfer.PushResult) {
 				f.PagesSent, f.PagesDelta, f.PagesCopied, f.PagesKnown, float64(f.RawBytes)/1e6)
 		}
 		if r.MemoryPath != "" {
-			fmt.Fprintf(w, "  memory path: %s\n", map[string]string{transfer.PathMemory: "page server, lazy restore", transfer.PathArchive: "in podman's archive"}[r.MemoryPath])
+			path := map[string]string{transfer.PathMemory: "page server, lazy restore", transfer.PathArchive: "in podman's archive"}[r.MemoryPath]
+			if r.HandOver == transfer.HandOverRead {
+				path = "lazy dump read from the frozen processes, lazy restore"
+			}
+			fmt.Fprintf(w, "  memory path: %s\n", path)
 		}
 		if p := r.Postcopy; p != nil {
 			fmt.Fprintf(w, "  post-copy phase: %s, %.1f MB (the container depended on %s until then)\n", p.Duration.Round(time.Millisecond), float64(p.WireBytes)/1e6, r.From)

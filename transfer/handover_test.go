@@ -1,0 +1,179 @@
+package transfer
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+	"unsafe"
+
+	"github.com/migrate-project/migrate/pages"
+)
+
+// fakeLazyCRIU is a lazy dump's page server: it answers GETs from mem (by address) and the
+// close, then reports how the client left: nil for a hang-up after the close (CRIU's dump
+// succeeds), an error otherwise (a reset: the dump fails and the container runs on).
+func fakeLazyCRIU(t *testing.T, mem map[uint64][]byte) (port int, gets *int, left <-chan error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	ch := make(chan error, 1)
+	gets = new(int)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			ch <- err
+			return
+		}
+		defer c.Close()
+		var h [32]byte
+		for {
+			if _, err := io.ReadFull(c, h[:]); err != nil {
+				ch <- err // a hang-up without the close, or a reset
+				return
+			}
+			cmd, n, vaddr := binary.LittleEndian.Uint32(h[0:]), binary.LittleEndian.Uint64(h[8:]), binary.LittleEndian.Uint64(h[16:])
+			switch cmd {
+			case 7: // PS_IOV_GET: one page at a time, as CRIU may answer fewer
+				page, ok := mem[vaddr]
+				if !ok || n == 0 {
+					ch <- errors.New("asked for a page it does not have")
+					return
+				}
+				*gets++
+				binary.LittleEndian.PutUint32(h[0:], 6|4<<16) // PS_IOV_ADD_F, PE_PRESENT
+				binary.LittleEndian.PutUint64(h[8:], 1)
+				c.Write(append(h[:], page...))
+			case 0x1023: // PS_IOV_CLOSE
+				c.Write([]byte{0, 0, 0, 0})
+				var one [1]byte
+				if n, err := c.Read(one[:]); n != 0 || err != io.EOF {
+					ch <- errors.New("no plain hang-up after the close")
+					return
+				}
+				ch <- nil
+				return
+			default:
+				ch <- errors.New("unknown command")
+				return
+			}
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port, gets, ch
+}
+
+// pageAligned returns n pages of memory of this process, page-aligned, filled from seed.
+func pageAligned(n int, seed byte) []byte {
+	raw := make([]byte, (n+1)*pages.Size)
+	off := int(uintptr(pages.Size)-uintptr(unsafe.Pointer(&raw[0]))%uintptr(pages.Size)) % pages.Size
+	b := raw[off : off+n*pages.Size]
+	for i := range b {
+		b[i] = seed + byte(i*13) + byte(i>>12)
+	}
+	return b
+}
+
+// The read hand-over rebuilds exactly the memory the page-server path would have named:
+// the lazy pages from the process's memory (or, where it cannot be read, CRIU's page
+// server), the others from the dump's pages images, every entry in order with the lazy
+// ones present again. On success CRIU sees the close and a hang-up; when keeping the
+// memory fails, a reset, which fails CRIU's dump (the container runs on).
+func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
+	store, err := pages.OpenStore(t.TempDir(), 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := uint64(os.Getpid()) // the "container's" process: this test's own memory
+	live := pageAligned(5, 3)
+	liveAt := uint64(uintptr(unsafe.Pointer(&live[0])))
+	// The memory as the page-server path would have named it.
+	var want *pages.Memory
+	{
+		mw := pages.NewMemoryWriter(io.Discard, pages.NewSession(), pages.EncodeOptions{Sent: func(hs []pages.Hash, p []byte) { store.AddTrusted(hs, p) }})
+		for _, e := range []struct {
+			kind      int
+			id, at, n uint64
+			flags     uint32
+			data      []byte
+		}{
+			{pages.KindProcess, self, 0x10000, 3, pages.FlagPresent, pageAligned(3, 1)},    // a written file mapping: in the image
+			{pages.KindProcess, self, 0x20000, 2, 0, nil},                                  // not present
+			{pages.KindProcess, self, liveAt, 5, pages.FlagPresent | pages.FlagLazy, live}, // lazy: in the process
+			{pages.KindShmem, 3, 0, 2, pages.FlagPresent, pageAligned(2, 9)},               // shared memory: in its image
+		} {
+			if err := mw.Entry(e.kind, e.id, e.at, e.n, e.flags); err != nil {
+				t.Fatal(err)
+			}
+			if e.data != nil {
+				if err := mw.Pages(e.at, e.data); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if want, _, err = mw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name     string
+		readable bool
+		keepErr  error
+	}{{"from the process", true, nil}, {"from CRIU", false, nil}, {"keeping fails", true, errors.New("disk full")}} {
+		t.Run(c.name, func(t *testing.T) {
+			static := t.TempDir()
+			dir := filepath.Join(static, "checkpoint")
+			os.MkdirAll(dir, 0o700)
+			// The lazy dump's images: lazy entries without their pages.
+			if _, err := want.WriteImages(dir, store, true); err != nil {
+				t.Fatal(err)
+			}
+			byAddr := map[uint64][]byte{}
+			for i := 0; i < 5; i++ {
+				byAddr[liveAt+uint64(i)*pages.Size] = live[i*pages.Size : (i+1)*pages.Size]
+			}
+			port, gets, left := fakeLazyCRIU(t, byAddr)
+			d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store}
+			init := os.Getpid()
+			if !c.readable {
+				init = 1 << 30 // no such process: every lazy page from CRIU
+			}
+			var got bytes.Buffer
+			mw := pages.NewMemoryWriter(&got, pages.NewSession(), pages.EncodeOptions{})
+			mem, _, hs, err := readHandOver(context.Background(), d, init, mw, nil, func(*pages.Memory) error { return c.keepErr })
+			if c.keepErr != nil {
+				if !errors.Is(err, c.keepErr) {
+					t.Fatalf("keeping failed: got %v", err)
+				}
+				d.close()
+				if err := <-left; err == nil {
+					t.Fatal("CRIU saw the close and a hang-up: its dump would end and the container go; want a reset")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := <-left; err != nil {
+				t.Fatalf("CRIU's end: %v", err)
+			}
+			if !reflect.DeepEqual(mem, want) {
+				t.Errorf("memory handed over:\n%+v\nwant\n%+v", mem, want)
+			}
+			wantGets, wantMem := 0, int64(5)
+			if !c.readable {
+				wantGets, wantMem = 5, 0
+			}
+			if *gets != wantGets || hs.FromMemory != wantMem || hs.FromCRIU != int64(wantGets) || hs.FromImages != 5 {
+				t.Errorf("read %+v with %d GETs: want %d pages from the process, %d from CRIU, 5 from images", hs, *gets, wantMem, wantGets)
+			}
+		})
+	}
+}
