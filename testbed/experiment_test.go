@@ -202,7 +202,7 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 			if want := map[bool]string{true: transfer.PathArchive, false: transfer.PathMemory}[c == testbed.CasePrecopyArchive]; r.MemoryPath != want {
 				t.Fatalf("push %v took the %s path, want %s", args, r.MemoryPath, want)
 			}
-			if want := map[string]string{testbed.CasePrecopy: transfer.HandOverPageServer, testbed.CasePrecopyRead: transfer.HandOverRead}[c]; r.HandOver != want {
+			if want, ok := map[string]string{testbed.CasePrecopy: transfer.HandOverPageServer, testbed.CasePrecopyRead: transfer.HandOverRead}[c]; ok && r.HandOver != want {
 				t.Fatalf("push %v handed the memory over by %q, want %q", args, r.HandOver, want)
 			}
 			row.Held, row.Total, row.OwnBytes, row.Rounds = r.Frozen, r.Total, r.Bytes, len(r.Rounds)
