@@ -88,3 +88,23 @@ func (p *Podman) RootfsChanges(ctx context.Context, name string) (int, error) {
 	}
 	return len(d), nil
 }
+
+// RootfsChange is a path a container changed in its root file system, as `podman diff`
+// names it: Kind is "A" (added), "C" (changed) or "D" (deleted).
+type RootfsChange struct {
+	Path string `json:"path"`
+	Kind string `json:"kind"`
+}
+
+// RootfsDiff lists the paths a container changed in its root file system.
+func (p *Podman) RootfsDiff(ctx context.Context, name string) ([]RootfsChange, error) {
+	d, err := containers.Diff(p.with(ctx), name, nil)
+	if err != nil {
+		return nil, p.apiError("diff", name, err)
+	}
+	out := make([]RootfsChange, 0, len(d))
+	for _, c := range d {
+		out = append(out, RootfsChange{Path: c.Path, Kind: c.Kind.String()})
+	}
+	return out, nil
+}

@@ -61,6 +61,11 @@ var faultCasesCI = []faultCase{
 	// on the source for a minute (see transfer/handover.go).
 	{"source killed during the read hand-over", "source", "crash:source-handover", 6, "source", "", []string{"--handover", "read"}},
 	{"read hand-over fails", "source", "fail:source-handover", 4, "source", "", []string{"--handover", "read"}},
+	// The read hand-over's early restore: the target restores from CRIU's images while
+	// podman finishes on the source. The source's death there, or the target's failed
+	// restore, must bring the container back on the source.
+	{"source killed beside the early restore", "source", "crash:source-early", 6, "source", "", []string{"--handover", "read"}},
+	{"early restore fails", "target", "fail:target-restore", 4, "source", "", []string{"--handover", "read"}},
 }
 
 var faultCasesFull = []faultCase{

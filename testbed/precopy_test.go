@@ -127,6 +127,18 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	if r1.HandOver != transfer.HandOverPageServer || r2.HandOver != transfer.HandOverRead {
 		t.Errorf("hand-overs %q and %q, want %q by default and %q asked for", r1.HandOver, r2.HandOver, transfer.HandOverPageServer, transfer.HandOverRead)
 	}
+	// memload changes neither its root file system nor /dev/shm: a restored from CRIU's
+	// images while podman finished on b, and the steps say how long podman took there.
+	if !strings.HasPrefix(r2.EarlyRestore, "yes") {
+		t.Errorf("early restore: %q, want yes", r2.EarlyRestore)
+	}
+	overlap := false
+	for _, p := range r2.Downtime {
+		overlap = overlap || (p.Name == transfer.StepPodmanOverlap && p.Duration > 0)
+	}
+	if !overlap {
+		t.Errorf("the read hand-over's steps name no podman work beside the restore: %+v", r2.Downtime)
+	}
 	// Counted by the wire (what entered the target's link), not by the agents.
 	ratio := float64(w2) / float64(w1)
 	t.Logf("bytes on the wire: into b %d, into a %d, ratio %.4f (the agents say %d and %d)", w1, w2, ratio, r1.Bytes, r2.Bytes)

@@ -374,6 +374,9 @@ type PushResult struct {
 	// HandOver is how the memory path's frozen memory reached the source agent:
 	// HandOverRead or HandOverPageServer (empty for the archive path and post-copy).
 	HandOver string `json:"handover,omitempty"`
+	// EarlyRestore says whether the target restored from CRIU's images while podman
+	// finished here (the read hand-over), and if not, why not.
+	EarlyRestore string `json:"early_restore,omitempty"`
 	// Postcopy reports the post-copy phase of a --postcopy move.
 	Postcopy   *PostcopyResult `json:"postcopy,omitempty"`
 	HeldFrames int             `json:"held_frames"`           // frames for the container kept during the freeze and delivered after

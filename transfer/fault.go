@@ -24,7 +24,9 @@ import (
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes), source-handover
 // (the memory path's read hand-over: CRIU's lazy dump waits, nothing read yet),
-// source-handover-close (that memory kept, before CRIU's transfer is closed); target-prepare
+// source-handover-close (that memory kept, before CRIU's transfer is closed), source-early
+// (the read hand-over's early restore: the target restored it, podman may still be at
+// work here); target-prepare
 // (journaled, before plumbing), target-memory (the frozen phase's memory is arriving,
 // memory path only), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,

@@ -162,6 +162,9 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		return nil, pages.Stats{}, hs, err
 	}
 	hs.Listening = time.Now()
+	if d.listened != nil {
+		d.listened() // every image is written now
+	}
 	// Should this agent die before the memory is kept, its end of the connection must
 	// reset rather than close: CRIU's lazy page server takes a plain hang-up for the end
 	// of a successful dump (and podman would then kill the container, its pages lost),

@@ -94,6 +94,9 @@ type lazyDump struct {
 	runs   []pcRun
 
 	store *pages.Store // every page fetched goes here too (a rollback restores from it)
+	// listened, if set, runs once CRIU's lazy page server answers (the read hand-over):
+	// every image is written then.
+	listened func()
 	// decided: the move is committed; the post-copy phase proper has begun.
 	decided atomic.Bool
 	pumpMu  sync.Mutex // one pump at a time on CRIU's connection
@@ -144,8 +147,8 @@ func (d *lazyDump) connect(ctx context.Context, exported <-chan struct{}) error 
 	return nil
 }
 
-// archive is what podman would export, as it is while CRIU waits: config.dump, spec.dump
-// and the checkpoint images. (Podman writes its own archive only after every page was
+// archive is what podman would export, as it is while CRIU waits: config.dump, spec.dump,
+// the checkpoint images and the container's log. (Podman writes its own archive only after every page was
 // fetched; what it adds then, the root file system's changes, does not travel: a
 // container that writes to its root file system must not move with --postcopy.)
 func (d *lazyDump) archive() ([]byte, error) {
@@ -166,6 +169,10 @@ func (d *lazyDump) archive() ([]byte, error) {
 		if err := add(filepath.Join(d.static, f), f); err != nil {
 			return nil, fmt.Errorf("post-copy archive: %w", err)
 		}
+	}
+	// The container's log, where it has one (k8s-file), as podman's archive carries it.
+	if err := add(filepath.Join(d.static, logFile), logFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("checkpoint archive: %w", err)
 	}
 	ents, err := os.ReadDir(d.dir)
 	if err != nil {

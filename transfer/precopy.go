@@ -470,6 +470,10 @@ type finalTimes struct {
 	firstByte, lastByte time.Time
 	memoryDone          time.Time    // the memory path: CRIU closed the page server
 	lazyListening       time.Time    // the read hand-over: CRIU's lazy page server listened
+	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
+	// why not), and when the target answered and podman's checkpoint returned here.
+	early                 *string
+	restored, podmanDone time.Time
 	memory              *pages.Stats // what the memory carried
 	memoryBytes         int64
 	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
@@ -493,6 +497,15 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		if err != nil {
 			return nil, nil, ft, exportError{err}
 		}
+	}
+	// The read hand-over: the target may restore from CRIU's images as they are when its
+	// lazy page server listens, instead of waiting for podman's archive (early.go).
+	var check earlyCheck
+	var snapshot, earlyArchive []byte
+	var snapErr error
+	if ld != nil {
+		check = a.startEarlyCheck(ctx, c)
+		ld.listened = func() { snapshot, snapErr = ld.archive() }
 	}
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
@@ -545,6 +558,24 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			ft.memory = &mst
 			ft.memoryBytes = mem.Bytes()
 		}
+		if ld != nil {
+			problem := check.answer()
+			if problem == "" && snapErr != nil {
+				problem = "CRIU's images: " + snapErr.Error()
+			}
+			ft.early = &problem
+			if problem == "" {
+				// Podman's archive is not needed: it is read to its end meanwhile (its
+				// checkpoint call returns once podman is done), and waited for below.
+				earlyArchive = snapshot
+				goSafe("podman's archive, not needed", func() { io.Copy(io.Discard, exp) }, nil)
+				ft.firstByte = time.Now()
+				var err error
+				st, err = pages.Encode(bytes.NewReader(earlyArchive), w, sess, pages.EncodeOptions{Base: seen.base})
+				return err
+			}
+			slog.Info("the target waits for podman's archive", "container", c.Name, "why", problem)
+		}
 		var err error
 		var in io.Reader = src
 		if damaged("checkpoint-stream") {
@@ -564,6 +595,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	// the stall watchdog to watch.
 	digest := func() string {
 		ft.lastByte = time.Now()
+		if earlyArchive != nil {
+			sent(int64(len(earlyArchive)))
+			sum := sha256.Sum256(earlyArchive)
+			return "sha256:" + hex.EncodeToString(sum[:])
+		}
 		sent(src.n)
 		return "sha256:" + hex.EncodeToString(h.Sum(nil))
 	}
@@ -577,11 +613,20 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		hdr.Set(neighborsHeader, overlaynet.FormatNeighbors(neigh))
 	}
 	rerr := target.send(ctx, withQuery(PathRestore, q...), body, hdr, digest, progress, &rr)
+	ft.restored = time.Now()
 	encErr := wait()
-	exp.CloseWithError(fmt.Errorf("the target stopped reading"))
+	if rerr == nil && earlyArchive != nil {
+		rerr = fault("source-early") // the target restored; podman may still be at work here
+	}
+	if earlyArchive == nil {
+		exp.CloseWithError(fmt.Errorf("the target stopped reading"))
+	}
+	// An early restore: podman finishes here meanwhile, and the move is not decided before
+	// its checkpoint returned (a rollback restores from the checkpoint it keeps).
 	if err := <-expDone; err != nil {
 		return nil, nil, ft, exportError{err}
 	}
+	ft.podmanDone = time.Now()
 	var ee exportError
 	if errors.As(encErr, &ee) {
 		return nil, nil, ft, ee

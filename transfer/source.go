@@ -574,6 +574,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			}
 		}
 		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.HandOver, neigh, l, sess, seen, progress, sent)
+		if ft.early != nil {
+			res.EarlyRestore = earlySummary(*ft.early)
+		}
 	}
 	restoredAt := time.Now()
 	rerr = wd.done(rerr)
@@ -687,6 +690,9 @@ const (
 	StepLazySetUp     = "  of restore: lazy set-up (memory images, page server, CRIU lazy-pages daemon)"
 	StepPodmanImport  = "  of restore: podman import (runtime, CRIU)"
 	StepOverlaySwitch = "overlay switch (journal the decision, point this node at the target, release held frames)"
+	// The early restore (read hand-over): podman finishes here while the target restores.
+	StepPodmanOverlap = "  podman here after the hand-over (CRIU's end, runtime, archive), beside the restore"
+	StepPodmanWait    = "waiting for podman here after the target restored"
 )
 
 // frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
@@ -710,9 +716,14 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 	if !ft.memoryDone.IsZero() {
 		steps = append(steps, Phase{Name: StepMemory, Duration: ft.memoryDone.Sub(frozenAt)})
 	}
+	early := ft.early != nil && *ft.early == "" && !ft.restored.IsZero()
+	restoreEnd := restoredAt
+	if early {
+		restoreEnd = ft.restored
+	}
 	steps = append(steps,
 		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
-		Phase{Name: StepRestore, Duration: restoredAt.Sub(ft.lastByte)})
+		Phase{Name: StepRestore, Duration: restoreEnd.Sub(ft.lastByte)})
 	if rr.LazySetUp > 0 {
 		steps = append(steps, Phase{Name: StepLazySetUp, Duration: rr.LazySetUp})
 	}
@@ -721,6 +732,10 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 	}
 	if rr.CRIURestore > 0 {
 		steps = append(steps, Phase{Name: StepCRIURestore, Duration: rr.CRIURestore})
+	}
+	if early {
+		steps = append(steps, Phase{Name: StepPodmanOverlap, Duration: ft.podmanDone.Sub(ft.memoryDone)},
+			Phase{Name: StepPodmanWait, Duration: max(0, restoredAt.Sub(ft.restored))})
 	}
 	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})
 }

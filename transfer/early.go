@@ -1,0 +1,128 @@
+package transfer
+
+// The early restore of the read hand-over: the target need not wait for podman's archive.
+//
+// In a lazy dump CRIU writes every image before its lazy page server listens (criu
+// cr-dump.c: the inventory, then cr_dump_finish flushes the images and only then serves
+// the pages). Once the agent has read the memory and closed CRIU's transfer, what is left
+// on this host is CRIU ending the dump (it kills the processes, which grows with memory),
+// runc, and podman writing its archive and cleaning up: 0.15 s for a small container,
+// 0.4 s for 1 GiB, all of it frozen time in which the target waited for the archive.
+// Instead the source sends the archive as it is when CRIU listens (config.dump, spec.dump,
+// the checkpoint images, the container's log), as post-copy does, and the target restores
+// while podman finishes here. The move is decided only once both are done: the target
+// answered that the container runs there and podman's checkpoint returned without error;
+// anything else rolls back as before (the memory was kept before CRIU's transfer closed).
+//
+// Podman's archive holds more only where the container changed its root file system
+// (rootfs-diff.tar, deleted.files) or keeps files in /dev/shm (devshm-checkpoint.tar);
+// both are checked while CRIU dumps, and where either holds anything the target waits
+// for podman's archive as before.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/migrate-project/migrate/checkpoint"
+)
+
+// earlyCheckLimit bounds the check; an answer that comes later means podman's archive.
+const earlyCheckLimit = 3 * time.Second
+
+// rootfsTravels names the first root file system change that podman's archive would
+// carry ("" if none), by podman's own rule (pkg/checkpoint/crutils,
+// CRCreateRootFsDiffTar): an added or deleted path always; a changed one when stat, which
+// podman calls with the path as `podman diff` gives it, finds something other than a
+// directory there.
+func rootfsTravels(changes []checkpoint.RootfsChange, stat func(string) (fs.FileInfo, error)) string {
+	for _, c := range changes {
+		switch c.Kind {
+		case "A", "D":
+			return c.Kind + " " + c.Path
+		case "C":
+			fi, err := stat(c.Path)
+			if err == nil && !fi.IsDir() {
+				return c.Kind + " " + c.Path
+			}
+		default:
+			return c.Kind + " " + c.Path // a kind this rule does not know: podman's archive
+		}
+	}
+	return ""
+}
+
+// shmHolds names a file in the container's /dev/shm ("" if it holds none): podman would
+// carry it in devshm-checkpoint.tar.
+func shmHolds(pid int) (string, error) {
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "root", "dev", "shm")
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if len(ents) > 0 {
+		return "/dev/shm/" + ents[0].Name(), nil
+	}
+	return "", nil
+}
+
+// earlyProblem says why the target must wait for podman's archive ("" if the images as
+// CRIU wrote them are all it needs). It runs while the container is frozen.
+func (a *Agent) earlyProblem(ctx context.Context, c *checkpoint.Container) string {
+	ctx, cancel := context.WithTimeout(ctx, earlyCheckLimit)
+	defer cancel()
+	if f, err := shmHolds(c.PID); err != nil {
+		return "its /dev/shm could not be read: " + err.Error()
+	} else if f != "" {
+		return "it keeps " + f + " (podman's archive carries /dev/shm)"
+	}
+	changes, err := a.podman.RootfsDiff(ctx, c.Name)
+	if err != nil {
+		return "podman diff: " + err.Error()
+	}
+	if p := rootfsTravels(changes, os.Stat); p != "" {
+		return fmt.Sprintf("it changed its root file system (%s; %d changes): podman's archive carries them", p, len(changes))
+	}
+	return ""
+}
+
+// earlyCheck runs earlyProblem in the background; its answer is read once.
+type earlyCheck chan string
+
+func (a *Agent) startEarlyCheck(ctx context.Context, c *checkpoint.Container) earlyCheck {
+	ch := make(earlyCheck, 1)
+	goSafe("early restore check", func() { ch <- a.earlyProblem(ctx, c) },
+		func(p any) { ch <- fmt.Sprintf("internal error: %v", p) })
+	return ch
+}
+
+// answer waits for the check, at most earlyCheckLimit.
+func (ch earlyCheck) answer() string {
+	select {
+	case p := <-ch:
+		return p
+	case <-time.After(earlyCheckLimit):
+		return "the check did not answer within " + earlyCheckLimit.String()
+	}
+}
+
+// logFile is the container's log (k8s-file: userdata/ctr.log), which podman's archive
+// carries so that `podman logs` on the target shows what the container printed here.
+const logFile = "ctr.log"
+
+// earlySummary is how a push reports the early restore.
+func earlySummary(problem string) string {
+	if problem == "" {
+		return "yes: the target restored while podman finished here"
+	}
+	return "no: " + strings.TrimSpace(problem)
+}
