@@ -282,27 +282,47 @@ func TestPushSockperfPingPong(t *testing.T) {
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
 		"sh", "-c", "memload -udp-echo :7002 & exec sockperf server --tcp -p 11111")
 	waitListen(t, tb, "a", "web", 11111)
-	var r *transfer.PushResult
-	var udp func() ([]byte, error)
-	log := sockperfLog(t, tb, webIP, 10, func() {
-		// The UDP client starts once sockperf runs (its frames would count as sockperf's)
-		// and sends for 5 s: from before the freeze to after the switch.
-		udp = startClient(t, tb, tb.MemloadBin, "-udp-ping", webIP+":7002", "-udp-rate", "200", "-for", "5s")
-		if r = push(t, tb, "b"); !r.OK {
-			t.Fatalf("push: %+v", r)
-		}
-	})
+	// There by the default hand-over (CRIU's page server), back by the read hand-over,
+	// whose target restores while podman finishes on the source: both keep every
+	// connection and every datagram.
+	moves := []struct {
+		to   string
+		args []string
+	}{{"b", nil}, {"a", []string{"--handover", "read"}}}
+	for _, mv := range moves {
+		var r *transfer.PushResult
+		var udp func() ([]byte, error)
+		log := sockperfLog(t, tb, webIP, 10, func() {
+			// The UDP client starts once sockperf runs (its frames would count as sockperf's)
+			// and sends for 5 s: from before the freeze to after the switch.
+			udp = startClient(t, tb, tb.MemloadBin, "-udp-ping", webIP+":7002", "-udp-rate", "200", "-for", "5s")
+			if r = pushArgs(t, tb, append([]string{"web", "--to", mv.to}, mv.args...)...); !r.OK {
+				t.Fatalf("push %v: %+v", mv.args, r)
+			}
+		})
+		checkSockperfMove(t, tb, log, udp, r, mv.to)
+	}
+}
+
+// checkSockperfMove checks a move of TestPushSockperfPingPong: the container on exactly
+// the host it went to, the TCP connection on at its pace with a gap of the held time, and
+// every UDP datagram held and delivered.
+func checkSockperfMove(t *testing.T, tb *testbed.Testbed, log []byte, udp func() ([]byte, error), r *transfer.PushResult, to string) {
+	t.Helper()
 	gap, rtt, n, err := testbed.SockperfGap(log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range r.Downtime {
-		t.Logf("frozen phase: %-90s %s", p.Name, p.Duration)
+		t.Logf("frozen phase (to %s, hand-over %s): %-90s %s", to, r.HandOver, p.Name, p.Duration)
 	}
-	t.Logf("sockperf through the move: %d replies, largest gap %s, largest round trip %s; traffic held %s, %d frames held, %d lost",
-		n, gap, rtt, r.Frozen, r.HeldFrames, r.LostFrames)
-	if w := where(t, tb, "web"); len(w) != 1 || w[0] != "b" {
+	t.Logf("sockperf through the move to %s (hand-over %s, early restore %q): %d replies, largest gap %s, largest round trip %s; traffic held %s, %d frames held, %d lost",
+		to, r.HandOver, r.EarlyRestore, n, gap, rtt, r.Frozen, r.HeldFrames, r.LostFrames)
+	if w := where(t, tb, "web"); len(w) != 1 || w[0] != to {
 		t.Fatalf("after the push web runs on %v", w)
+	}
+	if r.HandOver == transfer.HandOverRead && !strings.HasPrefix(r.EarlyRestore, "yes") {
+		t.Errorf("the read hand-over of sockperf did not restore early: %q", r.EarlyRestore)
 	}
 	// After the move the connection carries on at the client's pace, 200 a second. Judged
 	// on what follows the gap alone: the total count also holds sockperf's warm-up and

@@ -468,15 +468,15 @@ func finalCopyEstimate(r Round) time.Duration {
 // target has restored it, with the times at which the archive started and ended.
 type finalTimes struct {
 	firstByte, lastByte time.Time
-	memoryDone          time.Time    // the memory path: CRIU closed the page server
-	lazyListening       time.Time    // the read hand-over: CRIU's lazy page server listened
+	memoryDone          time.Time // the memory path: CRIU closed the page server
+	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
-	early                 *string
+	early                *string
 	restored, podmanDone time.Time
-	memory              *pages.Stats // what the memory carried
-	memoryBytes         int64
-	dump                *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
+	memory               *pages.Stats // what the memory carried
+	memoryBytes          int64
+	dump                 *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
 func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, handOver string, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
