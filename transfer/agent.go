@@ -464,7 +464,7 @@ func (r podmanRuntime) Unfreeze(ctx context.Context, name string) error {
 		slog.Warn("thawing a container CRIU still holds", "container", name, "err", err)
 	}
 	// A lazy dump that failed leaves its network lock behind (netunlock.go).
-	released, err := unlockNetwork(ctx, c.PID)
+	released, err := unlockNetwork(ctx, c.PID, filepath.Join(c.StaticDir, "checkpoint"))
 	if len(released) > 0 {
 		slog.Warn("released the network lock of a failed checkpoint", "container", name, "released", released)
 	}
@@ -526,6 +526,10 @@ func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
 		return err
 	}
 	if err := r.p.RestoreLocal(ctx, name, true); err != nil {
+		// CRIU's own words, where its log says more than runc's "criu failed".
+		if c, ierr := r.p.Inspect(ctx, name); ierr == nil && c.StaticDir != "" {
+			err = fmt.Errorf("%w%s", err, criuErrors(filepath.Join(c.StaticDir, "restore.log")))
+		}
 		return err
 	}
 	r.a.dropMemory(name)

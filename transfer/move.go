@@ -241,6 +241,7 @@ func (m *mover) finishAborted(ctx context.Context, mv *outgoingMove) finished {
 			}
 		default:
 			if err := m.rt.RestoreLocal(ctx, mv.Container); err != nil {
+				slog.Warn("rollback: the container could not be restored here yet; retried", "container", mv.Container, "err", err)
 				f.Pending = append(f.Pending, fmt.Sprintf("resume %s on %s: %v", mv.Container, m.self, err))
 			} else {
 				running = true

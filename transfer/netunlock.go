@@ -6,26 +6,38 @@ package transfer
 // its lazy page server runs; when the page server then fails (this agent hung up with a
 // reset, to keep the container), CRIU lets the processes run on but leaves the network
 // locked. The rollback unlocks it as CRIU's network_unlock would: nothing is done where
-// nothing is locked.
+// nothing is locked. Like CRIU (sk-tcp.c, tcp_unlock_one), it gives each socket back the
+// SO_REUSEADDR it had before the dump: the kernel clears it when a socket leaves repair
+// mode, and a connection that later closes from this side then sits in TIME_WAIT for a
+// minute without it, which makes the next restore of the container's listening socket on
+// that port fail ("Can't bind inet socket: Address already in use"): a move rolled back
+// within that minute could not bring the container back until it passed.
 
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 
+	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
+	"github.com/checkpoint-restore/go-criu/v7/magic"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/migrate-project/migrate/pages"
 )
 
 // unlockNetwork releases the network lock a dump left on the container whose first
-// process is init, and reports what it released.
-func unlockNetwork(ctx context.Context, init int) (released []string, err error) {
+// process is init, and reports what it released. images is the failed dump's checkpoint
+// directory ("" if none): the SO_REUSEADDR it recorded of each socket is restored.
+func unlockNetwork(ctx context.Context, init int, images string) (released []string, err error) {
 	netns := fmt.Sprintf("--net=/proc/%d/ns/net", init)
 	run := func(args ...string) ([]byte, error) {
 		cmd := exec.CommandContext(ctx, "nsenter", append([]string{netns, "--"}, args...)...)
@@ -67,7 +79,14 @@ func unlockNetwork(ctx context.Context, init int) (released []string, err error)
 			}
 		}
 	}
-	n, err := repairOff(init)
+	reuse := map[uint64]bool{}
+	if images != "" {
+		var rerr error
+		if reuse, rerr = dumpedReuseAddr(filepath.Join(images, "files.img")); rerr != nil {
+			slog.Debug("the failed dump's socket options; SO_REUSEADDR set on every socket taken out of repair mode", "err", rerr)
+		}
+	}
+	n, err := repairOff(init, reuse)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -79,8 +98,10 @@ func unlockNetwork(ctx context.Context, init int) (released []string, err error)
 
 // repairOff takes the container's TCP sockets that are in repair mode out of it, as
 // CRIU does when it unlocks a connection: through a copy of each socket taken from its
-// process (pidfd_getfd).
-func repairOff(init int) (int, error) {
+// process (pidfd_getfd). Each gets back the SO_REUSEADDR reuse records for its inode; one
+// not recorded gets it set (most connections in a server were accepted from a listening
+// socket that has it, and a connection that has it never blocks a later bind).
+func repairOff(init int, reuse map[uint64]bool) (int, error) {
 	pids, err := pages.Processes(init)
 	if err != nil {
 		return 0, nil // gone
@@ -120,6 +141,15 @@ func repairOff(init int) (int, error) {
 					errs = append(errs, fmt.Errorf("socket %d of process %d out of repair mode: %w", fd, pid, err))
 				} else {
 					n++
+					on := 1
+					if ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 64); err == nil {
+						if r, ok := reuse[ino]; ok && !r {
+							on = 0
+						}
+					}
+					if err := unix.SetsockoptInt(dup, unix.SOL_SOCKET, unix.SO_REUSEADDR, on); err != nil {
+						errs = append(errs, fmt.Errorf("socket %d of process %d: SO_REUSEADDR: %w", fd, pid, err))
+					}
 				}
 			}
 			unix.Close(dup)
@@ -129,4 +159,44 @@ func repairOff(init int) (int, error) {
 		}
 	}
 	return n, errors.Join(errs...)
+}
+
+// dumpedReuseAddr reads the SO_REUSEADDR a dump recorded of each inet socket, by inode,
+// from its files.img (CRIU's FileEntry records). It bounds what it reads: the image is
+// CRIU's, on this host, but a damaged one must fail, not panic.
+func dumpedReuseAddr(files string) (map[uint64]bool, error) {
+	out := map[uint64]bool{}
+	img, err := os.ReadFile(files)
+	if err != nil {
+		return out, err
+	}
+	m := magic.LoadMagic()
+	if len(img) < 8 {
+		return out, fmt.Errorf("%s: too short", files)
+	}
+	if v := uint64(binary.LittleEndian.Uint32(img)); v == m.ByName["IMG_COMMON"] || v == m.ByName["IMG_SERVICE"] {
+		img = img[4:]
+	}
+	if v := uint64(binary.LittleEndian.Uint32(img)); v != m.ByName["FILES"] {
+		return out, fmt.Errorf("%s: magic %#x is not FILES", files, v)
+	}
+	img = img[4:]
+	for len(img) > 0 {
+		if len(img) < 4 {
+			return out, fmt.Errorf("%s: truncated entry", files)
+		}
+		n := uint64(binary.LittleEndian.Uint32(img))
+		if uint64(len(img)-4) < n {
+			return out, fmt.Errorf("%s: truncated entry", files)
+		}
+		var e fdinfo.FileEntry
+		if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(img[4:4+n], &e); err != nil {
+			return out, fmt.Errorf("%s: %w", files, err)
+		}
+		img = img[4+n:]
+		if e.GetType() == fdinfo.FdTypes_INETSK && e.GetIsk() != nil {
+			out[uint64(e.GetIsk().GetIno())] = e.GetIsk().GetOpts().GetReuseaddr()
+		}
+	}
+	return out, nil
 }
