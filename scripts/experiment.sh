@@ -4,7 +4,9 @@
 # each serving a sockperf ping-pong client, are moved (a) the stock way (podman checkpoint
 # --export, copy, podman restore --import), (b) by `migrate push --mode stop-copy`, (c) by
 # `migrate push --memory-path archive` (pre-copy, pages in podman's archive), (d) by
-# `migrate push` (pre-copy, the memory path: page server, lazy restore),
+# `migrate push --handover page-server` (pre-copy, the memory path: page server, lazy
+# restore), (d') by `migrate push --handover read` (the default: the agent reads the
+# frozen memory of CRIU's lazy dump, the target restores while podman finishes),
 # (e) by `migrate push --postcopy`; then the same five moves of a Redis holding REDIS keys (1000000 by
 # default; DEBUG POPULATE, values of 100 bytes), checked by the same run_id and dataset
 # digest (DEBUG DIGEST) on the target. Writes results/experiment/experiment.{csv,svg} and
@@ -16,7 +18,8 @@
 #   CASES=precopy,postcopy scripts/experiment.sh            # only these cases (of stock,
 #                                                           # stop-copy, precopy-archive, precopy, postcopy,
 #                                                           # and precopy-read: push --handover read, the
-#                                                           # agent reads the frozen memory of a lazy dump)
+#                                                           # default: the agent reads the frozen memory of
+#                                                           # a lazy dump, the target restores early)
 #   bin/migrate testbed report --out DIR RUN1.csv RUN2.csv   # merge runs, redraw, ratios
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"

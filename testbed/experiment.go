@@ -15,9 +15,10 @@ import (
 const (
 	CaseStock    = "stock"     // podman checkpoint --export, copy, podman restore --import
 	CaseStopCopy = "stop-copy" // migrate push --mode stop-copy
-	CasePrecopy  = "precopy"   // migrate push: pre-copy, the memory path (page server, lazy restore)
+	CasePrecopy  = "precopy"   // migrate push --handover page-server: pre-copy, the memory path (page server, lazy restore)
 	// CasePrecopyRead is the memory path with the frozen memory read by the agent from
-	// the processes of a lazy dump (push --handover read).
+	// the processes of a lazy dump and the target restoring early (push --handover read,
+	// the default since 2026-12-06; before, the page server was, as "precopy").
 	CasePrecopyRead = "precopy-read"
 	// CasePrecopyArchive is pre-copy with the pages inside podman's archive (the path
 	// before the memory path, and the fallback).

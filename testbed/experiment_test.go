@@ -189,7 +189,7 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 			args := map[string][]string{
 				testbed.CaseStopCopy:       {"--mode", "stop-copy"},
 				testbed.CasePrecopyArchive: {"--mode", "precopy", "--memory-path", "archive"},
-				testbed.CasePrecopy:        {"--mode", "precopy"},
+				testbed.CasePrecopy:        {"--mode", "precopy", "--handover", "page-server"},
 				testbed.CasePrecopyRead:    {"--mode", "precopy", "--handover", "read"},
 				testbed.CasePostcopy:       {"--mode", "precopy", "--postcopy"},
 			}[c]

@@ -282,13 +282,13 @@ func TestPushSockperfPingPong(t *testing.T) {
 	mustMigrate(t, tb, "run", "--on", "a", "--name", "web", "--ip", webIP+"/16", testbed.ImageV1,
 		"sh", "-c", "memload -udp-echo :7002 & exec sockperf server --tcp -p 11111")
 	waitListen(t, tb, "a", "web", 11111)
-	// There by the default hand-over (CRIU's page server), back by the read hand-over,
-	// whose target restores while podman finishes on the source: both keep every
+	// There by the default hand-over (the read hand-over, whose target restores while
+	// podman finishes on the source), back by CRIU's page server: both keep every
 	// connection and every datagram.
 	moves := []struct {
 		to   string
 		args []string
-	}{{"b", nil}, {"a", []string{"--handover", "read"}}}
+	}{{"b", nil}, {"a", []string{"--handover", "page-server"}}}
 	for _, mv := range moves {
 		var r *transfer.PushResult
 		var udp func() ([]byte, error)
@@ -320,6 +320,9 @@ func checkSockperfMove(t *testing.T, tb *testbed.Testbed, log []byte, udp func()
 		to, r.HandOver, r.EarlyRestore, n, gap, rtt, r.Frozen, r.HeldFrames, r.LostFrames)
 	if w := where(t, tb, "web"); len(w) != 1 || w[0] != to {
 		t.Fatalf("after the push web runs on %v", w)
+	}
+	if want := map[bool]string{true: transfer.HandOverRead, false: transfer.HandOverPageServer}[to == "b"]; r.HandOver != want {
+		t.Errorf("the move to %s handed the memory over by %q, want %q", to, r.HandOver, want)
 	}
 	if r.HandOver == transfer.HandOverRead && !strings.HasPrefix(r.EarlyRestore, "yes") {
 		t.Errorf("the read hand-over of sockperf did not restore early: %q", r.EarlyRestore)

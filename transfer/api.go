@@ -247,7 +247,8 @@ type PushRequest struct {
 	// background. A source or link failure in that phase loses the container.
 	Postcopy bool `json:"postcopy,omitempty"`
 	// HandOver is how the frozen phase's memory reaches the source agent on the memory
-	// path: HandOverAuto (the default), HandOverRead (a lazy dump whose pages the agent
+	// path: HandOverAuto (the default: the read hand-over where the source can dump
+	// lazily, else the page server), HandOverRead (a lazy dump whose pages the agent
 	// reads from the frozen processes) or HandOverPageServer (CRIU sends every page to
 	// the agent's page server).
 	HandOver string `json:"handover,omitempty"`

@@ -14,11 +14,13 @@ package transfer
 // close, CRIU fails the dump, and the container runs on (CRIU then leaves the network
 // locked: the rollback unlocks it, netunlock.go).
 //
-// It is asked for (push --handover read), not the default: measured beside the page
-// server it holds a 1 GiB container 1.81 s instead of 2.12 s and a 64 MiB one 0.58 s
-// instead of 0.64 s, but in the fault matrix a move that follows a failed read hand-over
-// and is then rolled back after its dump could not be restored on the source for about a
-// minute (retried until it was); that is not understood yet.
+// It is the default wherever this host can dump lazily (fs.pipe-max-size, see
+// lazyDumpProblem; elsewhere the page server is), and the target then restores from
+// CRIU's images while podman finishes here (early.go). Measured beside the page server it
+// held a 1 GiB container 1.81 s instead of 2.12 s and a 64 MiB one 0.58 s instead of
+// 0.64 s before the early restore. A move after a failed read hand-over that was rolled
+// back after its dump used to wait a minute for its local restore: the unlock left the
+// connections without SO_REUSEADDR (fixed in netunlock.go).
 
 import (
 	"context"
@@ -39,7 +41,7 @@ import (
 
 // HandOver names how the frozen phase's memory reaches this agent (PushRequest.HandOver).
 const (
-	HandOverAuto       = ""            // the page server, for now
+	HandOverAuto       = ""            // the read hand-over where this host can dump lazily, else the page server
 	HandOverRead       = "read"        // lazy dump; the agent reads the frozen processes' memory
 	HandOverPageServer = "page-server" // CRIU sends every page to the agent's page server
 )

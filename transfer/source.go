@@ -264,6 +264,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	}
 	res.MemoryPath = PathMemory
 	pathCheck := Check{Property: "memory path", OK: true, Source: "page server", Target: "lazy pages"}
+	if req.HandOver != HandOverPageServer && lazyDumpProblem(a.info.NoSysResource) == "" {
+		pathCheck.Source = "lazy dump read by the agent"
+	}
 	if memProblem != "" {
 		res.MemoryPath = PathArchive
 		pathCheck.Source, pathCheck.Target = "in podman's archive", "in podman's archive"
@@ -566,10 +569,15 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	} else {
 		if res.MemoryPath == PathMemory {
 			res.HandOver = req.HandOver
-			if res.HandOver == HandOverAuto {
-				// The read hand-over is asked for, not the default yet: see handover.go.
+			p := lazyDumpProblem(a.info.NoSysResource)
+			switch {
+			case res.HandOver == HandOverAuto && p == "":
+				// The default: the read hand-over and the early restore (handover.go, early.go).
+				res.HandOver = HandOverRead
+			case res.HandOver == HandOverAuto:
+				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", p)
 				res.HandOver = HandOverPageServer
-			} else if p := lazyDumpProblem(a.info.NoSysResource); res.HandOver == HandOverRead && p != "" {
+			case res.HandOver == HandOverRead && p != "":
 				return rollback(fmt.Errorf("--handover read: %s", p))
 			}
 		}
