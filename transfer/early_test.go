@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
 )
@@ -63,5 +64,46 @@ func TestShmHoldsNamesAFileInTheProcessesDevShm(t *testing.T) {
 	f.Close()
 	if got, err := shmHolds(os.Getpid()); err != nil || got == "" {
 		t.Fatalf("with %s in /dev/shm: shmHolds = %q, %v", f.Name(), got, err)
+	}
+}
+
+// The early restore's steps: the restore ends when the target answered, podman's work on
+// the source beside it is named, and only what podman took beyond the restore counts as
+// waiting; the steps still add up to the frozen time.
+func TestFrozenStepsOfAnEarlyRestore(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	taken := ""
+	ft := finalTimes{lazyListening: at(100), memoryDone: at(120), firstByte: at(121), lastByte: at(125),
+		early: &taken, restored: at(400), podmanDone: at(430)}
+	steps := frozenSteps(t0, ft, at(430), at(470), RestoreResult{})
+	got := map[string]time.Duration{}
+	var top time.Duration
+	for _, p := range steps {
+		got[p.Name] = p.Duration
+		if !strings.HasPrefix(p.Name, " ") {
+			top += p.Duration
+		}
+	}
+	want := map[string]time.Duration{StepCheckpoint: 121 * time.Millisecond, StepStream: 4 * time.Millisecond, StepRestore: 275 * time.Millisecond,
+		StepPodmanOverlap: 310 * time.Millisecond, StepPodmanWait: 30 * time.Millisecond, StepOverlaySwitch: 40 * time.Millisecond}
+	for name, d := range want {
+		if got[name] != d {
+			t.Errorf("%q = %s, want %s", name, got[name], d)
+		}
+	}
+	if top != 470*time.Millisecond {
+		t.Errorf("the top-level steps add up to %s, want the 470ms frozen", top)
+	}
+	// Without the early restore the restore runs until podman's and the target's end.
+	why := "no"
+	ft.early = &why
+	for _, p := range frozenSteps(t0, ft, at(430), at(470), RestoreResult{}) {
+		if p.Name == StepPodmanOverlap || p.Name == StepPodmanWait {
+			t.Errorf("a restore that waited for podman's archive names %q", p.Name)
+		}
+		if p.Name == StepRestore && p.Duration != 305*time.Millisecond {
+			t.Errorf("restore = %s, want 305ms", p.Duration)
+		}
 	}
 }
