@@ -310,22 +310,30 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 	if err := os.MkdirAll(lr.dir, 0o700); err != nil {
 		return err
 	}
+	t0 := time.Now()
 	if err := extractCheckpoint(archive, lr.dir); err != nil {
 		return err
 	}
 	var port string
 	var err error
+	var images, server time.Duration
 	if lr.postcopy != nil {
 		port, err = lr.startPostcopyServer()
 	} else {
 		if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
 			return err
 		}
+		images = time.Since(t0)
 		port, err = lr.startServer()
+		server = time.Since(t0) - images
 	}
 	if err != nil {
 		return err
 	}
+	daemonAt := time.Now()
+	defer func() {
+		slog.Debug("lazy set-up", "container", lr.name, "images", images, "page server started", server, "daemon listening", time.Since(daemonAt))
+	}()
 	lr.daemon = exec.Command("criu", "lazy-pages", "-D", lr.dir, "-W", lr.dir, "-o", "lazy-pages.log",
 		"--page-server", "--address", "127.0.0.1", "--port", port)
 	var stderr bytes.Buffer

@@ -510,8 +510,10 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
 	exported := make(chan struct{})
+	var podmanDone time.Time
 	go func() {
 		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
+		podmanDone = time.Now()
 		expW.CloseWithError(err)
 		close(exported)
 		expDone <- err
@@ -626,7 +628,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	if err := <-expDone; err != nil {
 		return nil, nil, ft, exportError{err}
 	}
-	ft.podmanDone = time.Now()
+	ft.podmanDone = podmanDone // written before expDone was sent
 	var ee exportError
 	if errors.As(encErr, &ee) {
 		return nil, nil, ft, ee

@@ -224,9 +224,11 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			return nil, err
 		}
 	}
+	decoded := time.Now()
 	if err := a.mv.setIn(&mv, InRestoring); err != nil {
 		return nil, err
 	}
+	journaled := time.Now()
 	// The container's neighbour cache, before it runs: its first packets go out at once.
 	if ns, err := overlaynet.ParseNeighbors(r.Header.Get(neighborsHeader)); err != nil {
 		slog.Warn("neighbour cache from the source", "container", name, "err", err)
@@ -236,7 +238,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 	}
 	vr := newVerifyingReader(src, r)
+	importAt := time.Now()
 	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
+	imported := time.Now()
 	if vr.err != nil {
 		err = vr.err
 	}
@@ -270,6 +274,8 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, fmt.Errorf("restore %s on %s: %w%s", name, a.cfg.Name, err, where)
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)
+	slog.Debug("restored", "container", name, "received and set up", decoded.Sub(start), "journal restoring", journaled.Sub(decoded),
+		"neighbours", importAt.Sub(journaled), "podman import", imported.Sub(importAt), "journal restored and the rest", time.Since(imported))
 	out := RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration,
 		Received: time.Since(start), CRIURestore: res.CRIURestore}
 	if encoded {
