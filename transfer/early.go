@@ -33,8 +33,14 @@ import (
 	"github.com/migrate-project/migrate/checkpoint"
 )
 
-// earlyCheckLimit bounds the check; an answer that comes later means podman's archive.
-const earlyCheckLimit = 3 * time.Second
+// earlyCheckLimit bounds the check itself; earlyWait how long the frozen phase waits for
+// its answer once the memory is handed over (the check runs while CRIU dumps, and is
+// usually done by then). An answer that comes later means podman's archive: a container
+// must not stay frozen for a check whose only purpose is to save time.
+const (
+	earlyCheckLimit = 3 * time.Second
+	earlyWait       = 250 * time.Millisecond
+)
 
 // rootfsTravels names the first root file system change that podman's archive would
 // carry ("" if none), by podman's own rule (pkg/checkpoint/crutils,
@@ -105,13 +111,13 @@ func (a *Agent) startEarlyCheck(ctx context.Context, c *checkpoint.Container) ea
 	return ch
 }
 
-// answer waits for the check, at most earlyCheckLimit.
+// answer waits for the check, at most earlyWait.
 func (ch earlyCheck) answer() string {
 	select {
 	case p := <-ch:
 		return p
-	case <-time.After(earlyCheckLimit):
-		return "the check did not answer within " + earlyCheckLimit.String()
+	case <-time.After(earlyWait):
+		return "the check of its root file system and /dev/shm did not answer within " + earlyWait.String() + " of the memory's hand-over"
 	}
 }
 

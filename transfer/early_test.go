@@ -107,3 +107,17 @@ func TestFrozenStepsOfAnEarlyRestore(t *testing.T) {
 		}
 	}
 }
+
+// A check that does not answer soon after the memory's hand-over means podman's archive:
+// the container is not kept frozen for it.
+func TestEarlyCheckThatDoesNotAnswerMeansPodmansArchive(t *testing.T) {
+	ch := make(earlyCheck, 1)
+	t0 := time.Now()
+	if p := ch.answer(); p == "" || time.Since(t0) > earlyWait+time.Second {
+		t.Fatalf("a silent check answered %q after %s", p, time.Since(t0))
+	}
+	ch <- ""
+	if p := ch.answer(); p != "" {
+		t.Fatalf("a check that found nothing answered %q", p)
+	}
+}
