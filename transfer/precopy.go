@@ -572,8 +572,12 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				earlyArchive = snapshot
 				goSafe("podman's archive, not needed", func() { io.Copy(io.Discard, exp) }, nil)
 				ft.firstByte = time.Now()
+				var in io.Reader = bytes.NewReader(earlyArchive)
+				if damaged("checkpoint-stream") {
+					in = &flipReader{r: in, at: 1024} // damage in transit, after the digest
+				}
 				var err error
-				st, err = pages.Encode(bytes.NewReader(earlyArchive), w, sess, pages.EncodeOptions{Base: seen.base})
+				st, err = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base})
 				return err
 			}
 			slog.Info("the target waits for podman's archive", "container", c.Name, "why", problem)
