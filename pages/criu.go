@@ -2,6 +2,7 @@ package pages
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path"
@@ -70,52 +71,60 @@ func ParsePageMap(pid int, img []byte) (*PageMap, error) {
 	return parsePageMap(pid, img, nil)
 }
 
-func parsePageMap(pid int, img []byte, each func(e *pagemap.PagemapEntry, n uint64)) (*PageMap, error) {
+// ImageEntries walks the entries of a CRIU image (criu/protobuf.c's format: the image's
+// magic, after the common or service magic, then each entry as a 32-bit length and that
+// many bytes of protobuf). It checks that the magic is want's (go-criu's names) and hands
+// each entry to each, every length bounded by what the image holds: a damaged image is
+// an error, never a panic or a large allocation.
+func ImageEntries(name string, img []byte, want string, each func(entry []byte) error) error {
 	m := magic.LoadMagic()
 	if len(img) < 4 {
-		return nil, fmt.Errorf("pagemap-%d.img: too short", pid)
+		return fmt.Errorf("%s: too short", name)
 	}
 	v := uint64(binary.LittleEndian.Uint32(img))
 	img = img[4:]
 	if v == m.ByName["IMG_COMMON"] || v == m.ByName["IMG_SERVICE"] {
 		if len(img) < 4 {
-			return nil, fmt.Errorf("pagemap-%d.img: too short", pid)
+			return fmt.Errorf("%s: too short", name)
 		}
 		v = uint64(binary.LittleEndian.Uint32(img))
 		img = img[4:]
 	}
-	if v != m.ByName["PAGEMAP"] {
-		return nil, fmt.Errorf("pagemap-%d.img: magic %#x is not PAGEMAP", pid, v)
+	if v != m.ByName[want] {
+		return fmt.Errorf("%s: magic %#x is not %s", name, v, want)
 	}
-	next := func(msg proto.Message) (bool, error) {
-		if len(img) == 0 {
-			return false, nil
-		}
+	for len(img) > 0 {
 		if len(img) < 4 {
-			return false, fmt.Errorf("pagemap-%d.img: truncated entry", pid)
+			return fmt.Errorf("%s: truncated entry", name)
 		}
-		n := int(binary.LittleEndian.Uint32(img))
-		if len(img) < 4+n {
-			return false, fmt.Errorf("pagemap-%d.img: truncated entry", pid)
+		n := uint64(binary.LittleEndian.Uint32(img))
+		if n > uint64(len(img)-4) {
+			return fmt.Errorf("%s: truncated entry", name)
 		}
-		err := proto.Unmarshal(img[4:4+n], msg)
+		if err := each(img[4 : 4+n]); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
 		img = img[4+n:]
-		return err == nil, err
 	}
-	var head pagemap.PagemapHead
-	if ok, err := next(&head); !ok {
-		return nil, fmt.Errorf("pagemap-%d.img: no head: %v", pid, err)
-	}
-	pm := &PageMap{PID: pid, PagesID: head.GetPagesId()}
+	return nil
+}
+
+func parsePageMap(pid int, img []byte, each func(e *pagemap.PagemapEntry, n uint64)) (*PageMap, error) {
+	var pm *PageMap
 	var total uint64
-	for {
-		var e pagemap.PagemapEntry
-		ok, err := next(&e)
-		if err != nil {
-			return nil, err
+	name := fmt.Sprintf("pagemap-%d.img", pid)
+	err := ImageEntries(name, img, "PAGEMAP", func(b []byte) error {
+		if pm == nil {
+			var head pagemap.PagemapHead
+			if err := proto.Unmarshal(b, &head); err != nil {
+				return fmt.Errorf("head: %w", err)
+			}
+			pm = &PageMap{PID: pid, PagesID: head.GetPagesId()}
+			return nil
 		}
-		if !ok {
-			return pm, nil
+		var e pagemap.PagemapEntry
+		if err := proto.Unmarshal(b, &e); err != nil {
+			return err
 		}
 		present := !e.GetInParent()
 		if e.Flags != nil {
@@ -126,7 +135,7 @@ func parsePageMap(pid int, img []byte, each func(e *pagemap.PagemapEntry, n uint
 			n = n64
 		}
 		if n > 1<<36 {
-			return nil, fmt.Errorf("pagemap-%d.img: implausible run of %d pages", pid, n)
+			return fmt.Errorf("implausible run of %d pages", n)
 		}
 		if each != nil {
 			each(&e, n)
@@ -134,11 +143,19 @@ func parsePageMap(pid int, img []byte, each func(e *pagemap.PagemapEntry, n uint
 		if present && n > 0 {
 			// A process's pages all fit a 48-bit address space.
 			if total += n; total > 1<<36 {
-				return nil, fmt.Errorf("pagemap-%d.img: more pages than an address space holds", pid)
+				return errors.New("more pages than an address space holds")
 			}
 			pm.Runs = append(pm.Runs, Run{Vaddr: e.GetVaddr(), Pages: int(n)})
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	if pm == nil {
+		return nil, fmt.Errorf("%s: no head", name)
+	}
+	return pm, nil
 }
 
 // PageMapEntries decodes every entry of a pagemap image (present or not), with its flags.

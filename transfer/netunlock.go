@@ -16,7 +16,6 @@ package transfer
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,7 +26,6 @@ import (
 	"strings"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
-	"github.com/checkpoint-restore/go-criu/v7/magic"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
@@ -162,41 +160,22 @@ func repairOff(init int, reuse map[uint64]bool) (int, error) {
 }
 
 // dumpedReuseAddr reads the SO_REUSEADDR a dump recorded of each inet socket, by inode,
-// from its files.img (CRIU's FileEntry records). It bounds what it reads: the image is
-// CRIU's, on this host, but a damaged one must fail, not panic.
+// from its files.img (CRIU's FileEntry records).
 func dumpedReuseAddr(files string) (map[uint64]bool, error) {
 	out := map[uint64]bool{}
 	img, err := os.ReadFile(files)
 	if err != nil {
 		return out, err
 	}
-	m := magic.LoadMagic()
-	if len(img) < 8 {
-		return out, fmt.Errorf("%s: too short", files)
-	}
-	if v := uint64(binary.LittleEndian.Uint32(img)); v == m.ByName["IMG_COMMON"] || v == m.ByName["IMG_SERVICE"] {
-		img = img[4:]
-	}
-	if v := uint64(binary.LittleEndian.Uint32(img)); v != m.ByName["FILES"] {
-		return out, fmt.Errorf("%s: magic %#x is not FILES", files, v)
-	}
-	img = img[4:]
-	for len(img) > 0 {
-		if len(img) < 4 {
-			return out, fmt.Errorf("%s: truncated entry", files)
-		}
-		n := uint64(binary.LittleEndian.Uint32(img))
-		if uint64(len(img)-4) < n {
-			return out, fmt.Errorf("%s: truncated entry", files)
-		}
+	err = pages.ImageEntries(files, img, "FILES", func(b []byte) error {
 		var e fdinfo.FileEntry
-		if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(img[4:4+n], &e); err != nil {
-			return out, fmt.Errorf("%s: %w", files, err)
+		if err := (proto.UnmarshalOptions{AllowPartial: true}).Unmarshal(b, &e); err != nil {
+			return err
 		}
-		img = img[4+n:]
 		if e.GetType() == fdinfo.FdTypes_INETSK && e.GetIsk() != nil {
 			out[uint64(e.GetIsk().GetIno())] = e.GetIsk().GetOpts().GetReuseaddr()
 		}
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
