@@ -73,6 +73,9 @@ var faultCasesFull = []faultCase{
 	{"source killed after the restore", "source", "crash:source-restored", 6, "source", "", nil},
 	{"source killed in cleanup", "source", "crash:source-cleanup", 6, "target", "", nil},
 	{"source killed as the read hand-over closes", "source", "crash:source-handover-close", 6, "source", "", []string{"--handover", "read"}},
+	// The decision fails after the early restore: the target's copy goes, podman's
+	// checkpoint here is waited for, and the container comes back from it.
+	{"the move fails beside the early restore", "source", "fail:source-early", 4, "source", "", nil},
 	{"target killed while preparing", "target", "crash:target-prepare", 4, "source", "", nil},
 	{"round fails", "source", "fail:source-round", 4, "source", "", nil},
 	{"decision fails", "source", "fail:source-restored", 4, "source", "", nil},

@@ -1,6 +1,7 @@
 package transfer
 
 import (
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/internal/testenv"
 )
 
 // The early restore is taken only where podman's archive would carry nothing of the root
@@ -46,9 +48,7 @@ func TestRootfsTravelsFollowsPodmansRule(t *testing.T) {
 func TestShmHoldsNamesAFileInTheProcessesDevShm(t *testing.T) {
 	// This process's /dev/shm is the host's: the answer must match what is there.
 	ents, err := os.ReadDir("/dev/shm")
-	if err != nil {
-		t.Skip("no /dev/shm here")
-	}
+	testenv.Need(t, err == nil, "no /dev/shm here")
 	got, err := shmHolds(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
@@ -57,9 +57,7 @@ func TestShmHoldsNamesAFileInTheProcessesDevShm(t *testing.T) {
 		t.Fatalf("shmHolds = %q with %d entries in /dev/shm", got, len(ents))
 	}
 	f, err := os.CreateTemp("/dev/shm", "migrate-early-test-")
-	if err != nil {
-		t.Skip("cannot write /dev/shm:", err)
-	}
+	testenv.Need(t, err == nil, fmt.Sprintf("cannot write /dev/shm: %v", err))
 	defer os.Remove(f.Name())
 	f.Close()
 	if got, err := shmHolds(os.Getpid()); err != nil || got == "" {
@@ -119,5 +117,23 @@ func TestEarlyCheckThatDoesNotAnswerMeansPodmansArchive(t *testing.T) {
 	ch <- ""
 	if p := ch.answer(); p != "" {
 		t.Fatalf("a check that found nothing answered %q", p)
+	}
+}
+
+// The read hand-over is the default only where the host can dump lazily; asked for where
+// it cannot, it is refused; the page server is taken when asked for or as the fallback.
+func TestHandOverForPicksTheReadHandOverWhereTheHostCan(t *testing.T) {
+	for _, c := range []struct{ asked, problem, want string }{
+		{HandOverAuto, "", HandOverRead},
+		{HandOverAuto, "fs.pipe-max-size is 1048576", HandOverPageServer},
+		{HandOverPageServer, "", HandOverPageServer},
+		{HandOverRead, "", HandOverRead},
+	} {
+		if got, err := handOverFor(c.asked, c.problem); err != nil || got != c.want {
+			t.Errorf("handOverFor(%q, %q) = %q, %v; want %q", c.asked, c.problem, got, err, c.want)
+		}
+	}
+	if got, err := handOverFor(HandOverRead, "fs.pipe-max-size is 1048576"); err == nil {
+		t.Errorf("--handover read where the host cannot dump lazily: %q, no error", got)
 	}
 }

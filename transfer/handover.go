@@ -46,6 +46,22 @@ const (
 	HandOverPageServer = "page-server" // CRIU sends every page to the agent's page server
 )
 
+// handOverFor is the hand-over a move takes: the one asked for, or by default the read
+// hand-over (with the early restore) where this host can dump lazily (lazyProblem, from
+// lazyDumpProblem, is "") and the page server elsewhere. Asking for the read hand-over
+// where the host cannot is an error.
+func handOverFor(asked, lazyProblem string) (string, error) {
+	switch {
+	case asked == HandOverAuto && lazyProblem == "":
+		return HandOverRead, nil
+	case asked == HandOverAuto:
+		return HandOverPageServer, nil
+	case asked == HandOverRead && lazyProblem != "":
+		return "", fmt.Errorf("--handover read: %s", lazyProblem)
+	}
+	return asked, nil
+}
+
 // lazyDumpProblem says why this host's CRIU cannot dump lazily ("" if it can): without
 // CAP_SYS_RESOURCE its page pipes cannot grow past fs.pipe-max-size.
 func lazyDumpProblem(noSysResource bool) string {

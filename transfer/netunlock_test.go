@@ -15,6 +15,8 @@ import (
 	"github.com/checkpoint-restore/go-criu/v7/magic"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/migrate-project/migrate/internal/testenv"
 )
 
 // filesImage builds a CRIU files.img holding inet sockets with the given SO_REUSEADDR.
@@ -73,9 +75,7 @@ func TestDumpedReuseAddrReadsCRIUsFilesImage(t *testing.T) {
 // Without that, a connection closed from this side sits a minute in TIME_WAIT without
 // it and a restore of the listening socket on its port fails.
 func TestRepairOffGivesSocketsBackTheirReuseAddr(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("TCP_REPAIR needs CAP_NET_ADMIN")
-	}
+	testenv.Need(t, os.Geteuid() == 0, "TCP_REPAIR needs CAP_NET_ADMIN (root)")
 	ln, err := net.Listen("tcp", "127.0.0.1:0") // Go sets SO_REUSEADDR on listeners
 	if err != nil {
 		t.Fatal(err)

@@ -263,8 +263,10 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		memProblem = req.To + ": " + tinfo.MemoryProblem
 	}
 	res.MemoryPath = PathMemory
+	lazyProblem := lazyDumpProblem(a.info.NoSysResource)
+	handOver, handOverErr := handOverFor(req.HandOver, lazyProblem)
 	pathCheck := Check{Property: "memory path", OK: true, Source: "page server", Target: "lazy pages"}
-	if req.HandOver != HandOverPageServer && lazyDumpProblem(a.info.NoSysResource) == "" {
+	if handOver == HandOverRead {
 		pathCheck.Source = "lazy dump read by the agent"
 	}
 	if memProblem != "" {
@@ -568,18 +570,13 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 	} else {
 		if res.MemoryPath == PathMemory {
-			res.HandOver = req.HandOver
-			p := lazyDumpProblem(a.info.NoSysResource)
-			switch {
-			case res.HandOver == HandOverAuto && p == "":
-				// The default: the read hand-over and the early restore (handover.go, early.go).
-				res.HandOver = HandOverRead
-			case res.HandOver == HandOverAuto:
-				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", p)
-				res.HandOver = HandOverPageServer
-			case res.HandOver == HandOverRead && p != "":
-				return rollback(fmt.Errorf("--handover read: %s", p))
+			if handOverErr != nil {
+				return rollback(handOverErr)
 			}
+			if req.HandOver == HandOverAuto && handOver == HandOverPageServer {
+				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", lazyProblem)
+			}
+			res.HandOver = handOver
 		}
 		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.HandOver, neigh, l, sess, seen, progress, sent)
 		if ft.early != nil {
