@@ -609,7 +609,7 @@ func readDeltas(br *bufio.Reader, out []byte, sess *Session, store *Store) error
 		}
 	}
 	base := make([]byte, len(out))
-	if err := store.Read(names, base); err != nil {
+	if err := store.ReadVerified(names, base); err != nil {
 		return fmt.Errorf("encoded archive: delta base: %w", err)
 	}
 	subtle.XORBytes(out, out, base)

@@ -271,6 +271,14 @@ func TestRecordsCarryDeltasAgainstEarlierPages(t *testing.T) {
 	if _, err := DecodeRecords(bytes.NewReader(bad), sess, store, func([]Hash, []byte) error { return nil }); err == nil {
 		t.Fatal("a delta against an unknown base was accepted")
 	}
+	// A delta against a base the store's disk damaged names the store, not the wire: the
+	// sender must learn that the page is gone, not that the network damaged its batch.
+	if err := store.FlipBit(hs[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := DecodeRecords(bytes.NewReader(rec), sess, store, func([]Hash, []byte) error { return nil }); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("a delta against a damaged base: %v", err)
+	}
 }
 
 func TestHashListsOnTheWire(t *testing.T) {

@@ -91,7 +91,7 @@ func DecodeRecords(r io.Reader, sess *Session, store *Store, fn func(hs []Hash, 
 			if err != nil {
 				return n, fmt.Errorf("page %d: delta base: %w", n+at/Size, err)
 			}
-			if err := store.Read(names, base); err != nil {
+			if err := store.ReadVerified(names, base); err != nil {
 				return n, fmt.Errorf("page %d: delta base: %w", n+at/Size, err)
 			}
 			if _, err := io.ReadFull(br, buf[at:]); err != nil {
