@@ -15,6 +15,7 @@
 #
 #   SIZES=64,256 DIRTY=1 REDIS=0 scripts/experiment.sh     # a smaller matrix, no Redis
 #   SIZES= scripts/experiment.sh                            # only the Redis moves
+#   RATE=1000 SIZES=1024 CASES=precopy-read scripts/experiment.sh  # links at 1 Gbit/s (100 unless set)
 #   CASES=precopy,postcopy scripts/experiment.sh            # only these cases (of stock,
 #                                                           # stop-copy, precopy-archive, precopy, postcopy,
 #                                                           # and precopy-read: push --handover read, the
@@ -31,7 +32,7 @@ mkdir -p "$out"
 cd "$REPO"
 MIGRATE_INTEGRATION=1 MIGRATE_BIN="$REPO/bin/migrate" MIGRATE_MEMLOAD="$REPO/bin/memload" \
 MIGRATE_EXPERIMENT_SIZES="${SIZES-64,256,1024}" MIGRATE_EXPERIMENT_DIRTY="${DIRTY:-1,10}" MIGRATE_EXPERIMENT_OUT="$out" \
-MIGRATE_EXPERIMENT_REDIS="${REDIS:-1000000}" MIGRATE_EXPERIMENT_CASES="${CASES:-}" \
+MIGRATE_EXPERIMENT_REDIS="${REDIS:-1000000}" MIGRATE_EXPERIMENT_CASES="${CASES:-}" MIGRATE_EXPERIMENT_RATE="${RATE:-100}" MIGRATE_AGENT_LOGS="$out" \
 	go test -tags "$GO_TAGS" -count=1 -timeout 120m -run '^TestExperimentDowntime$' -v ./testbed/ 2>&1 |
 	grep --line-buffered -v '^=== ' | tee "$out/experiment.log" | grep -E 'downtime|-copy / stock|results in|FAIL|PASS|ok '
 echo "CSV: $out/experiment.csv  plot: $out/experiment.svg  log: $out/experiment.log"

@@ -12,7 +12,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 time=${1:-20000x}
 targets=(
-  ./pageserver:FuzzReceive ./pageserver:FuzzServe ./pages:FuzzDecodeMemory ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes
+  ./pageserver:FuzzReceive ./pageserver:FuzzServe ./pages:FuzzDecodeMemory ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes ./pages:FuzzMemoryFile
   ./checkpoint:FuzzParseDumpStats ./volumes:FuzzDecode ./volumes:FuzzDecodePatch
   ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents
 )

@@ -207,6 +207,25 @@ func (tb *Testbed) AgentLogs() string {
 	return b.String()
 }
 
+// KeepAgentLogs copies every host's agent logs, whole, into dir as <testbed>-<host>-agent.log.
+func (tb *Testbed) KeepAgentLogs(dir string) error {
+	for _, h := range tb.Hosts {
+		var all []byte
+		for _, f := range []string{"agent.log.1", "agent.log"} {
+			if data, err := os.ReadFile(filepath.Join(h.Dir, f)); err == nil {
+				all = append(all, data...)
+			}
+		}
+		if len(all) == 0 {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, tb.Name+"-"+h.Name+"-agent.log"), all, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func tail(s string, n int) string {
 	if len(s) > n {
 		return "..." + s[len(s)-n:]

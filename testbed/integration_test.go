@@ -38,6 +38,13 @@ func up(t *testing.T, cfg testbed.Config) *testbed.Testbed {
 		if t.Failed() && cfg.Agents != "" {
 			t.Logf("agent logs:\n%s", tb.AgentLogs())
 		}
+		// MIGRATE_AGENT_LOGS=DIR keeps the agents' logs of every run (experiment.sh sets
+		// it): their debug lines time the frozen phase's parts.
+		if dir := os.Getenv("MIGRATE_AGENT_LOGS"); dir != "" && cfg.Agents != "" {
+			if err := tb.KeepAgentLogs(dir); err != nil {
+				t.Errorf("keep agent logs: %v", err)
+			}
+		}
 		if err := testbed.Down(context.Background(), cfg.Name); err != nil {
 			t.Errorf("testbed down: %v", err)
 		}

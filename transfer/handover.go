@@ -162,6 +162,9 @@ type handOverChunk struct {
 type handOverStats struct {
 	FromMemory, FromCRIU, FromImages int64     // pages
 	Listening                        time.Time // CRIU's lazy page server answered the connection
+	// Where the hand-over's time went: reading pages (the reader's own time), naming and
+	// sending them (the writer's), keeping the memory, CRIU's end of the transfer.
+	Read, Named, Kept, Finished time.Duration
 }
 
 // readHandOver connects to the lazy dump's page server, reads every page of the dump in
@@ -235,7 +238,9 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 			}
 			continue
 		}
+		t0 := time.Now()
 		err := mw.Pages(ch.vaddr, ch.data)
+		hs.Named += time.Since(t0)
 		pool <- ch.buf
 		if err != nil {
 			return nil, pages.Stats{}, hs, err
@@ -248,15 +253,19 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 	if err != nil {
 		return nil, pages.Stats{}, hs, err
 	}
+	t0 := time.Now()
 	if err := keep(mem); err != nil {
 		return nil, pages.Stats{}, hs, err
 	}
+	hs.Kept = time.Since(t0)
 	// Kept: CRIU may end the dump (and podman kill the container).
 	if err := fault("source-handover-close"); err != nil {
 		return nil, pages.Stats{}, hs, err
 	}
+	t0 = time.Now()
 	err = d.pc.Finish(10 * time.Second)
 	d.conn.Close()
+	hs.Finished = time.Since(t0)
 	if err != nil {
 		return nil, pages.Stats{}, hs, err
 	}
@@ -330,8 +339,10 @@ func (d *lazyDump) readDump(ctx context.Context, maps []dumpMap, host map[uint64
 				}
 				buf := (*b)[:n*pages.Size]
 				at := e.Vaddr + off*pages.Size
+				t0 := time.Now()
 				if lazy {
 					err = d.readLazy(mem, m.id, at, buf, hs)
+					hs.Read += time.Since(t0)
 				} else {
 					_, err = io.ReadFull(img, buf)
 					if err == nil {

@@ -187,11 +187,11 @@ func (a *Agent) saveMemory(name string, mem *pages.Memory) error {
 	if err := os.MkdirAll(filepath.Dir(f), 0o700); err != nil {
 		return err
 	}
-	var b bytes.Buffer
-	if err := gob.NewEncoder(&b).Encode(mem); err != nil {
+	b, err := mem.MarshalBinary()
+	if err != nil {
 		return err
 	}
-	return writeFileSync(f, b.Bytes())
+	return writeFileSync(f, b)
 }
 
 func (a *Agent) dropMemory(name string) {
@@ -212,7 +212,12 @@ func (a *Agent) rebuildMemory(ctx context.Context, name string) error {
 		return err
 	}
 	var mem pages.Memory
-	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&mem); err != nil {
+	if pages.IsMemoryFile(b) {
+		err = mem.UnmarshalBinary(b)
+	} else {
+		err = gob.NewDecoder(bytes.NewReader(b)).Decode(&mem) // kept by an older agent
+	}
+	if err != nil {
 		return fmt.Errorf("kept memory of %s: %w", name, err)
 	}
 	c, err := a.podman.Inspect(ctx, name)

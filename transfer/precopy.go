@@ -545,7 +545,8 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				var hs handOverStats
 				mem, mst, hs, err = readHandOver(ctx, ld, c.PID, mw, exported, keep)
 				ft.lazyListening = hs.Listening
-				slog.Debug("memory handed over", "container", c.Name, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages)
+				slog.Debug("memory handed over", "container", c.Name, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages,
+					"read", hs.Read, "named and sent", hs.Named, "kept", hs.Kept, "CRIU's end", hs.Finished)
 			} else {
 				mem, mst, err = ps.receive(ctx, mw, exported, keep)
 			}
