@@ -402,8 +402,31 @@ func Decode(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int
 // its pagemaps and the names of its pages go to mem, its pages to the store, nothing of it
 // to dst. Without mem, such a stream is an error. The memory counts against limit.
 func DecodeMemory(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int64, mem *Memory) (Stats, error) {
+	return DecodeMemoryFunc(src, dst, sess, store, limit, mem, nil)
+}
+
+// Arrived is told of a memory entry's pages as they are decoded (in the store already):
+// the pages of pagemap (kind, id) from vaddr, in an entry with flags, named hs (valid
+// only during the call).
+type Arrived func(kind int, id uint64, flags uint32, vaddr uint64, hs []Hash) error
+
+// DecodeMemoryFunc is DecodeMemory that tells arrived (if not nil) of the memory's pages
+// as they come, so that a restore may serve them before the stream ends.
+func DecodeMemoryFunc(src io.Reader, dst io.Writer, sess *Session, store *Store, limit int64, mem *Memory, arrived Arrived) (Stats, error) {
 	var st Stats
 	var memLeft uint64 // pages of the current memory entry still to come
+	var cur *MemEntry  // the current memory entry, and the map it belongs to
+	var curKind int
+	var curID uint64
+	var curNext uint64 // the address of its next page
+	tell := func(hs []Hash) error {
+		if arrived == nil || cur == nil {
+			return nil
+		}
+		at := curNext
+		curNext += uint64(len(hs)) * Size
+		return arrived(curKind, curID, cur.Flags, at, hs)
+	}
 	var used int64     // memory bytes, towards limit
 	grow := func(n int64) error {
 		if n < 0 || n > limit-st.ArchiveBytes-used {
@@ -467,6 +490,7 @@ func DecodeMemory(src io.Reader, dst io.Writer, sess *Session, store *Store, lim
 			if err != nil {
 				return st, err
 			}
+			cur, curKind, curID, curNext = e, kind, id, vaddr
 			if e.Present() {
 				if err := grow(int64(n) * Size); err != nil {
 					return st, err
@@ -517,6 +541,9 @@ func DecodeMemory(src io.Reader, dst io.Writer, sess *Session, store *Store, lim
 				}
 				mem.Hashes = append(mem.Hashes, names...)
 				st.PagesCopied += int64(n)
+				if err := tell(names); err != nil {
+					return st, err
+				}
 				continue
 			}
 			if err := grow(int64(n) * Size); err != nil {
@@ -574,6 +601,9 @@ func DecodeMemory(src io.Reader, dst io.Writer, sess *Session, store *Store, lim
 				n -= k
 				if toMem {
 					mem.Hashes = append(mem.Hashes, hs[:k]...)
+					if err := tell(hs[:k]); err != nil {
+						return st, err
+					}
 					continue
 				}
 				if _, err := dst.Write(buf[:k*Size]); err != nil {

@@ -37,9 +37,12 @@ import (
 // its answer once the memory is handed over (the check runs while CRIU dumps, and is
 // usually done by then). An answer that comes later means podman's archive: a container
 // must not stay frozen for a check whose only purpose is to save time.
+// streamWait is how long CRIU's listening waits for it: an answer by then lets the
+// images go before the memory, so that the target restores while the memory crosses.
 const (
 	earlyCheckLimit = 3 * time.Second
 	earlyWait       = 250 * time.Millisecond
+	streamWait      = 50 * time.Millisecond
 )
 
 // rootfsTravels names the first root file system change that podman's archive would

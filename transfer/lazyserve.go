@@ -15,10 +15,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/migrate-project/migrate/pages"
@@ -183,5 +186,250 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 	err = pageserver.Serve(ctx, conn, src, pageserver.ServeOptions{Served: func(n int) { served += n }})
 	slog.Info("lazy pages served", "pages", served, "of", total, "took", time.Since(t0), "err", err)
 	// Fewer than all is fine: the daemon skips what the process unmapped meanwhile.
+	return err
+}
+
+// The streamed restore (the read hand-over's default): the target restores while the
+// frozen memory still crosses, so the server starts before the index is whole. The agent
+// writes the index to the server's standard input as pages arrive, a run at a time, and
+// ends it with an empty run (pid 0, vaddr 0, no pages) once the memory is complete; from
+// then on the server needs nothing of the agent. A request for a page that has not
+// arrived waits for it; the stream ending without that end (the agent died, the move
+// failed) or no run arriving for stall fails the requests that wait.
+
+// maxFollowRun bounds one run of a followed index (the agent writes at most
+// followRunPages): what the server allocates for a run it reads.
+const maxFollowRun = 1 << 20
+
+// followRunPages is the longest run the agent writes to a followed index.
+const followRunPages = 4096
+
+// followSource serves lazy pages from an index that is still being written.
+type followSource struct {
+	storeDir string
+	stall    time.Duration
+
+	mu       sync.Mutex
+	cond     *sync.Cond
+	runs     map[uint64][]lazyRun // by process, sorted by address
+	packs    map[uint32]*os.File
+	pages    int
+	complete bool
+	failed   error
+	last     time.Time // the last run arrived
+}
+
+func newFollowSource(storeDir string, stall time.Duration) *followSource {
+	s := &followSource{storeDir: storeDir, stall: stall, runs: map[uint64][]lazyRun{}, packs: map[uint32]*os.File{}, last: time.Now()}
+	s.cond = sync.NewCond(&s.mu)
+	return s
+}
+
+// follow reads the index from r until its end; an index that ends otherwise fails the
+// source.
+func (s *followSource) follow(r io.Reader) {
+	err := s.read(bufio.NewReaderSize(r, 1<<16))
+	s.mu.Lock()
+	if err != nil {
+		s.failed = fmt.Errorf("the memory did not arrive whole: %w", err)
+	} else {
+		s.complete = true
+	}
+	s.mu.Unlock()
+	s.cond.Broadcast()
+}
+
+func (s *followSource) read(br *bufio.Reader) error {
+	var magic [4]byte
+	if _, err := io.ReadFull(br, magic[:]); err != nil || string(magic[:]) != lazyIndexMagic {
+		return fmt.Errorf("lazy index: bad magic (%v)", err)
+	}
+	var hdr [24]byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			return fmt.Errorf("lazy index ended before its end mark: %w", err)
+		}
+		r := lazyRun{pid: binary.LittleEndian.Uint64(hdr[:]), vaddr: binary.LittleEndian.Uint64(hdr[8:])}
+		n := binary.LittleEndian.Uint64(hdr[16:])
+		if n == 0 {
+			if r.pid != 0 || r.vaddr != 0 {
+				return fmt.Errorf("lazy index: empty run at %#x of %d", r.vaddr, r.pid)
+			}
+			return nil
+		}
+		if n > maxFollowRun || r.vaddr%pages.Size != 0 || r.vaddr > ^uint64(0)-n*pages.Size {
+			return fmt.Errorf("lazy index: run of %d pages at %#x", n, r.vaddr)
+		}
+		b := make([]byte, n*8)
+		if _, err := io.ReadFull(br, b); err != nil {
+			return fmt.Errorf("lazy index ended before its end mark: %w", err)
+		}
+		r.locs = make([]pages.PageLoc, n)
+		for i := range r.locs {
+			r.locs[i] = pages.PageLoc{Pack: binary.LittleEndian.Uint32(b[i*8:]), Page: binary.LittleEndian.Uint32(b[i*8+4:])}
+		}
+		if err := s.add(r); err != nil {
+			return err
+		}
+	}
+}
+
+// add files a run: its packs open, in its process's runs by address.
+func (s *followSource) add(r lazyRun) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range r.locs {
+		if s.packs[l.Pack] != nil {
+			continue
+		}
+		f, err := os.Open(pages.PackPath(s.storeDir, l.Pack))
+		if err != nil {
+			return fmt.Errorf("page store: %w", err)
+		}
+		s.packs[l.Pack] = f
+	}
+	rs := s.runs[r.pid]
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].vaddr >= r.vaddr })
+	if i < len(rs) && rs[i].vaddr < r.vaddr+uint64(len(r.locs))*pages.Size || i > 0 && rs[i-1].vaddr+uint64(len(rs[i-1].locs))*pages.Size > r.vaddr {
+		return fmt.Errorf("lazy index: run at %#x of %d overlaps another", r.vaddr, r.pid)
+	}
+	s.runs[r.pid] = slices.Insert(rs, i, r)
+	s.pages += len(r.locs)
+	s.last = time.Now()
+	s.cond.Broadcast()
+	return nil
+}
+
+// find returns the run holding page vaddr of pid, if it has arrived. s.mu held.
+func (s *followSource) find(pid, vaddr uint64) (lazyRun, bool) {
+	rs := s.runs[pid]
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].vaddr+uint64(len(rs[i].locs))*pages.Size > vaddr })
+	if i == len(rs) || rs[i].vaddr > vaddr {
+		return lazyRun{}, false
+	}
+	return rs[i], true
+}
+
+func (s *followSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
+	s.mu.Lock()
+	var r lazyRun
+	for {
+		var ok bool
+		if r, ok = s.find(pid, vaddr); ok {
+			break
+		}
+		switch {
+		case s.complete:
+			s.mu.Unlock()
+			return 0, fmt.Errorf("page %#x of process %d: not a lazy page of this restore", vaddr, pid)
+		case s.failed != nil:
+			err := s.failed
+			s.mu.Unlock()
+			return 0, err
+		case time.Since(s.last) > s.stall:
+			s.mu.Unlock()
+			return 0, fmt.Errorf("page %#x of process %d: no memory arrived for %s", vaddr, pid, s.stall)
+		}
+		s.cond.Wait()
+	}
+	src := packSource{runs: []lazyRun{r}, packs: s.packs}
+	s.mu.Unlock()
+	// The run and the packs it names do not change once filed.
+	return src.ReadPages(pid, vaddr, buf)
+}
+
+// ticker wakes waiting requests so that they notice a stall.
+func (s *followSource) ticker(ctx context.Context) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.cond.Broadcast()
+		}
+	}
+}
+
+func (s *followSource) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range s.packs {
+		f.Close()
+	}
+}
+
+// ServeLazyFollow is `migrate lazy-serve --follow`: ServeLazy for an index that arrives
+// on index (the agent's pipe) while the daemon already asks.
+func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln net.Listener, deadline, stall time.Duration) error {
+	src := newFollowSource(storeDir, stall)
+	defer src.close()
+	ctx, cancel := context.WithTimeout(ctx, deadline)
+	defer cancel()
+	go src.follow(index)
+	go src.ticker(ctx)
+	context.AfterFunc(ctx, func() { ln.Close() })
+	conn, err := ln.Accept()
+	if err != nil {
+		return fmt.Errorf("no lazy-pages daemon connected: %w", err)
+	}
+	ln.Close()
+	defer conn.Close()
+	served := 0
+	t0 := time.Now()
+	err = pageserver.Serve(ctx, conn, src, pageserver.ServeOptions{Served: func(n int) { served += n }})
+	src.mu.Lock()
+	total, complete := src.pages, src.complete
+	src.mu.Unlock()
+	slog.Info("lazy pages served", "pages", served, "of", total, "index complete", complete, "took", time.Since(t0), "err", err)
+	if err == nil && !complete {
+		err = errors.New("the daemon ended before the memory was complete")
+	}
+	return err
+}
+
+// lazyIndexWriter writes a followed index: runs as pages arrive, then its end.
+type lazyIndexWriter struct {
+	w     io.Writer
+	store *pages.Store
+	buf   []byte
+}
+
+func newLazyIndexWriter(w io.Writer, store *pages.Store) (*lazyIndexWriter, error) {
+	if _, err := io.WriteString(w, lazyIndexMagic); err != nil {
+		return nil, err
+	}
+	return &lazyIndexWriter{w: w, store: store}, nil
+}
+
+// run writes the pages hs of process pid from vaddr (at most followRunPages at a time).
+func (x *lazyIndexWriter) run(pid, vaddr uint64, hs []pages.Hash) error {
+	for len(hs) > 0 {
+		n := min(len(hs), followRunPages)
+		locs, err := x.store.Locate(hs[:n])
+		if err != nil {
+			return err
+		}
+		x.buf = x.buf[:0]
+		x.buf = binary.LittleEndian.AppendUint64(x.buf, pid)
+		x.buf = binary.LittleEndian.AppendUint64(x.buf, vaddr)
+		x.buf = binary.LittleEndian.AppendUint64(x.buf, uint64(n))
+		for _, l := range locs {
+			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Pack)
+			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Page)
+		}
+		if _, err := x.w.Write(x.buf); err != nil {
+			return err
+		}
+		hs = hs[n:]
+		vaddr += uint64(n) * pages.Size
+	}
+	return nil
+}
+
+// end marks the index whole.
+func (x *lazyIndexWriter) end() error {
+	_, err := x.w.Write(make([]byte, 24))
 	return err
 }

@@ -8,6 +8,7 @@ package transfer
 // is written to a file on either side while the container is frozen.
 
 import (
+	"bufio"
 	"archive/tar"
 	"bytes"
 	"context"
@@ -273,6 +274,11 @@ type lazyRestore struct {
 	serverDone  chan error
 	closeServer func()
 	postcopy    *postcopyIn // post-copy: pages still arrive from the source
+	// streamed: the memory arrives while podman restores; the page server (lazy-serve
+	// --follow) learns of each page through index, written to indexW.
+	streamed bool
+	index    *lazyIndexWriter
+	indexW   *os.File
 	unpin       func()
 	start       time.Time
 	// setupTook is how long setUp took once the stream had ended: images written, the
@@ -300,7 +306,7 @@ func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, se
 		return nil, nil, err
 	}
 	began := time.Now()
-	if err := lr.setUp(ctx, archive.Bytes()); err != nil {
+	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(lr.mem.Bytes())); err != nil {
 		lr.stop(false)
 		return nil, nil, err
 	}
@@ -308,7 +314,7 @@ func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, se
 	return lr, archive.Bytes(), nil
 }
 
-func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
+func (lr *lazyRestore) setUp(ctx context.Context, archive []byte, deadline time.Duration) error {
 	if err := os.RemoveAll(lr.dir); err != nil {
 		return err
 	}
@@ -324,12 +330,17 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte) error {
 	var images, server time.Duration
 	if lr.postcopy != nil {
 		port, err = lr.startPostcopyServer()
+	} else if lr.streamed {
+		// The dump's own pagemaps (lazy entries) and pages images (the rest) are in
+		// the archive: nothing to write.
+		port, err = lr.startServer(deadline)
+		server = time.Since(t0)
 	} else {
 		if _, err := lr.mem.WriteImages(lr.dir, lr.a.store, true); err != nil {
 			return err
 		}
 		images = time.Since(t0)
-		port, err = lr.startServer()
+		port, err = lr.startServer(deadline)
 		server = time.Since(t0) - images
 	}
 	if err != nil {
@@ -403,10 +414,12 @@ func (lr *lazyRestore) startPostcopyServer() (string, error) {
 
 // startServer starts the process that answers the daemon (migrate lazy-serve, in its
 // own session so that it outlives this agent) and returns its port.
-func (lr *lazyRestore) startServer() (string, error) {
+func (lr *lazyRestore) startServer(deadline time.Duration) (string, error) {
 	index := filepath.Join(lr.dir, "lazy-index")
-	if err := writeLazyIndex(index, &lr.mem, lr.a.store); err != nil {
-		return "", fmt.Errorf("lazy page index: %w", err)
+	if !lr.streamed {
+		if err := writeLazyIndex(index, &lr.mem, lr.a.store); err != nil {
+			return "", fmt.Errorf("lazy page index: %w", err)
+		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -429,12 +442,26 @@ func (lr *lazyRestore) startServer() (string, error) {
 		return "", err
 	}
 	defer logf.Close()
-	lr.server = exec.Command(exe, "lazy-serve", "--index", index, "--store", lr.a.store.Dir(), "--deadline", lazyFillDeadline(lr.mem.Bytes()).String())
+	lr.server = exec.Command(exe, "lazy-serve", "--index", index, "--store", lr.a.store.Dir(), "--deadline", deadline.String())
+	var pr *os.File
+	if lr.streamed {
+		lr.server.Args = []string{exe, "lazy-serve", "--follow", "--store", lr.a.store.Dir(), "--deadline", deadline.String()}
+		if pr, lr.indexW, err = os.Pipe(); err != nil {
+			return "", err
+		}
+		defer pr.Close()
+		lr.server.Stdin = pr
+	}
 	lr.server.ExtraFiles = []*os.File{lf}
 	lr.server.Stdout, lr.server.Stderr = logf, logf
 	lr.server.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := lr.server.Start(); err != nil {
 		return "", fmt.Errorf("lazy page server: %w", err)
+	}
+	if lr.streamed {
+		if lr.index, err = newLazyIndexWriter(lr.indexW, lr.a.store); err != nil {
+			return "", fmt.Errorf("lazy page server: %w", err)
+		}
 	}
 	lr.serverDone = make(chan error, 1)
 	go func() { lr.serverDone <- lr.server.Wait() }()
@@ -500,6 +527,9 @@ func (lr *lazyRestore) stop(keep bool) {
 	}
 	if lr.closeServer != nil {
 		lr.closeServer()
+	}
+	if lr.indexW != nil {
+		lr.indexW.Close() // an index without its end: the server fails what waits
 	}
 	if lr.postcopy != nil {
 		lr.a.mu.Lock()
@@ -582,3 +612,60 @@ func criuErrors(log string) string {
 }
 
 const annotationCRIUConfig = checkpoint.AnnotationCRIUConfig
+
+// The streamed restore (layout 'S' of a "stream" restore): the source sends CRIU's images
+// as they are when its lazy page server listens, then the frozen memory. The target
+// restores from the images at once, with a page server that is told of each page as it
+// arrives (lazy-serve --follow) and makes a page the container touches before it has
+// arrived wait for it. The restore's answer waits for the memory's end, so that the
+// move is decided only once every page is here: afterwards the container never needs
+// the source, as in every default-mode move.
+
+// prepareStreamed decodes the images (returned as the archive podman imports), sets them
+// up for a lazy restore and starts the page server and CRIU's lazy-pages daemon. The
+// memory is then taken by receiveMemory.
+func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Reader, sess *pages.Session, st *pages.Stats) (*lazyRestore, []byte, error) {
+	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now(), streamed: true}
+	var archive bytes.Buffer
+	var err error
+	if *st, err = pages.Decode(br, &archive, sess, a.store, maxArchive()); err != nil {
+		lr.unpin()
+		return nil, nil, err
+	}
+	began := time.Now()
+	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(int64(sess.Len())*pages.Size+64<<20)); err != nil {
+		lr.stop(false)
+		return nil, nil, err
+	}
+	lr.setupTook = time.Since(began)
+	return lr, archive.Bytes(), nil
+}
+
+// receiveMemory takes the frozen memory from br while podman restores: each lazy page is
+// filed with the page server as it arrives; the index ends when the memory does.
+func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *pages.Stats) error {
+	if err := fault("target-stream"); err != nil {
+		return err
+	}
+	mst, err := pages.DecodeMemoryFunc(br, io.Discard, sess, lr.a.store, maxArchive(), &lr.mem,
+		func(kind int, id uint64, flags uint32, vaddr uint64, hs []pages.Hash) error {
+			if kind != pages.KindProcess || flags&pages.FlagLazy == 0 {
+				return nil // in the images already
+			}
+			return lr.index.run(id, vaddr, hs)
+		})
+	st.PagesCopied += mst.PagesCopied
+	st.PagesSent += mst.PagesSent
+	st.PagesDelta += mst.PagesDelta
+	if err != nil {
+		return fmt.Errorf("the memory: %w", err)
+	}
+	if mst.ArchiveBytes != 0 {
+		return fmt.Errorf("the memory: an archive of %d bytes after it, where none belongs", mst.ArchiveBytes)
+	}
+	if err := lr.index.end(); err != nil {
+		return fmt.Errorf("the memory's index: %w", err)
+	}
+	lr.indexW.Close() // twice is harmless (stop closes it too)
+	return nil
+}

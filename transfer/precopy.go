@@ -469,6 +469,7 @@ func finalCopyEstimate(r Round) time.Duration {
 type finalTimes struct {
 	firstByte, lastByte time.Time
 	memoryDone          time.Time // the memory path: CRIU closed the page server
+	streamed            bool      // the read hand-over sent CRIU's images before the memory
 	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
@@ -503,9 +504,14 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	var check earlyCheck
 	var snapshot, earlyArchive []byte
 	var snapErr error
+	// The streamed restore: if the check has answered by the time CRIU listens, CRIU's
+	// images go first and the target restores while the memory follows (layout 'S');
+	// otherwise the memory goes first (layout 'M') and the check is waited for after it.
+	var atListen *string // the check's answer, if it came by then
+	var streamErr error  // sending the images at that moment failed
+	var streamSt pages.Stats
 	if ld != nil {
 		check = a.startEarlyCheck(ctx, c)
-		ld.listened = func() { snapshot, snapErr = ld.archive() }
 	}
 	exp, expW := io.Pipe()
 	expDone := make(chan error, 1)
@@ -523,6 +529,32 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 
 	var st pages.Stats
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
+		if ld != nil {
+			ld.listened = func() {
+				snapshot, snapErr = ld.archive()
+				select {
+				case p := <-check:
+					atListen = &p
+				case <-time.After(streamWait):
+				}
+				if snapErr != nil || atListen == nil || *atListen != "" {
+					_, streamErr = w.Write([]byte{'M'})
+					return
+				}
+				ft.early, ft.streamed = atListen, true
+				earlyArchive = snapshot
+				goSafe("podman's archive, not needed", func() { io.Copy(io.Discard, exp) }, nil)
+				ft.firstByte = time.Now()
+				if _, streamErr = w.Write([]byte{'S'}); streamErr != nil {
+					return
+				}
+				var in io.Reader = bytes.NewReader(earlyArchive)
+				if damaged("checkpoint-stream") {
+					in = &flipReader{r: in, at: 1024} // damage in transit, after the digest
+				}
+				streamSt, streamErr = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base})
+			}
+		}
 		if ps != nil || ld != nil {
 			// The memory first: CRIU hands it over while it dumps, before podman's
 			// archive. It is kept here (its pages in the store, their names on disk)
@@ -561,8 +593,22 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			ft.memory = &mst
 			ft.memoryBytes = mem.Bytes()
 		}
+		if streamErr != nil {
+			return streamErr
+		}
+		if ft.streamed {
+			// The images went first; an empty archive ends the body.
+			st = streamSt
+			_, err := pages.Encode(bytes.NewReader(nil), w, sess, pages.EncodeOptions{})
+			return err
+		}
 		if ld != nil {
-			problem := check.answer()
+			var problem string
+			if atListen != nil {
+				problem = *atListen
+			} else {
+				problem = check.answer()
+			}
 			if problem == "" && snapErr != nil {
 				problem = "CRIU's images: " + snapErr.Error()
 			}
@@ -612,7 +658,9 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	}
 	var rr RestoreResult
 	q := []string{"encoding", "pages", "container", c.Name, "move", move}
-	if memory {
+	if ld != nil {
+		q = append(q, "memory", "stream") // the body starts with its layout, 'S' or 'M'
+	} else if memory {
 		q = append(q, "memory", "lazy")
 	}
 	hdr := encodingHeader(enc)

@@ -690,11 +690,16 @@ const (
 	StepCRIULazyDump  = "  of checkpoint: CRIU dumping them until its lazy page server listened"
 	StepPodmanAfter   = "  of checkpoint: CRIU's end, podman (runtime, archive) after the hand-over, before its first byte"
 	StepStream        = "stream (archive read, encoded, sent)"
-	StepRestore       = "restore (target: rebuild, podman import, CRIU)"
-	StepCRIURestore   = "  of restore: CRIU itself"
-	StepLazySetUp     = "  of restore: lazy set-up (memory images, page server, CRIU lazy-pages daemon)"
-	StepPodmanImport  = "  of restore: podman import (runtime, CRIU)"
-	StepOverlaySwitch = "overlay switch (journal the decision, point this node at the target, release held frames)"
+	// The streamed restore: CRIU's images go first, the memory after them while the
+	// target restores; the restore step is what remains of it after the memory's end.
+	StepStreamed       = "stream (CRIU's images, then the memory read and sent while the target restores)"
+	StepStreamedMemory = "  of stream: memory handed over (changed pages found, sent on to the target)"
+	StepRestoreRest    = "restore (target), what remained of it after the memory's end"
+	StepRestore        = "restore (target: rebuild, podman import, CRIU)"
+	StepCRIURestore    = "  of restore: CRIU itself"
+	StepLazySetUp      = "  of restore: lazy set-up (memory images, page server, CRIU lazy-pages daemon)"
+	StepPodmanImport   = "  of restore: podman import (runtime, CRIU)"
+	StepOverlaySwitch  = "overlay switch (journal the decision, point this node at the target, release held frames)"
 	// The early restore (read hand-over): podman finishes here while the target restores.
 	StepPodmanOverlap = "  podman here after the hand-over (CRIU's end, runtime, archive), beside the restore"
 	StepPodmanWait    = "waiting for podman here after the target restored"
@@ -718,7 +723,7 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 			Phase{Name: StepCRIUMemory, Duration: d.MemDump + d.MemWrite},
 			Phase{Name: StepPodmanArchive, Duration: max(0, checkpoint-d.Freezing-d.Frozen)})
 	}
-	if !ft.memoryDone.IsZero() {
+	if !ft.memoryDone.IsZero() && !ft.streamed {
 		steps = append(steps, Phase{Name: StepMemory, Duration: ft.memoryDone.Sub(frozenAt)})
 	}
 	early := ft.early != nil && *ft.early == "" && !ft.restored.IsZero()
@@ -726,9 +731,16 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 	if early {
 		restoreEnd = ft.restored
 	}
-	steps = append(steps,
-		Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
-		Phase{Name: StepRestore, Duration: restoreEnd.Sub(ft.lastByte)})
+	if ft.streamed {
+		steps = append(steps,
+			Phase{Name: StepStreamed, Duration: ft.lastByte.Sub(ft.firstByte)},
+			Phase{Name: StepStreamedMemory, Duration: ft.memoryDone.Sub(ft.firstByte)},
+			Phase{Name: StepRestoreRest, Duration: restoreEnd.Sub(ft.lastByte)})
+	} else {
+		steps = append(steps,
+			Phase{Name: StepStream, Duration: ft.lastByte.Sub(ft.firstByte)},
+			Phase{Name: StepRestore, Duration: restoreEnd.Sub(ft.lastByte)})
+	}
 	if rr.LazySetUp > 0 {
 		steps = append(steps, Phase{Name: StepLazySetUp, Duration: rr.LazySetUp})
 	}

@@ -6,6 +6,7 @@ package transfer
 // not know (it restarted, or the source went silent), by asking the source.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -128,6 +129,7 @@ type verifyingReader struct {
 	h       hash.Hash
 	n       int64
 	err     error
+	late    bool // the trailer comes later: verify is called then, not at src's end
 }
 
 // newVerifyingReader checks src (the archive: the request body, or what is rebuilt from
@@ -141,16 +143,26 @@ func (v *verifyingReader) Read(b []byte) (int, error) {
 	v.h.Write(b[:n])
 	v.n += int64(n)
 	if err == io.EOF {
-		want := v.trailer()
-		got := "sha256:" + hex.EncodeToString(v.h.Sum(nil))
-		if want != got {
-			v.err = fmt.Errorf("%w (sent %q, received %s after %d bytes)", errDigest, want, got, v.n)
-			return n, v.err
+		if v.late {
+			return n, err
+		}
+		if err := v.verify(); err != nil {
+			return n, err
 		}
 	} else if err != nil {
 		v.err = fmt.Errorf("receive archive after %d bytes: %w", v.n, err)
 	}
 	return n, err
+}
+
+// verify compares what was read with the trailer's digest.
+func (v *verifyingReader) verify() error {
+	want := v.trailer()
+	got := "sha256:" + hex.EncodeToString(v.h.Sum(nil))
+	if want != got {
+		v.err = fmt.Errorf("%w (sent %q, received %s after %d bytes)", errDigest, want, got, v.n)
+	}
+	return v.err
 }
 
 // restore receives the checkpoint archive of a prepared move and restores the container.
@@ -177,12 +189,16 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	var pst pages.Stats
 	encoded := r.URL.Query().Get("encoding") == "pages"
 	var lr *lazyRestore // the memory path: the container's memory is restored lazily
+	// A streamed restore: the memory still arrives while podman restores (its stats
+	// mst); memDone tells its end.
+	var memDone chan error
+	var mst pages.Stats
 	if encoded {
 		sess, err := a.session(r.Context(), name)
 		if err != nil {
 			return nil, err
 		}
-		if mode := r.URL.Query().Get("memory"); mode == "lazy" || mode == "postcopy" {
+		if mode := r.URL.Query().Get("memory"); mode == "lazy" || mode == "postcopy" || mode == "stream" {
 			if a.info.MemoryProblem != "" {
 				return nil, badRequest{fmt.Errorf("%s cannot restore lazily: %s", a.cfg.Name, a.info.MemoryProblem)}
 			}
@@ -198,28 +214,62 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			}
 			var archive []byte
 			var pc *postcopyIn
-			if mode == "postcopy" {
+			// A "stream" body starts with its layout: 'S', the images first and the
+			// memory while podman restores (memory.go, prepareStreamed), or 'M', the
+			// memory first as in a "lazy" one.
+			br := bufio.NewReaderSize(body, 1<<20)
+			if mode == "stream" {
+				layout, err := br.ReadByte()
+				if err == nil && layout != 'S' && layout != 'M' {
+					err = badRequest{fmt.Errorf("unknown layout %q of a streamed restore", layout)}
+				}
+				if err != nil {
+					done()
+					return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+				}
+				if layout == 'S' {
+					lr, archive, err = a.prepareStreamed(r.Context(), name, br, sess, &pst)
+					if err != nil {
+						done()
+						return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+					}
+					memDone = make(chan error, 1)
+					goSafe("receive the memory", func() {
+						err := lr.receiveMemory(br, sess, &mst)
+						if err == nil {
+							_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
+						}
+						done()
+						memDone <- err
+					}, func(p any) { done(); memDone <- fmt.Errorf("receive the memory: internal error: %v", p) })
+				}
+			}
+			if memDone != nil {
+				src = bytes.NewReader(archive)
+			} else if mode == "postcopy" {
 				pc = newPostcopyIn(a, name, move, prep.Source, prep.Endpoint, sess, postcopyStall)
 				a.mu.Lock()
 				a.postcopies[name] = pc
 				a.mu.Unlock()
 			}
-			lr, archive, err = a.prepareLazy(r.Context(), name, body, sess, &pst, pc)
-			if err == nil {
-				_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
-			}
-			done()
-			if err != nil {
-				if lr != nil {
-					lr.restored(false)
-				} else if pc != nil {
-					a.mu.Lock()
-					delete(a.postcopies, name)
-					a.mu.Unlock()
+			if memDone == nil {
+				lr, archive, err = a.prepareLazy(r.Context(), name, br, sess, &pst, pc)
+				if err == nil {
+					_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
 				}
-				return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+				done()
+				if err != nil {
+					if lr != nil {
+						lr.restored(false)
+					} else if pc != nil {
+						a.mu.Lock()
+						delete(a.postcopies, name)
+						a.mu.Unlock()
+					}
+					return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
+				}
+				src = bytes.NewReader(archive)
 			}
-			src = bytes.NewReader(archive)
 		} else if src, err = a.decodeArchive(r.Context(), r, sess, &pst); err != nil {
 			return nil, err
 		}
@@ -238,11 +288,30 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 	}
 	vr := newVerifyingReader(src, r)
+	// A streamed restore's trailer comes after the memory: the archive's digest is
+	// checked then, before the answer (a damaged archive's container is undone).
+	vr.late = memDone != nil
 	importAt := time.Now()
 	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
 	imported := time.Now()
 	if vr.err != nil {
 		err = vr.err
+	}
+	memoryAt := imported
+	if memDone != nil {
+		// Whatever podman did: the stream is read to its end (or fails) before anything
+		// of the restore is undone or answered.
+		merr := <-memDone
+		memoryAt = time.Now()
+		pst.PagesCopied += mst.PagesCopied
+		pst.PagesSent += mst.PagesSent
+		pst.PagesDelta += mst.PagesDelta
+		if err == nil && merr != nil {
+			err = merr
+		}
+		if err == nil {
+			err = vr.verify()
+		}
 	}
 	if err == nil {
 		err = fault("target-restore")
@@ -275,7 +344,8 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	}
 	overlaynet.GratuitousARP(prep.Endpoint)
 	slog.Debug("restored", "container", name, "received and set up", decoded.Sub(start), "journal restoring", journaled.Sub(decoded),
-		"neighbours", importAt.Sub(journaled), "podman import", imported.Sub(importAt), "journal restored and the rest", time.Since(imported))
+		"neighbours", importAt.Sub(journaled), "podman import", imported.Sub(importAt), "memory after the import", memoryAt.Sub(imported),
+		"streamed", memDone != nil, "journal restored and the rest", time.Since(memoryAt))
 	out := RestoreResult{Bytes: vr.n, Digest: "sha256:" + hex.EncodeToString(vr.h.Sum(nil)), Restore: res.Duration,
 		Received: time.Since(start), CRIURestore: res.CRIURestore}
 	if encoded {

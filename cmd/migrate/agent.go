@@ -196,14 +196,22 @@ var lazyServeCommand = &cli.Command{
 	Hidden: true,
 	Usage:  "serve a restored container's lazy pages to CRIU's lazy-pages daemon (started by the agent)",
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "index", Required: true},
+		&cli.StringFlag{Name: "index", Usage: "the index of the pages (written whole before the start)"},
+		&cli.BoolFlag{Name: "follow", Usage: "read the index from standard input while the memory arrives"},
 		&cli.StringFlag{Name: "store", Required: true},
 		&cli.DurationFlag{Name: "deadline", Value: 10 * time.Minute},
+		&cli.DurationFlag{Name: "stall", Value: 30 * time.Second, Usage: "with --follow: fail a page that waits this long with nothing arriving"},
 	},
 	Action: func(c *cli.Context) error {
 		ln, err := net.FileListener(os.NewFile(3, "listener"))
 		if err != nil {
 			return fmt.Errorf("lazy-serve: inherited listener: %w", err)
+		}
+		if c.Bool("follow") {
+			return transfer.ServeLazyFollow(c.Context, os.Stdin, c.String("store"), ln, c.Duration("deadline"), c.Duration("stall"))
+		}
+		if c.String("index") == "" {
+			return errors.New("lazy-serve: --index or --follow")
 		}
 		return transfer.ServeLazy(c.Context, c.String("index"), c.String("store"), ln, c.Duration("deadline"))
 	},
