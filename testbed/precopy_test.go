@@ -135,10 +135,15 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	}
 	overlap := false
 	for _, p := range r1.Downtime {
-		overlap = overlap || (p.Name == transfer.StepPodmanOverlap && p.Duration > 0)
+		overlap = overlap || ((p.Name == transfer.StepPodmanOverlap || p.Name == transfer.StepSourceEnd) && p.Duration > 0)
 	}
 	if !overlap {
 		t.Errorf("the read hand-over's steps name no podman work beside the restore: %+v", r1.Downtime)
+	}
+	// The check answers while CRIU dumps: the images went first and b restored while
+	// the memory crossed.
+	if !strings.HasPrefix(r1.EarlyRestore, "yes, streamed") {
+		t.Errorf("early restore %q: not streamed", r1.EarlyRestore)
 	}
 	// Counted by the wire (what entered the target's link), not by the agents.
 	ratio := float64(w2) / float64(w1)

@@ -24,11 +24,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/migrate-project/migrate/checkpoint"
 )
@@ -129,9 +133,51 @@ func (ch earlyCheck) answer() string {
 const logFile = "ctr.log"
 
 // earlySummary is how a push reports the early restore.
-func earlySummary(problem string) string {
+func earlySummary(problem string, streamed bool) string {
+	if problem == "" && streamed {
+		return "yes, streamed: the target restored from CRIU's images while the memory crossed and podman finished here"
+	}
 	if problem == "" {
 		return "yes: the target restored while podman finished here"
 	}
 	return "no: " + strings.TrimSpace(problem)
+}
+
+// exportLimit bounds podman's checkpoint call (CRIU's dump, podman's archive and its
+// clean-up) when nothing else ends it first.
+const exportLimit = 10 * time.Minute
+
+// watchExit tells when process pid ends, through a pidfd opened now (so that a later
+// process with the same number is never taken for it). The channel is nil if the process
+// cannot be watched (it has ended already, or the kernel has no pidfd): the caller then
+// waits for podman instead.
+func watchExit(pid int) (<-chan time.Time, func()) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		slog.Debug("watch the container's end", "pid", pid, "err", err)
+		return nil, func() {}
+	}
+	ch := make(chan time.Time, 1)
+	stop := make(chan struct{})
+	var once sync.Once
+	go func() {
+		defer unix.Close(fd)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, err := unix.Poll(fds, 50)
+			if err != nil && err != unix.EINTR {
+				return
+			}
+			if n > 0 && fds[0].Revents&(unix.POLLIN|unix.POLLHUP) != 0 {
+				ch <- time.Now()
+				return
+			}
+		}
+	}()
+	return ch, func() { once.Do(func() { close(stop) }) }
 }

@@ -137,3 +137,38 @@ func TestHandOverForPicksTheReadHandOverWhereTheHostCan(t *testing.T) {
 		t.Errorf("--handover read where the host cannot dump lazily: %q, no error", got)
 	}
 }
+
+// A streamed restore's steps: the images leave when CRIU listens, the memory follows
+// while the target restores; the top-level steps still add up to the frozen time.
+func TestFrozenStepsOfAStreamedRestore(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	taken := ""
+	ft := finalTimes{lazyListening: at(100), firstByte: at(101), memoryDone: at(300), lastByte: at(301),
+		early: &taken, streamed: true, restored: at(420), podmanDone: at(450)}
+	steps := frozenSteps(t0, ft, at(450), at(490), RestoreResult{})
+	got := map[string]time.Duration{}
+	var top time.Duration
+	for _, p := range steps {
+		got[p.Name] = p.Duration
+		if !strings.HasPrefix(p.Name, " ") {
+			top += p.Duration
+		}
+	}
+	want := map[string]time.Duration{StepCheckpoint: 101 * time.Millisecond, StepStreamed: 200 * time.Millisecond,
+		StepStreamedMemory: 199 * time.Millisecond, StepRestoreRest: 119 * time.Millisecond,
+		StepPodmanWait: 30 * time.Millisecond, StepOverlaySwitch: 40 * time.Millisecond}
+	for name, d := range want {
+		if got[name] != d {
+			t.Errorf("%q = %s, want %s", name, got[name], d)
+		}
+	}
+	for _, name := range []string{StepStream, StepRestore, StepMemory} {
+		if _, ok := got[name]; ok {
+			t.Errorf("a streamed restore names %q", name)
+		}
+	}
+	if top != 490*time.Millisecond {
+		t.Errorf("the top-level steps add up to %s, want the 490ms frozen", top)
+	}
+}

@@ -2,10 +2,15 @@ package transfer
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
+	"encoding/binary"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/migrate-project/migrate/pages"
 )
@@ -75,5 +80,158 @@ func TestLazyIndexServesThePagesOfTheMemory(t *testing.T) {
 	}
 	if _, err := readLazyIndex(idx); err == nil {
 		t.Fatal("an index claiming 2^63 pages was read")
+	}
+}
+
+// The streamed restore's page server: a page asked for before it arrived waits for it and
+// is served as it arrived (the memory stream, decoded, files each lazy page through the
+// index as it comes); once the index is whole, a page it does not name is refused; an
+// index that ends without its end mark (the agent died) fails what waits.
+func TestFollowedIndexServesPagesAsTheyArrive(t *testing.T) {
+	dir := t.TempDir()
+	store, err := pages.OpenStore(filepath.Join(dir, "store"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	const lazyAt, imgAt = 0x7f0000000000, 0x400000
+	data := pageAligned(300, 3)
+	// The source's frozen memory: 300 lazy pages of process 7, 2 pages in the images.
+	var stream bytes.Buffer
+	mw := pages.NewMemoryWriter(&stream, pages.NewSession(), pages.EncodeOptions{})
+	if err := mw.Entry(pages.KindProcess, 7, imgAt, 2, pages.FlagPresent); err != nil {
+		t.Fatal(err)
+	}
+	if err := mw.Pages(imgAt, pageAligned(2, 4)); err != nil {
+		t.Fatal(err)
+	}
+	if err := mw.Entry(pages.KindProcess, 7, lazyAt, 300, pages.FlagPresent|pages.FlagLazy); err != nil {
+		t.Fatal(err)
+	}
+	if err := mw.Pages(lazyAt, data); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := mw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	stream.WriteString("E") // the empty archive after it
+
+	src := newFollowSource(store.Dir(), 5*time.Second)
+	defer src.close()
+	pr, pw := io.Pipe()
+	go src.follow(pr)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go src.ticker(ctx)
+
+	// The daemon asks for the last pages first: they have not arrived.
+	type answer struct {
+		n   int
+		err error
+		buf []byte
+	}
+	early := make(chan answer, 1)
+	go func() {
+		buf := make([]byte, 8*pages.Size)
+		n, err := src.ReadPages(7, lazyAt+290*pages.Size, buf)
+		early <- answer{n, err, buf}
+	}()
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case a := <-early:
+		t.Fatalf("served before the page arrived: %d, %v", a.n, a.err)
+	default:
+	}
+	x, err := newLazyIndexWriter(pw, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mem pages.Memory
+	var filed int
+	errc := make(chan error, 1)
+	go func() {
+		_, err := pages.DecodeMemoryFunc(&stream, io.Discard, pages.NewSession(), store, 1<<30, &mem,
+			func(kind int, id uint64, flags uint32, vaddr uint64, hs []pages.Hash) error {
+				if flags&pages.FlagLazy == 0 {
+					return nil
+				}
+				filed += len(hs)
+				return x.run(id, vaddr, hs)
+			})
+		if err == nil {
+			err = x.end()
+		}
+		pw.Close()
+		errc <- err
+	}()
+	a := <-early
+	if a.err != nil || a.n != 8 || !bytes.Equal(a.buf, data[290*pages.Size:298*pages.Size]) {
+		t.Fatalf("the waiting page: %d pages, %v", a.n, a.err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if filed != 300 {
+		t.Fatalf("%d lazy pages filed, want 300 (the 2 in the images are not)", filed)
+	}
+	buf := make([]byte, 4*pages.Size)
+	if n, err := src.ReadPages(7, lazyAt+298*pages.Size, buf); err != nil || n != 2 || !bytes.Equal(buf[:2*pages.Size], data[298*pages.Size:]) {
+		t.Fatalf("the last pages: %d, %v", n, err)
+	}
+	if _, err := src.ReadPages(7, imgAt, buf); err == nil || !strings.Contains(err.Error(), "not a lazy page") {
+		t.Fatalf("a page of the images, once the index is whole: %v", err)
+	}
+
+	// An index that ends without its end mark: what waits fails, at once.
+	broken := newFollowSource(store.Dir(), time.Minute)
+	defer broken.close()
+	pr2, pw2 := io.Pipe()
+	go broken.follow(pr2)
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := broken.ReadPages(7, lazyAt, buf)
+		waiting <- err
+	}()
+	x2, _ := newLazyIndexWriter(pw2, store)
+	if err := x2.run(7, imgAt, mem.Hashes[:1]); err != nil {
+		t.Fatal(err)
+	}
+	pw2.Close()
+	select {
+	case err := <-waiting:
+		if err == nil || !strings.Contains(err.Error(), "did not arrive whole") {
+			t.Fatalf("a page of a broken index: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a page of a broken index still waits")
+	}
+
+	// Nothing arrives for the stall: what waits fails.
+	stalled := newFollowSource(store.Dir(), 200*time.Millisecond)
+	defer stalled.close()
+	pr3, pw3 := io.Pipe()
+	defer pw3.Close()
+	go stalled.follow(pr3)
+	go stalled.ticker(ctx)
+	if _, err := stalled.ReadPages(7, lazyAt, buf); err == nil || !strings.Contains(err.Error(), "no memory arrived") {
+		t.Fatalf("a stalled index: %v", err)
+	}
+}
+
+// A damaged index is refused, not trusted: a run claiming more pages than the bound, or
+// overlapping one before it.
+func TestFollowedIndexRefusesDamage(t *testing.T) {
+	for name, in := range map[string][]byte{
+		"bad magic":    []byte("XXXX"),
+		"huge run":     append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1000), 1<<40)...),
+		"odd address":  append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1001), 1)...),
+		"stray end":    append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0), 0)...),
+		"cut in a run": append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1000), 4)...),
+	} {
+		s := newFollowSource(t.TempDir(), time.Minute)
+		s.follow(bytes.NewReader(in))
+		if s.failed == nil || s.complete {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 }

@@ -8,8 +8,8 @@ package transfer
 // is written to a file on either side while the container is frozen.
 
 import (
-	"bufio"
 	"archive/tar"
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/gob"
@@ -279,8 +279,8 @@ type lazyRestore struct {
 	streamed bool
 	index    *lazyIndexWriter
 	indexW   *os.File
-	unpin       func()
-	start       time.Time
+	unpin    func()
+	start    time.Time
 	// setupTook is how long setUp took once the stream had ended: images written, the
 	// page server and CRIU's lazy-pages daemon started and listening.
 	setupTook time.Duration

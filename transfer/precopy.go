@@ -470,6 +470,7 @@ type finalTimes struct {
 	firstByte, lastByte time.Time
 	memoryDone          time.Time // the memory path: CRIU closed the page server
 	streamed            bool      // the read hand-over sent CRIU's images before the memory
+	decidedOnExit       bool      // podmanDone is when the container's processes ended here
 	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
@@ -517,8 +518,19 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	expDone := make(chan error, 1)
 	exported := make(chan struct{})
 	var podmanDone time.Time
+	// Podman's checkpoint call ends with the move's context, unless the move was decided
+	// on its processes' end (below): then it finishes in the background.
+	xctx, xcancel := context.WithTimeout(context.WithoutCancel(ctx), exportLimit)
+	detach := context.AfterFunc(ctx, xcancel)
+	var exited <-chan time.Time // the container's processes ended here (read hand-over)
+	if ld != nil && c.PID > 0 {
+		var stopWatch func()
+		exited, stopWatch = watchExit(c.PID)
+		defer stopWatch()
+	}
 	go func() {
-		_, err := a.podman.Export(ctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
+		defer xcancel()
+		_, err := a.podman.Export(xctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
 		podmanDone = time.Now()
 		expW.CloseWithError(err)
 		close(exported)
@@ -677,11 +689,34 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		exp.CloseWithError(fmt.Errorf("the target stopped reading"))
 	}
 	// An early restore: podman finishes here meanwhile, and the move is not decided before
-	// its checkpoint returned (a rollback restores from the checkpoint it keeps).
-	if err := <-expDone; err != nil {
-		return nil, nil, ft, exportError{err}
+	// its checkpoint returned (a rollback restores from the checkpoint it keeps), or the
+	// container's processes ended here: CRIU kills them only once its dump succeeded
+	// (cr_dump_finish), after which they cannot run here again; podman's own end
+	// (runtime, network, storage) then goes on in the background, and the removal of
+	// the source's copy waits for it.
+	if earlyArchive != nil && rerr == nil && encErr == nil && exited != nil {
+		select {
+		case err := <-expDone:
+			if err != nil {
+				return nil, nil, ft, exportError{err}
+			}
+			ft.podmanDone = podmanDone // written before expDone was sent
+		case at := <-exited:
+			ft.podmanDone, ft.decidedOnExit = at, true
+			detach()
+			goSafe("podman's checkpoint after the decision", func() {
+				if err := <-expDone; err != nil {
+					slog.Warn("podman's checkpoint failed after the container's processes ended here; the move stands (CRIU had dumped them, the target runs the container)",
+						"container", c.Name, "err", err)
+				}
+			}, nil)
+		}
+	} else {
+		if err := <-expDone; err != nil {
+			return nil, nil, ft, exportError{err}
+		}
+		ft.podmanDone = podmanDone // written before expDone was sent
 	}
-	ft.podmanDone = podmanDone // written before expDone was sent
 	var ee exportError
 	if errors.As(encErr, &ee) {
 		return nil, nil, ft, ee

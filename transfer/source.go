@@ -580,7 +580,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.HandOver, neigh, l, sess, seen, progress, sent)
 		if ft.early != nil {
-			res.EarlyRestore = earlySummary(*ft.early)
+			res.EarlyRestore = earlySummary(*ft.early, ft.streamed)
 		}
 	}
 	restoredAt := time.Now()
@@ -702,7 +702,10 @@ const (
 	StepOverlaySwitch  = "overlay switch (journal the decision, point this node at the target, release held frames)"
 	// The early restore (read hand-over): podman finishes here while the target restores.
 	StepPodmanOverlap = "  podman here after the hand-over (CRIU's end, runtime, archive), beside the restore"
-	StepPodmanWait    = "waiting for podman here after the target restored"
+	StepPodmanWait    = "waiting for the source's end after the target restored (podman's checkpoint, or the container's processes)"
+	// The move decided on the end of the container's processes here, podman's own end
+	// (runtime, network, storage) left to the background.
+	StepSourceEnd = "  CRIU's end here (the container's processes dumped and ended), beside the restore"
 )
 
 // frozenSteps splits the frozen time into its steps, with what CRIU measured of its own
@@ -751,7 +754,11 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 		steps = append(steps, Phase{Name: StepCRIURestore, Duration: rr.CRIURestore})
 	}
 	if early {
-		steps = append(steps, Phase{Name: StepPodmanOverlap, Duration: ft.podmanDone.Sub(ft.memoryDone)},
+		name := StepPodmanOverlap
+		if ft.decidedOnExit {
+			name = StepSourceEnd
+		}
+		steps = append(steps, Phase{Name: name, Duration: ft.podmanDone.Sub(ft.memoryDone)},
 			Phase{Name: StepPodmanWait, Duration: max(0, restoredAt.Sub(ft.restored))})
 	}
 	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})

@@ -185,6 +185,19 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, err
 	}
 	start := time.Now()
+	// "restoring" is journaled while the archive is still on its way (the request comes
+	// when the source freezes the container), not on the frozen phase's path; podman
+	// starts only once it is durable. Failing before that puts the entry back.
+	journal := make(chan error, 1)
+	goSafe("journal restoring", func() { journal <- a.mv.setIn(&mv, InRestoring) }, func(p any) { journal <- fmt.Errorf("journal: internal error: %v", p) })
+	journalWaited := false
+	defer func() {
+		if !journalWaited && <-journal == nil {
+			if err := a.mv.setIn(&mv, InPrepared); err != nil {
+				slog.Warn("journal the incoming move back as prepared", "container", name, "err", err)
+			}
+		}
+	}()
 	var src io.Reader = r.Body
 	var pst pages.Stats
 	encoded := r.URL.Query().Get("encoding") == "pages"
@@ -275,7 +288,8 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 	}
 	decoded := time.Now()
-	if err := a.mv.setIn(&mv, InRestoring); err != nil {
+	journalWaited = true
+	if err := <-journal; err != nil {
 		return nil, err
 	}
 	journaled := time.Now()
