@@ -427,7 +427,7 @@ func DecodeMemoryFunc(src io.Reader, dst io.Writer, sess *Session, store *Store,
 		curNext += uint64(len(hs)) * Size
 		return arrived(curKind, curID, cur.Flags, at, hs)
 	}
-	var used int64     // memory bytes, towards limit
+	var used int64 // memory bytes, towards limit
 	grow := func(n int64) error {
 		if n < 0 || n > limit-st.ArchiveBytes-used {
 			return fmt.Errorf("%w: %d bytes after %d, limit %d", ErrTooLarge, n, st.ArchiveBytes+used, limit)
