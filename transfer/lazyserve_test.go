@@ -235,3 +235,56 @@ func TestFollowedIndexRefusesDamage(t *testing.T) {
 		}
 	}
 }
+
+// With hold, even a page that has arrived waits for the index's end (the agent writes it
+// once the memory is complete and podman's import returned).
+func TestHeldIndexAnswersOnlyOnceWhole(t *testing.T) {
+	dir := t.TempDir()
+	store, err := pages.OpenStore(filepath.Join(dir, "store"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	data := pageAligned(4, 8)
+	hs, err := store.Add(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := newFollowSource(store.Dir(), time.Minute)
+	src.hold = true
+	defer src.close()
+	pr, pw := io.Pipe()
+	go src.follow(pr)
+	x, err := newLazyIndexWriter(pw, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := x.run(3, 0x1000, hs); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan int, 1)
+	go func() {
+		buf := make([]byte, 4*pages.Size)
+		n, err := src.ReadPages(3, 0x1000, buf)
+		if err != nil || !bytes.Equal(buf, data) {
+			n = -1
+		}
+		got <- n
+	}()
+	select {
+	case n := <-got:
+		t.Fatalf("answered (%d pages) before the index was whole", n)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := x.end(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-got:
+		if n != 4 {
+			t.Fatalf("answered %d pages, want the 4 as stored", n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("still waits once the index is whole")
+	}
+}

@@ -326,6 +326,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		if err == nil {
 			err = vr.verify()
 		}
+		if err == nil {
+			err = lr.release()
+		}
 	}
 	if err == nil {
 		err = fault("target-restore")
