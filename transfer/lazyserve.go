@@ -193,13 +193,9 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 // frozen memory still crosses, so the server starts before the index is whole. The agent
 // writes the index to the server's standard input as pages arrive, a run at a time, and
 // ends it with an empty run (pid 0, vaddr 0, no pages) once the memory is complete; from
-// then on the server needs nothing of the agent. With hold (the agent's default), every
-// request waits for that end: the agent writes it once the memory is complete and
-// podman's import returned, so that filling the memory does not compete with the
-// frozen phase for CPU (a container restored before then waits for its pages, but
-// nothing sees it yet: its traffic is held until the move is decided). Without hold a
-// request waits only for its page. The stream ending without its end (the agent died,
-// the move failed) or no run arriving for stall fails the requests that wait.
+// then on the server needs nothing of the agent. A request for a page that has not
+// arrived waits for it; the stream ending without that end (the agent died, the move
+// failed) or no run arriving for stall fails the requests that wait.
 
 // maxFollowRun bounds one run of a followed index (the agent writes at most
 // followRunPages): what the server allocates for a run it reads.
@@ -212,7 +208,6 @@ const followRunPages = 4096
 type followSource struct {
 	storeDir string
 	stall    time.Duration
-	hold     bool // answer nothing before the index is whole
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -320,7 +315,7 @@ func (s *followSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 	var r lazyRun
 	for {
 		var ok bool
-		if r, ok = s.find(pid, vaddr); ok && (!s.hold || s.complete) {
+		if r, ok = s.find(pid, vaddr); ok {
 			break
 		}
 		switch {
@@ -367,9 +362,8 @@ func (s *followSource) close() {
 
 // ServeLazyFollow is `migrate lazy-serve --follow`: ServeLazy for an index that arrives
 // on index (the agent's pipe) while the daemon already asks.
-func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln net.Listener, deadline, stall time.Duration, hold bool) error {
+func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln net.Listener, deadline, stall time.Duration) error {
 	src := newFollowSource(storeDir, stall)
-	src.hold = hold
 	defer src.close()
 	ctx, cancel := context.WithTimeout(ctx, deadline)
 	defer cancel()

@@ -445,7 +445,7 @@ func (lr *lazyRestore) startServer(deadline time.Duration) (string, error) {
 	lr.server = exec.Command(exe, "lazy-serve", "--index", index, "--store", lr.a.store.Dir(), "--deadline", deadline.String())
 	var pr *os.File
 	if lr.streamed {
-		lr.server.Args = []string{exe, "lazy-serve", "--follow", "--hold", "--store", lr.a.store.Dir(), "--deadline", deadline.String()}
+		lr.server.Args = []string{exe, "lazy-serve", "--follow", "--store", lr.a.store.Dir(), "--deadline", deadline.String()}
 		if pr, lr.indexW, err = os.Pipe(); err != nil {
 			return "", err
 		}
@@ -642,8 +642,7 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 }
 
 // receiveMemory takes the frozen memory from br while podman restores: each lazy page is
-// filed with the page server as it arrives. The index is ended by release, once podman's
-// import has returned too.
+// filed with the page server as it arrives; the index ends when the memory does.
 func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *pages.Stats) error {
 	if err := fault("target-stream"); err != nil {
 		return err
@@ -664,14 +663,9 @@ func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *
 	if mst.ArchiveBytes != 0 {
 		return fmt.Errorf("the memory: an archive of %d bytes after it, where none belongs", mst.ArchiveBytes)
 	}
-	return nil
-}
-
-// release ends the index of a streamed restore whose memory is complete: the page server
-// answers from then on, and needs nothing more of this agent.
-func (lr *lazyRestore) release() error {
 	if err := lr.index.end(); err != nil {
 		return fmt.Errorf("the memory's index: %w", err)
 	}
-	return lr.indexW.Close() // twice is harmless (stop closes it too)
+	lr.indexW.Close() // twice is harmless (stop closes it too)
+	return nil
 }

@@ -326,9 +326,6 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		if err == nil {
 			err = vr.verify()
 		}
-		if err == nil {
-			err = lr.release()
-		}
 	}
 	if err == nil {
 		err = fault("target-restore")

@@ -201,7 +201,6 @@ var lazyServeCommand = &cli.Command{
 		&cli.StringFlag{Name: "store", Required: true},
 		&cli.DurationFlag{Name: "deadline", Value: 10 * time.Minute},
 		&cli.DurationFlag{Name: "stall", Value: 30 * time.Second, Usage: "with --follow: fail a page that waits this long with nothing arriving"},
-		&cli.BoolFlag{Name: "hold", Usage: "with --follow: answer nothing before the index is whole"},
 	},
 	Action: func(c *cli.Context) error {
 		ln, err := net.FileListener(os.NewFile(3, "listener"))
@@ -209,7 +208,7 @@ var lazyServeCommand = &cli.Command{
 			return fmt.Errorf("lazy-serve: inherited listener: %w", err)
 		}
 		if c.Bool("follow") {
-			return transfer.ServeLazyFollow(c.Context, os.Stdin, c.String("store"), ln, c.Duration("deadline"), c.Duration("stall"), c.Bool("hold"))
+			return transfer.ServeLazyFollow(c.Context, os.Stdin, c.String("store"), ln, c.Duration("deadline"), c.Duration("stall"))
 		}
 		if c.String("index") == "" {
 			return errors.New("lazy-serve: --index or --follow")
