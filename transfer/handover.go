@@ -183,9 +183,6 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		return nil, pages.Stats{}, hs, err
 	}
 	hs.Listening = time.Now()
-	if d.listened != nil {
-		d.listened() // every image is written now
-	}
 	// Should this agent die before the memory is kept, its end of the connection must
 	// reset rather than close: CRIU's lazy page server takes a plain hang-up for the end
 	// of a successful dump (and podman would then kill the container, its pages lost),
@@ -194,6 +191,10 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		if err := tc.SetLinger(0); err != nil {
 			return nil, pages.Stats{}, hs, fmt.Errorf("lazy page server connection: %w", err)
 		}
+	}
+	// Only then: what listened does (it may send the images to the target) is covered.
+	if d.listened != nil {
+		d.listened() // every image is written now
 	}
 	if err := fault("source-handover"); err != nil {
 		return nil, pages.Stats{}, hs, err

@@ -340,9 +340,11 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			l.kick()
 			r.WireBytes += wire
 			// This host keeps what it sends too: if the container comes back, little has
-			// to cross the link.
+			// to cross the link; and the frozen phase refers to these pages by name in the
+			// memory a rollback rebuilds from this store, so a page not kept fails the move
+			// now, while the container runs.
 			if err := a.store.AddTrusted(batchH, batchP); err != nil {
-				slog.Warn("page store", "err", err)
+				return fmt.Errorf("keep the round's pages here: %w", err)
 			}
 			var send []byte
 			var k int64
@@ -540,6 +542,14 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	src := &firstByteReader{r: io.TeeReader(exp, h), at: &ft.firstByte}
 
 	var st pages.Stats
+	// Every page the frozen phase sends is kept here too: a rollback rebuilds the memory
+	// from this store.
+	var keepErr error // the first page not kept: the move fails before CRIU's dump ends
+	keepSent := func(hs []pages.Hash, p []byte) {
+		if err := a.store.AddTrusted(hs, p); err != nil && keepErr == nil {
+			keepErr = err
+		}
+	}
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		if ld != nil {
 			ld.listened = func() {
@@ -564,19 +574,20 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				if damaged("checkpoint-stream") {
 					in = &flipReader{r: in, at: 1024} // damage in transit, after the digest
 				}
-				streamSt, streamErr = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base})
+				// The pages it sends are kept here too, as the memory's are: the memory
+				// that follows refers to them, and a rollback rebuilds it from this store.
+				streamSt, streamErr = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base, Sent: keepSent})
 			}
 		}
 		if ps != nil || ld != nil {
 			// The memory first: CRIU hands it over while it dumps, before podman's
 			// archive. It is kept here (its pages in the store, their names on disk)
 			// before CRIU's transfer ends: a rollback rebuilds the page images from it.
-			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: func(hs []pages.Hash, p []byte) {
-				if err := a.store.AddTrusted(hs, p); err != nil {
-					slog.Warn("page store", "err", err)
-				}
-			}})
+			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: keepSent})
 			keep := func(mem *pages.Memory) error {
+				if keepErr != nil {
+					return exportError{fmt.Errorf("keep the pages of %s here for a rollback: %w", c.Name, keepErr)}
+				}
 				if err := a.saveMemory(c.Name, mem); err != nil {
 					return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}
 				}

@@ -390,6 +390,10 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	if a.info.DirtyTracking {
 		res.DirtyTrack = "available; pages still found by hash"
 	}
+	// The pages this move sends stay in the store until it has settled here: the memory
+	// that a rollback rebuilds refers to them by name.
+	unpin := a.store.Pin()
+	defer unpin()
 	sess := pages.NewSession()
 	seen := newLastSent(sess, a.store)
 	// Volumes first, while the container runs: their content crosses the link once, then

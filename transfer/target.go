@@ -129,7 +129,7 @@ type verifyingReader struct {
 	h       hash.Hash
 	n       int64
 	err     error
-	late    bool // the trailer comes later: verify is called then, not at src's end
+	late    bool // the trailer comes later: the caller checks the digest then (verifyDigest)
 }
 
 // newVerifyingReader checks src (the archive: the request body, or what is rebuilt from
@@ -153,6 +153,17 @@ func (v *verifyingReader) Read(b []byte) (int, error) {
 		v.err = fmt.Errorf("receive archive after %d bytes: %w", v.n, err)
 	}
 	return n, err
+}
+
+// verifyDigest compares a whole archive with the digest in r's trailer (read once the
+// body has ended).
+func verifyDigest(archive []byte, r *http.Request) error {
+	sum := sha256.Sum256(archive)
+	got := "sha256:" + hex.EncodeToString(sum[:])
+	if want := r.Trailer.Get(digestTrailer); want != got {
+		return fmt.Errorf("%w (sent %q, received %s after %d bytes)", errDigest, want, got, len(archive))
+	}
+	return nil
 }
 
 // verify compares what was read with the trailer's digest.
@@ -206,6 +217,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	// mst); memDone tells its end.
 	var memDone chan error
 	var mst pages.Stats
+	var streamedArchive []byte
 	if encoded {
 		sess, err := a.session(r.Context(), name)
 		if err != nil {
@@ -258,7 +270,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 				}
 			}
 			if memDone != nil {
-				src = bytes.NewReader(archive)
+				src, streamedArchive = bytes.NewReader(archive), archive
 			} else if mode == "postcopy" {
 				pc = newPostcopyIn(a, name, move, prep.Source, prep.Endpoint, sess, postcopyStall)
 				a.mu.Lock()
@@ -320,11 +332,15 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		pst.PagesCopied += mst.PagesCopied
 		pst.PagesSent += mst.PagesSent
 		pst.PagesDelta += mst.PagesDelta
+		if merr == nil {
+			// The whole archive against the trailer's digest (podman may have stopped
+			// reading it early): a damaged one explains whatever podman made of it.
+			if verr := verifyDigest(streamedArchive, r); verr != nil {
+				err = verr
+			}
+		}
 		if err == nil && merr != nil {
 			err = merr
-		}
-		if err == nil {
-			err = vr.verify()
 		}
 	}
 	if err == nil {
