@@ -65,6 +65,11 @@ var faultCasesCI = []faultCase{
 	// restore, must bring the container back on the source.
 	{"source killed beside the early restore", "source", "crash:source-early", 6, "source", "", []string{"--handover", "read"}},
 	{"early restore fails", "target", "fail:target-restore", 4, "source", "", []string{"--handover", "read"}},
+	// The streamed restore: the target restores from CRIU's images while the frozen memory
+	// still crosses. Its agent dying then (the page server learns no more pages, the
+	// container restored there is undecided) must bring the container back on the source
+	// and leave nothing on the target.
+	{"target killed while the memory streams", "target", "crash:target-stream", 4, "source", "", []string{"--handover", "read"}},
 }
 
 var faultCasesFull = []faultCase{

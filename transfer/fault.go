@@ -28,7 +28,8 @@ import (
 // (the read hand-over's early restore: the target restored it, podman may still be at
 // work here); target-prepare
 // (journaled, before plumbing), target-memory (the frozen phase's memory is arriving,
-// memory path only), target-restore (podman restored it, before the journal
+// memory path only), target-stream (the streamed restore: podman restores from CRIU's
+// images, the first of the memory's pages has arrived), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,
 // decided: each batch of pages pumped to the target); disk-full (every journal write
 // fails with ENOSPC); image-upload (damage: an image archive sent to a target);

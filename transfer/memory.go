@@ -644,15 +644,20 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 // receiveMemory takes the frozen memory from br while podman restores: each lazy page is
 // filed with the page server as it arrives; the index ends when the memory does.
 func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *pages.Stats) error {
-	if err := fault("target-stream"); err != nil {
-		return err
-	}
+	filed := false
 	mst, err := pages.DecodeMemoryFunc(br, io.Discard, sess, lr.a.store, maxArchive(), &lr.mem,
 		func(kind int, id uint64, flags uint32, vaddr uint64, hs []pages.Hash) error {
 			if kind != pages.KindProcess || flags&pages.FlagLazy == 0 {
 				return nil // in the images already
 			}
-			return lr.index.run(id, vaddr, hs)
+			if err := lr.index.run(id, vaddr, hs); err != nil {
+				return err
+			}
+			if !filed {
+				filed = true
+				return fault("target-stream") // podman restores meanwhile
+			}
+			return nil
 		})
 	st.PagesCopied += mst.PagesCopied
 	st.PagesSent += mst.PagesSent
