@@ -196,6 +196,15 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 // then on the server needs nothing of the agent. A request for a page that has not
 // arrived waits for it; the stream ending without that end (the agent died, the move
 // failed) or no run arriving for stall fails the requests that wait.
+//
+// With hold (the agent's choice), a request for more than one page waits for the end:
+// CRIU's lazy-pages daemon asks for one page at a fault (uffd.c, handle_page_fault) and
+// for runs of 16 pages and more when it fills the memory in the background, which it
+// starts once the restore is done. Filling the memory before the memory is complete
+// would compete for CPU with the frozen phase; nothing sees the container before the
+// move is decided (its traffic is held), and the restore itself, which may fault, is
+// answered as the pages arrive. (Holding every request until podman's import returned
+// deadlocks: the restore does touch memory.)
 
 // maxFollowRun bounds one run of a followed index (the agent writes at most
 // followRunPages): what the server allocates for a run it reads.
@@ -208,6 +217,7 @@ const followRunPages = 4096
 type followSource struct {
 	storeDir string
 	stall    time.Duration
+	hold     bool // requests for more than one page wait for the index's end
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -315,7 +325,7 @@ func (s *followSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 	var r lazyRun
 	for {
 		var ok bool
-		if r, ok = s.find(pid, vaddr); ok {
+		if r, ok = s.find(pid, vaddr); ok && (s.complete || !s.hold || len(buf) <= pages.Size) {
 			break
 		}
 		switch {
@@ -362,8 +372,9 @@ func (s *followSource) close() {
 
 // ServeLazyFollow is `migrate lazy-serve --follow`: ServeLazy for an index that arrives
 // on index (the agent's pipe) while the daemon already asks.
-func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln net.Listener, deadline, stall time.Duration) error {
+func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln net.Listener, deadline, stall time.Duration, hold bool) error {
 	src := newFollowSource(storeDir, stall)
+	src.hold = hold
 	defer src.close()
 	ctx, cancel := context.WithTimeout(ctx, deadline)
 	defer cancel()

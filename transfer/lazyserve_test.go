@@ -235,3 +235,60 @@ func TestFollowedIndexRefusesDamage(t *testing.T) {
 		}
 	}
 }
+
+// With hold, a fault (a one-page request) is answered as soon as its page arrived, while
+// the background fill (longer runs) waits for the index's end.
+func TestHeldIndexAnswersFaultsAtOnceAndTheFillOnceWhole(t *testing.T) {
+	dir := t.TempDir()
+	store, err := pages.OpenStore(filepath.Join(dir, "store"), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	data := pageAligned(16, 8)
+	hs, err := store.Add(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := newFollowSource(store.Dir(), time.Minute)
+	src.hold = true
+	defer src.close()
+	pr, pw := io.Pipe()
+	go src.follow(pr)
+	x, err := newLazyIndexWriter(pw, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := x.run(3, 0x10000, hs); err != nil {
+		t.Fatal(err)
+	}
+	one := make([]byte, pages.Size)
+	if n, err := src.ReadPages(3, 0x10000+5*pages.Size, one); err != nil || n != 1 || !bytes.Equal(one, data[5*pages.Size:6*pages.Size]) {
+		t.Fatalf("a fault on an arrived page: %d, %v", n, err)
+	}
+	got := make(chan int, 1)
+	go func() {
+		buf := make([]byte, 16*pages.Size)
+		n, err := src.ReadPages(3, 0x10000, buf)
+		if err != nil || !bytes.Equal(buf, data) {
+			n = -1
+		}
+		got <- n
+	}()
+	select {
+	case n := <-got:
+		t.Fatalf("the fill was answered (%d pages) before the index was whole", n)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := x.end(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-got:
+		if n != 16 {
+			t.Fatalf("the fill got %d pages, want the 16 as stored", n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the fill still waits once the index is whole")
+	}
+}

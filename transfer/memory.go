@@ -445,7 +445,7 @@ func (lr *lazyRestore) startServer(deadline time.Duration) (string, error) {
 	lr.server = exec.Command(exe, "lazy-serve", "--index", index, "--store", lr.a.store.Dir(), "--deadline", deadline.String())
 	var pr *os.File
 	if lr.streamed {
-		lr.server.Args = []string{exe, "lazy-serve", "--follow", "--store", lr.a.store.Dir(), "--deadline", deadline.String()}
+		lr.server.Args = []string{exe, "lazy-serve", "--follow", "--hold", "--store", lr.a.store.Dir(), "--deadline", deadline.String()}
 		if pr, lr.indexW, err = os.Pipe(); err != nil {
 			return "", err
 		}

@@ -201,6 +201,7 @@ var lazyServeCommand = &cli.Command{
 		&cli.StringFlag{Name: "store", Required: true},
 		&cli.DurationFlag{Name: "deadline", Value: 10 * time.Minute},
 		&cli.DurationFlag{Name: "stall", Value: 30 * time.Second, Usage: "with --follow: fail a page that waits this long with nothing arriving"},
+		&cli.BoolFlag{Name: "hold", Usage: "with --follow: requests for more than one page (the background fill) wait for the index's end"},
 	},
 	Action: func(c *cli.Context) error {
 		ln, err := net.FileListener(os.NewFile(3, "listener"))
@@ -208,7 +209,7 @@ var lazyServeCommand = &cli.Command{
 			return fmt.Errorf("lazy-serve: inherited listener: %w", err)
 		}
 		if c.Bool("follow") {
-			return transfer.ServeLazyFollow(c.Context, os.Stdin, c.String("store"), ln, c.Duration("deadline"), c.Duration("stall"))
+			return transfer.ServeLazyFollow(c.Context, os.Stdin, c.String("store"), ln, c.Duration("deadline"), c.Duration("stall"), c.Bool("hold"))
 		}
 		if c.String("index") == "" {
 			return errors.New("lazy-serve: --index or --follow")
