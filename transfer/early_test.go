@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -170,5 +171,43 @@ func TestFrozenStepsOfAStreamedRestore(t *testing.T) {
 	}
 	if top != 490*time.Millisecond {
 		t.Errorf("the top-level steps add up to %s, want the 490ms frozen", top)
+	}
+}
+
+// The decision may rest on the container's processes having ended: watchExit tells when
+// a process ends, not before, and cannot be fooled by a number used again.
+func TestWatchExitTellsWhenTheProcessEnds(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	defer func() { cmd.Process.Kill(); <-done }()
+	ended, stop := watchExit(cmd.Process.Pid)
+	defer stop()
+	if ended == nil {
+		t.Fatal("a running process cannot be watched (no pidfd?)")
+	}
+	select {
+	case <-ended:
+		t.Fatal("told of an end while the process runs")
+	case <-time.After(150 * time.Millisecond):
+	}
+	killed := time.Now()
+	cmd.Process.Kill()
+	select {
+	case at := <-ended:
+		if at.Before(killed) {
+			t.Fatalf("told of an end at %s, before the kill at %s", at, killed)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("not told of the end within 5 s")
+	}
+	<-done
+	// Ended and reaped: nothing to watch.
+	if ch, stop := watchExit(cmd.Process.Pid); ch != nil {
+		stop()
+		t.Fatal("a process that no longer exists is watched")
 	}
 }
