@@ -197,14 +197,15 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 // arrived waits for it; the stream ending without that end (the agent died, the move
 // failed) or no run arriving for stall fails the requests that wait.
 //
-// With hold (the agent's choice), a request for more than one page waits for the end:
+// With hold (the agent's choice), a request for more than one page waits for the end,
+// which the agent writes once the memory is complete and podman's import returned:
 // CRIU's lazy-pages daemon asks for one page at a fault (uffd.c, handle_page_fault) and
 // for runs of 16 pages and more when it fills the memory in the background, which it
-// starts once the restore is done. Filling the memory before the memory is complete
-// would compete for CPU with the frozen phase; nothing sees the container before the
-// move is decided (its traffic is held), and the restore itself, which may fault, is
-// answered as the pages arrive. (Holding every request until podman's import returned
-// deadlocks: the restore does touch memory.)
+// starts once the restore is done. Filling the memory earlier would compete for CPU with
+// the frozen phase; nothing sees the container before the move is decided (its traffic
+// is held), and the restore itself, which does fault, is answered as the pages arrive
+// (every page it can ask for is a lazy one, so it arrives; holding every request until
+// the import returned deadlocked).
 
 // maxFollowRun bounds one run of a followed index (the agent writes at most
 // followRunPages): what the server allocates for a run it reads.

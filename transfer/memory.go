@@ -318,7 +318,7 @@ func (a *Agent) prepareLazy(ctx context.Context, name string, body io.Reader, se
 	}
 	began := time.Now()
 	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(lr.mem.Bytes())); err != nil {
-		lr.stop(false)
+		lr.stop(true) // a failed set-up: its logs are kept
 		return nil, nil, err
 	}
 	lr.setupTook = time.Since(began)
@@ -525,7 +525,7 @@ func lazyFillDeadline(memBytes int64) time.Duration {
 }
 
 // stop ends the daemon (if it still runs: it is ours, by PID), the server and the pin,
-// and removes the directory unless its logs are worth keeping.
+// and removes the directory; keep (a failure) keeps the logs first.
 func (lr *lazyRestore) stop(keep bool) {
 	removeCRIUConfig(lr.name)
 	if lr.daemon != nil && lr.daemon.Process != nil {
@@ -550,11 +550,17 @@ func (lr *lazyRestore) stop(keep bool) {
 		lr.a.mu.Unlock()
 	}
 	if lr.server != nil && lr.server.Process != nil {
-		// It ends when the daemon closes its transfer; if not soon, it is stopped (ours,
-		// by PID).
+		// After a fill it ends when the daemon closes its transfer; if not soon, it is
+		// stopped (ours, by PID). After a failure it is stopped at once: the daemon may
+		// never have connected (podman failed before CRIU restored anything), and the
+		// answer to the source, which brings the container back there, waits for this.
+		wait := 5 * time.Second
+		if keep {
+			wait = 0
+		}
 		select {
 		case <-lr.serverDone:
-		case <-time.After(5 * time.Second):
+		case <-time.After(wait):
 			lr.server.Process.Kill()
 			<-lr.serverDone
 		}
@@ -645,7 +651,7 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 	}
 	began := time.Now()
 	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(int64(sess.Len())*pages.Size+64<<20)); err != nil {
-		lr.stop(false)
+		lr.stop(true) // a failed set-up: its logs are kept
 		return nil, nil, err
 	}
 	lr.setupTook = time.Since(began)
@@ -653,7 +659,8 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 }
 
 // receiveMemory takes the frozen memory from br while podman restores: each lazy page is
-// filed with the page server as it arrives; the index ends when the memory does.
+// filed with the page server as it arrives. The index is ended by release, once podman's
+// import has returned too.
 func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *pages.Stats) error {
 	filed := false
 	mst, err := pages.DecodeMemoryFunc(br, io.Discard, sess, lr.a.store, maxArchive(), &lr.mem,
@@ -679,9 +686,15 @@ func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *
 	if mst.ArchiveBytes != 0 {
 		return fmt.Errorf("the memory: an archive of %d bytes after it, where none belongs", mst.ArchiveBytes)
 	}
+	return nil
+}
+
+// release ends the index of a streamed restore whose memory is complete and whose
+// import returned: CRIU's background fill is answered from then on, and the page server
+// needs nothing more of this agent.
+func (lr *lazyRestore) release() error {
 	if err := lr.index.end(); err != nil {
 		return fmt.Errorf("the memory's index: %w", err)
 	}
-	lr.indexW.Close() // twice is harmless (stop closes it too)
-	return nil
+	return lr.indexW.Close() // twice is harmless (stop closes it too)
 }

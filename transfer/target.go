@@ -342,6 +342,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		if err == nil && merr != nil {
 			err = merr
 		}
+		if err == nil {
+			err = lr.release()
+		}
 	}
 	if err == nil {
 		err = fault("target-restore")
