@@ -135,6 +135,8 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 
 	a.mv = &mover{self: cfg.Name, ov: a.ovs, peers: agentPeers{a}, closeSession: a.closeSession,
 		out: journal{filepath.Join(cfg.StateDir, "outgoing")}, in: journal{filepath.Join(cfg.StateDir, "incoming")}}
+	a.mv.out.clean()
+	a.mv.in.clean()
 	if a.podman != nil {
 		a.mv.rt = podmanRuntime{a.podman, a}
 	}

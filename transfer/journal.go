@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -91,7 +92,7 @@ func (j journal) put(container string, v any) error {
 	if err := os.MkdirAll(j.dir, 0o700); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
-	f, err := os.CreateTemp(j.dir, ".tmp-")
+	f, err := os.CreateTemp(j.dir, tempPrefix)
 	if err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
@@ -161,6 +162,25 @@ func (j journal) remove(container string) error {
 		return err
 	}
 	return syncDir(j.dir)
+}
+
+// tempPrefix starts the temporary file put writes before renaming it into place.
+const tempPrefix = ".tmp-"
+
+// clean removes the temporary files of writes that a crash cut short (the entry they were
+// to replace is intact). The agent calls it when it starts, before anything writes.
+func (j journal) clean() {
+	ents, err := os.ReadDir(j.dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), tempPrefix) {
+			if err := os.Remove(filepath.Join(j.dir, e.Name())); err != nil {
+				slog.Warn("journal: a cut-short write's temporary file", "file", e.Name(), "err", err)
+			}
+		}
+	}
 }
 
 // list names the containers the journal holds entries for.

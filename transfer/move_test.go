@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -541,4 +543,28 @@ func TestHeldFramesAreReleasedAfterTheTargetKnows(t *testing.T) {
 		t.Fatalf("held frames not released: %+v", f)
 	}
 	w.mustRunOn("b")
+}
+
+// A write that a crash cut short leaves its temporary file; the agent's start removes it
+// and keeps the entries (each is the old one or the new one).
+func TestJournalCleanRemovesCutShortWritesOnly(t *testing.T) {
+	j := journal{t.TempDir()}
+	if err := j.put("web", map[string]int{"x": 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(j.dir, tempPrefix+"123"), []byte(`{"x":`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j.clean()
+	ents, err := os.ReadDir(j.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ents) != 1 || ents[0].Name() != "web.json" {
+		t.Fatalf("after clean: %v", ents)
+	}
+	var v map[string]int
+	if err := j.get("web", &v); err != nil || v["x"] != 1 {
+		t.Fatalf("the entry: %v %v", v, err)
+	}
 }
