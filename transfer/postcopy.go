@@ -30,7 +30,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
@@ -126,20 +125,8 @@ func startLazyDump(name, staticDir string, store *pages.Store) (*lazyDump, error
 func (d *lazyDump) connect(ctx context.Context, exported <-chan struct{}) error {
 	defer removeCRIUConfig(d.name)
 	addr := "127.0.0.1:" + strconv.Itoa(d.port)
-	// Linger 0 from the start: should this agent die at any moment before the memory is
-	// kept, the kernel resets the connection, and CRIU takes that for a failed dump (the
-	// container runs on); a plain hang-up would mean a successful one.
-	dialer := net.Dialer{Timeout: time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptLinger(int(fd), syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1, Linger: 0})
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
 	for {
-		c, err := dialer.DialContext(ctx, "tcp", addr)
+		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			d.conn, d.pc = c, pageserver.NewClient(c)
 			break

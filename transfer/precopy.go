@@ -483,7 +483,7 @@ type finalTimes struct {
 	dump                 *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
-func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory bool, handOver string, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
+func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory, mayStream bool, handOver string, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
 	var ps *dumpServer // the page-server hand-over
@@ -559,7 +559,10 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 					atListen = &p
 				case <-time.After(streamWait):
 				}
-				if snapErr != nil || atListen == nil || *atListen != "" {
+				// Not after a stop-and-copy: its whole memory crosses now, and a link cut
+				// meanwhile would leave a restored (if mute) copy on the target until it
+				// learns the outcome.
+				if !mayStream || snapErr != nil || atListen == nil || *atListen != "" {
 					_, streamErr = w.Write([]byte{'M'})
 					return
 				}

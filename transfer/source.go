@@ -582,7 +582,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			}
 			res.HandOver = handOver
 		}
-		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.HandOver, neigh, l, sess, seen, progress, sent)
+		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.Mode != ModeStopCopy, res.HandOver, neigh, l, sess, seen, progress, sent)
 		if ft.early != nil {
 			res.EarlyRestore = earlySummary(*ft.early, ft.streamed)
 		}
