@@ -85,7 +85,7 @@ func TestExperimentDowntime(t *testing.T) {
 	seed := 0
 	for _, size := range sizes {
 		for _, pct := range dirty {
-			rate := int(size * 256 * pct / 100) // pages per second
+			rate := int(size * 256 * pct / 100)     // pages per second
 			xfer := size * 1.05 * 8 / (mbit * 0.92) // seconds for the memory at the link's rate
 			for _, c := range cases {
 				seed++
