@@ -174,19 +174,26 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 	}
 	ctx, cancel := context.WithTimeout(ctx, deadline)
 	defer cancel()
+	served, took, err := serveDaemon(ctx, ln, src)
+	slog.Info("lazy pages served", "pages", served, "of", total, "took", took, "err", err)
+	// Fewer than all is fine: the daemon skips what the process unmapped meanwhile.
+	return err
+}
+
+// serveDaemon answers the one lazy-pages daemon that connects to ln from src, until it
+// closes the transfer or ctx ends; it returns how many pages it served, and for how long.
+func serveDaemon(ctx context.Context, ln net.Listener, src pageserver.Source) (int, time.Duration, error) {
 	context.AfterFunc(ctx, func() { ln.Close() })
 	conn, err := ln.Accept()
 	if err != nil {
-		return fmt.Errorf("no lazy-pages daemon connected: %w", err)
+		return 0, 0, fmt.Errorf("no lazy-pages daemon connected: %w", err)
 	}
 	ln.Close()
 	defer conn.Close()
 	served := 0
 	t0 := time.Now()
 	err = pageserver.Serve(ctx, conn, src, pageserver.ServeOptions{Served: func(n int) { served += n }})
-	slog.Info("lazy pages served", "pages", served, "of", total, "took", time.Since(t0), "err", err)
-	// Fewer than all is fine: the daemon skips what the process unmapped meanwhile.
-	return err
+	return served, time.Since(t0), err
 }
 
 // The streamed restore (the read hand-over's default): the target restores while the
@@ -381,20 +388,11 @@ func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln n
 	defer cancel()
 	go src.follow(index)
 	go src.ticker(ctx)
-	context.AfterFunc(ctx, func() { ln.Close() })
-	conn, err := ln.Accept()
-	if err != nil {
-		return fmt.Errorf("no lazy-pages daemon connected: %w", err)
-	}
-	ln.Close()
-	defer conn.Close()
-	served := 0
-	t0 := time.Now()
-	err = pageserver.Serve(ctx, conn, src, pageserver.ServeOptions{Served: func(n int) { served += n }})
+	served, took, err := serveDaemon(ctx, ln, src)
 	src.mu.Lock()
 	total, complete := src.pages, src.complete
 	src.mu.Unlock()
-	slog.Info("lazy pages served", "pages", served, "of", total, "index complete", complete, "took", time.Since(t0), "err", err)
+	slog.Info("lazy pages served", "pages", served, "of", total, "index complete", complete, "took", took, "err", err)
 	if err == nil && !complete {
 		err = errors.New("the daemon ended before the memory was complete")
 	}
