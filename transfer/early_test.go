@@ -75,15 +75,7 @@ func TestFrozenStepsOfAnEarlyRestore(t *testing.T) {
 	taken := ""
 	ft := finalTimes{lazyListening: at(100), memoryDone: at(120), firstByte: at(121), lastByte: at(125),
 		early: &taken, restored: at(400), podmanDone: at(430)}
-	steps := frozenSteps(t0, ft, at(430), at(470), RestoreResult{})
-	got := map[string]time.Duration{}
-	var top time.Duration
-	for _, p := range steps {
-		got[p.Name] = p.Duration
-		if !strings.HasPrefix(p.Name, " ") {
-			top += p.Duration
-		}
-	}
+	got, top := stepTimes(frozenSteps(t0, ft, at(430), at(470), RestoreResult{}))
 	want := map[string]time.Duration{StepCheckpoint: 121 * time.Millisecond, StepStream: 4 * time.Millisecond, StepRestore: 275 * time.Millisecond,
 		StepPodmanOverlap: 310 * time.Millisecond, StepPodmanWait: 30 * time.Millisecond, StepOverlaySwitch: 40 * time.Millisecond}
 	for name, d := range want {
@@ -147,15 +139,7 @@ func TestFrozenStepsOfAStreamedRestore(t *testing.T) {
 	taken := ""
 	ft := finalTimes{lazyListening: at(100), firstByte: at(101), memoryDone: at(300), lastByte: at(301),
 		early: &taken, streamed: true, restored: at(420), podmanDone: at(450)}
-	steps := frozenSteps(t0, ft, at(450), at(490), RestoreResult{})
-	got := map[string]time.Duration{}
-	var top time.Duration
-	for _, p := range steps {
-		got[p.Name] = p.Duration
-		if !strings.HasPrefix(p.Name, " ") {
-			top += p.Duration
-		}
-	}
+	got, top := stepTimes(frozenSteps(t0, ft, at(450), at(490), RestoreResult{}))
 	want := map[string]time.Duration{StepCheckpoint: 101 * time.Millisecond, StepStreamed: 200 * time.Millisecond,
 		StepStreamedMemory: 199 * time.Millisecond, StepRestoreRest: 119 * time.Millisecond,
 		StepPodmanWait: 30 * time.Millisecond, StepOverlaySwitch: 40 * time.Millisecond}
@@ -210,4 +194,18 @@ func TestWatchExitTellsWhenTheProcessEnds(t *testing.T) {
 		stop()
 		t.Fatal("a process that no longer exists is watched")
 	}
+}
+
+// stepTimes indexes frozen-phase steps by name, and adds up the top-level ones (the
+// indented ones are parts of the step above them).
+func stepTimes(steps []Phase) (map[string]time.Duration, time.Duration) {
+	got := map[string]time.Duration{}
+	var top time.Duration
+	for _, p := range steps {
+		got[p.Name] = p.Duration
+		if !strings.HasPrefix(p.Name, " ") {
+			top += p.Duration
+		}
+	}
+	return got, top
 }
