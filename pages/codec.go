@@ -131,6 +131,15 @@ type Stats struct {
 	PagesKnown int64 `json:"pages_known,omitempty"`
 }
 
+// AddPages adds o's page counts to s: the memory and the archive of one frozen phase
+// are counted apart and reported together. (PagesKnown is only ever set by a sender.)
+func (s *Stats) AddPages(o Stats) {
+	s.PagesCopied += o.PagesCopied
+	s.PagesSent += o.PagesSent
+	s.PagesDelta += o.PagesDelta
+	s.PagesKnown += o.PagesKnown
+}
+
 // EncodeOptions are Encode's optional parts.
 type EncodeOptions struct {
 	// Sent, if not nil, sees every page sent, with its hash.

@@ -677,9 +677,7 @@ func (lr *lazyRestore) receiveMemory(br *bufio.Reader, sess *pages.Session, st *
 			}
 			return nil
 		})
-	st.PagesCopied += mst.PagesCopied
-	st.PagesSent += mst.PagesSent
-	st.PagesDelta += mst.PagesDelta
+	st.AddPages(mst)
 	if err != nil {
 		return fmt.Errorf("the memory: %w", err)
 	}

@@ -743,10 +743,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	}
 	if m := ft.memory; m != nil {
 		// What the frozen phase carried: the memory and the archive together.
-		st.PagesCopied += m.PagesCopied
-		st.PagesSent += m.PagesSent
-		st.PagesDelta += m.PagesDelta
-		st.PagesKnown += m.PagesKnown
+		st.AddPages(*m)
 	}
 	return &rr, &st, ft, nil
 }

@@ -329,9 +329,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		// of the restore is undone or answered.
 		merr := <-memDone
 		memoryAt = time.Now()
-		pst.PagesCopied += mst.PagesCopied
-		pst.PagesSent += mst.PagesSent
-		pst.PagesDelta += mst.PagesDelta
+		pst.AddPages(mst)
 		if merr == nil {
 			// The whole archive against the trailer's digest (podman may have stopped
 			// reading it early): a damaged one explains whatever podman made of it.
