@@ -69,6 +69,34 @@ func TestFlowsFollowLocations(t *testing.T) {
 	has(t, table(o), "priority=200", "dl_dst=02:4d:0a:58:00:0a", "actions=output:9")
 }
 
+// A container frozen on its own node sends nothing either: its sockets' retransmits
+// after CRIU's dump would carry timestamps the restored copy has not reached (PAWS).
+func TestFrozenLocalContainerIsMute(t *testing.T) {
+	o := NewOVS(Config{Host: "a"})
+	o.tunnels = map[string]int{"b": 5}
+	o.local = map[string]int{"02:4d:0a:58:00:0a": 3}
+	o.locs = map[string]Location{"02:4d:0a:58:00:0a": {Name: "web", MAC: "02:4d:0a:58:00:0a", Host: "a"}}
+	mute := func() bool {
+		for _, f := range table(o) {
+			if strings.Contains(f, "priority=300") && strings.Contains(f, "in_port=3") && strings.Contains(f, "actions=drop") {
+				return true
+			}
+		}
+		return false
+	}
+	if mute() {
+		t.Fatal("a running local container is mute")
+	}
+	o.frozen["02:4d:0a:58:00:0a"] = true
+	if !mute() {
+		t.Fatalf("a frozen local container still sends:\n%s", strings.Join(table(o), "\n"))
+	}
+	delete(o.frozen, "02:4d:0a:58:00:0a")
+	if mute() {
+		t.Fatal("a thawed container stays mute")
+	}
+}
+
 func TestFlowsWithoutLocalPortsDropTunnelBroadcasts(t *testing.T) {
 	o := NewOVS(Config{Host: "a"})
 	o.tunnels = map[string]int{"b": 5}

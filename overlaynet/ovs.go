@@ -448,8 +448,15 @@ func (o *OVS) flows() []*ovs.Flow {
 	// (the source's decision): before that its copy on the source may still be the live
 	// one, and anything this copy sent (its TCP stream going on) would break the
 	// connection the source's copy resumes after a rollback.
+	// A container frozen here for a move is mute as well. CRIU's own network lock is
+	// skipped (writeCRIUConfig: this node holds the frames to it), and TCP sockets in
+	// repair mode still retransmit on their timers: left out, those later copies carry
+	// newer timestamps than the dump recorded, and the client then discards everything
+	// the restored copy sends (PAWS) until its clock has caught up, seconds after the
+	// restore. The restored copy sends what is unacknowledged at once, and a rolled-back
+	// one when thawed.
 	for mac, p := range o.local {
-		if loc, ok := o.locs[mac]; ok && loc.Host != o.cfg.Host {
+		if loc, ok := o.locs[mac]; (ok && loc.Host != o.cfg.Host) || o.frozen[mac] {
 			fl = append(fl, &ovs.Flow{Priority: 300, Cookie: cookie, InPort: p, Actions: []ovs.Action{ovs.Drop()}})
 		}
 	}
