@@ -273,7 +273,7 @@ func (a *Agent) mux() *http.ServeMux {
 // each with the message.
 func (a *Agent) handle(fn func(*http.Request) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		out, err := fn(r)
+		out, err := fn(withResponseController(r, w))
 		if err != nil {
 			code := http.StatusInternalServerError
 			var be badRequest

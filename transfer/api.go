@@ -141,6 +141,9 @@ type PrepareRequest struct {
 	// Volumes are the container's named volumes: they must not exist on the target, which
 	// creates them as their content arrives.
 	Volumes []string `json:"volumes,omitempty"`
+	// StallTimeout is the source's: the target fails a restore whose body makes no
+	// progress for this long (bounded; 0: a minute).
+	StallTimeout time.Duration `json:"stall_timeout_ns,omitempty"`
 }
 
 // Check is one property of the pre-flight gate.

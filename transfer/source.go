@@ -316,7 +316,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		return fail(fmt.Errorf("pre-flight on %s: %w", a.cfg.Name, err))
 	}
 	prep := PrepareRequest{Container: c.Name, Move: self.move, Image: c.Image, Source: a.cfg.Name, Endpoint: ep,
-		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun, Binds: bindSources(c), Volumes: volumeNames(c)}
+		Runtime: a.info.Runtime, Cgroups: a.info.Cgroups, CPUInfo: cpu, DryRun: req.DryRun, Binds: bindSources(c), Volumes: volumeNames(c),
+		StallTimeout: stallTimeout(req)}
 	mv := outgoingMove{Move: self.move, Container: c.Name, Target: req.To, Endpoint: ep, Volumes: volumeNames(c)}
 	if !req.DryRun {
 		// Journal before the target acts: whatever happens next, this host knows a move

@@ -196,6 +196,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		return nil, err
 	}
 	start := time.Now()
+	defer guardBody(r, bodyStall(prep.StallTimeout))()
 	// "restoring" is journaled while the archive is still on its way (the request comes
 	// when the source freezes the container), not on the frozen phase's path; podman
 	// starts only once it is durable. Failing before that puts the entry back.
