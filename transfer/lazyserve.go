@@ -358,16 +358,7 @@ func (s *followSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 
 // ticker wakes waiting requests so that they notice a stall.
 func (s *followSource) ticker(ctx context.Context) {
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			s.cond.Broadcast()
-		}
-	}
+	tickUntil(ctx.Done(), 100*time.Millisecond, func() bool { s.cond.Broadcast(); return false })
 }
 
 func (s *followSource) close() {

@@ -459,16 +459,7 @@ func (p *postcopyIn) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 
 // ticker wakes waiting requests so that they notice a stall.
 func (p *postcopyIn) ticker(done <-chan struct{}) {
-	t := time.NewTicker(200 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-done:
-			return
-		case <-t.C:
-			p.cond.Broadcast()
-		}
-	}
+	tickUntil(done, 200*time.Millisecond, func() bool { p.cond.Broadcast(); return false })
 }
 
 // postcopyPages takes a batch of pumped pages (the source's call).

@@ -89,26 +89,36 @@ func guardBody(r *http.Request, stall time.Duration) (stop func()) {
 	done := make(chan struct{})
 	tick := min(stall/4, time.Second)
 	goSafe("restore body's stall guard", func() {
-		t := time.NewTicker(tick)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-			}
+		tickUntil(done, tick, func() bool {
 			// After the body's end the server reads the connection in the background
 			// (to notice a client that goes away): a deadline then would cancel the
 			// request, so the guard stops at the end.
 			if g.ended.Load() {
-				return
+				return true
 			}
 			if w := g.waiting.Load(); w != 0 && time.Since(time.Unix(0, w)) > stall {
 				g.stalled.Store(true)
 				rc.SetReadDeadline(time.Now()) // the pending read fails at once
+				return true
+			}
+			return false
+		})
+	})
+	return func() { close(done) }
+}
+
+// tickUntil calls fn every period until done closes or fn returns true.
+func tickUntil(done <-chan struct{}, every time.Duration, fn func() (stop bool)) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			if fn() {
 				return
 			}
 		}
-	})
-	return func() { close(done) }
+	}
 }
