@@ -127,6 +127,9 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	// No move is under way when an agent starts: CRIU configuration files and lazy
 	// restores a crashed agent left would steer the next dump or restore wrongly.
 	clearMoveLeftovers(cfg.StateDir)
+	if a.podman != nil {
+		logCRIUCache(ctx)
+	}
 	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers,
 		NoHold: a.podman == nil, StateFile: filepath.Join(cfg.StateDir, "locations.json")})
 	if err := a.ovs.Setup(ctx); err != nil {

@@ -218,6 +218,15 @@ var lazyServeCommand = &cli.Command{
 	},
 }
 
+// criuKdatCommand is started by an agent, under unshare --mount, to have CRIU write its
+// kernel-probe cache (see transfer.WriteCRIUKdat).
+var criuKdatCommand = &cli.Command{
+	Name:   "criu-kdat",
+	Hidden: true,
+	Usage:  "print CRIU's kernel-probe cache (started by the agent in a mount namespace of its own)",
+	Action: func(c *cli.Context) error { return transfer.WriteCRIUKdat(c.Context, c.App.Writer) },
+}
+
 var serveCommand = &cli.Command{
 	Name:  "serve",
 	Usage: "run this host's agent (on every host, and on overlay-only nodes)",

@@ -101,6 +101,7 @@ Set up a host with scripts/install.sh (as root). Try it on one machine with
 			testbedCommand,
 			demoCommand,
 			lazyServeCommand,
+			criuKdatCommand,
 		},
 		OnUsageError:   func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {}, // main maps errors to exit codes
