@@ -37,7 +37,8 @@ func has(t *testing.T, flows []string, parts ...string) {
 	t.Errorf("no flow with %q in:\n%s", parts, strings.Join(flows, "\n"))
 }
 
-func TestFlowsFollowLocations(t *testing.T) {
+// webNode is node a running web (port 3) with tunnels to b (5) and the client's node (6).
+func webNode() *OVS {
 	o := NewOVS(Config{Host: "a"})
 	o.tunnels = map[string]int{"b": 5, "client": 6}
 	o.local = map[string]int{"02:4d:0a:58:00:0a": 3}
@@ -45,6 +46,11 @@ func TestFlowsFollowLocations(t *testing.T) {
 		"02:4d:0a:58:00:0a": {Name: "web", MAC: "02:4d:0a:58:00:0a", IP: netip.MustParseAddr("10.88.0.10"), Host: "a"},
 		"02:4d:0a:58:ff:01": {Name: "client", MAC: "02:4d:0a:58:ff:01", Host: "client"},
 	}
+	return o
+}
+
+func TestFlowsFollowLocations(t *testing.T) {
+	o := webNode()
 	f := table(o)
 	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:00:0a", "actions=output:3")
 	has(t, f, "priority=100", "dl_dst=02:4d:0a:58:ff:01", "actions=output:6")
@@ -69,8 +75,9 @@ func TestFlowsFollowLocations(t *testing.T) {
 	has(t, table(o), "priority=200", "dl_dst=02:4d:0a:58:00:0a", "actions=output:9")
 }
 
-// A container frozen on its own node sends nothing either: its sockets' retransmits
-// after CRIU's dump would carry timestamps the restored copy has not reached (PAWS).
+// A container frozen on its own node sends nothing either once muted (its processes
+// frozen): its sockets' retransmits after CRIU's dump would carry timestamps the restored
+// copy has not reached (PAWS). Before that its replies go out.
 func TestFrozenLocalContainerIsMute(t *testing.T) {
 	o := NewOVS(Config{Host: "a"})
 	o.tunnels = map[string]int{"b": 5}
@@ -88,10 +95,15 @@ func TestFrozenLocalContainerIsMute(t *testing.T) {
 		t.Fatal("a running local container is mute")
 	}
 	o.frozen["02:4d:0a:58:00:0a"] = true
+	if mute() {
+		t.Fatal("a container whose traffic is held is mute before its processes are frozen")
+	}
+	o.muted["02:4d:0a:58:00:0a"] = true
 	if !mute() {
-		t.Fatalf("a frozen local container still sends:\n%s", strings.Join(table(o), "\n"))
+		t.Fatalf("a muted local container still sends:\n%s", strings.Join(table(o), "\n"))
 	}
 	delete(o.frozen, "02:4d:0a:58:00:0a")
+	delete(o.muted, "02:4d:0a:58:00:0a")
 	if mute() {
 		t.Fatal("a thawed container stays mute")
 	}
@@ -148,4 +160,18 @@ func TestLocationTableSurvivesARestart(t *testing.T) {
 		t.Fatalf("restored %v", r.locs)
 	}
 	has(t, table(r), "dl_dst=02:4d:0a:58:00:0a", "output:5")
+}
+
+// A copy restored here for a move, before it is told to run here, sends into the hold
+// port (kept there until the decision); a copy frozen here sends nowhere.
+func TestRestoredCopySendsIntoTheHold(t *testing.T) {
+	o := NewOVS(Config{Host: "b"})
+	o.tunnels = map[string]int{"a": 5}
+	o.local = map[string]int{"02:4d:0a:58:00:0a": 3}
+	o.locs = map[string]Location{"02:4d:0a:58:00:0a": {Name: "web", MAC: "02:4d:0a:58:00:0a", Host: "a"}}
+	has(t, table(o), "priority=300", "in_port=3", "actions=drop") // no hold port: dropped
+	o.hold = 9
+	has(t, table(o), "priority=300", "in_port=3", "actions=output:9")
+	o.frozen["02:4d:0a:58:00:0a"], o.muted["02:4d:0a:58:00:0a"] = true, true
+	has(t, table(o), "priority=300", "in_port=3", "actions=drop")
 }

@@ -48,14 +48,19 @@ func (o *OVS) setupHold(ctx context.Context) (int, error) {
 }
 
 // Holder keeps the frames the bridge sends to the hold port for the MACs it is told to
-// hold, up to a bound, and puts them back on the bridge when released.
+// hold, up to a bound, and puts them back on the bridge when released: frames to a
+// container frozen for a move (on its source), and frames from a container restored here
+// before it is told to run here (on its target: what its restored sockets send at once,
+// chiefly replies to requests its dump held, which dropped would wait for their
+// retransmission timer, a second on a restored socket).
 type Holder struct {
 	fd      int
 	ifindex int
 	max     int
 
 	mu     sync.Mutex
-	held   map[string][][]byte // MAC -> frames, in arrival order
+	held   map[string][][]byte // destination MAC -> frames, in arrival order
+	from   map[string][][]byte // source MAC -> frames, in arrival order
 	bytes  int
 	lost   int
 	closed bool
@@ -75,7 +80,7 @@ func OpenHolder(max int) (*Holder, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("hold port bind: %w", err)
 	}
-	h := &Holder{fd: fd, ifindex: ifc.Index, max: max, held: map[string][][]byte{}}
+	h := &Holder{fd: fd, ifindex: ifc.Index, max: max, held: map[string][][]byte{}, from: map[string][][]byte{}}
 	go h.read()
 	return h, nil
 }
@@ -102,46 +107,79 @@ func (h *Holder) read() {
 		if n < 14 {
 			continue
 		}
-		mac := net.HardwareAddr(buf[:6]).String()
 		h.mu.Lock()
-		if frames, ok := h.held[mac]; ok {
-			if h.bytes+n <= h.max {
-				h.held[mac] = append(frames, append([]byte(nil), buf[:n]...))
-				h.bytes += n
-			} else {
-				h.lost++
-			}
+		if !h.keep(h.from, net.HardwareAddr(buf[6:12]).String(), buf[:n]) {
+			h.keep(h.held, net.HardwareAddr(buf[:6]).String(), buf[:n])
 		}
 		h.mu.Unlock()
 	}
 }
 
+// keep appends frame to m[mac] if mac is held there, within the bound, and reports
+// whether it was held there (kept or lost to the bound).
+func (h *Holder) keep(m map[string][][]byte, mac string, frame []byte) bool {
+	frames, ok := m[mac]
+	if !ok {
+		return false
+	}
+	if h.bytes+len(frame) <= h.max {
+		m[mac] = append(frames, append([]byte(nil), frame...))
+		h.bytes += len(frame)
+	} else {
+		h.lost++
+	}
+	return true
+}
+
 // Hold starts keeping frames for mac.
-func (h *Holder) Hold(mac string) {
+func (h *Holder) Hold(mac string) { h.start(h.held, mac) }
+
+func (h *Holder) start(m map[string][][]byte, mac string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if _, ok := h.held[mac]; !ok {
-		h.held[mac] = nil
+	if _, ok := m[mac]; !ok {
+		m[mac] = nil
 	}
 }
 
 // Release puts the frames kept for mac back on the bridge, in order, and stops keeping.
 // It returns how many were put back and how many were lost to the bound.
 func (h *Holder) Release(mac string) (int, int, error) {
+	return h.release(h.held, mac, true)
+}
+
+// HoldFrom starts keeping the frames mac sends.
+func (h *Holder) HoldFrom(mac string) { h.start(h.from, mac) }
+
+// ReleaseFrom puts the frames kept from mac back on the bridge, in order, and stops
+// keeping them.
+func (h *Holder) ReleaseFrom(mac string) (int, int, error) {
+	return h.release(h.from, mac, true)
+}
+
+// DropFrom forgets the frames kept from mac and stops keeping them.
+func (h *Holder) DropFrom(mac string) {
+	h.release(h.from, mac, false)
+}
+
+func (h *Holder) release(m map[string][][]byte, mac string, send bool) (int, int, error) {
 	h.mu.Lock()
-	frames := h.held[mac]
-	delete(h.held, mac)
+	frames, ok := m[mac]
+	delete(m, mac)
 	lost := h.lost
 	h.lost = 0
 	for _, f := range frames {
 		h.bytes -= len(f)
 	}
 	h.mu.Unlock()
+	if !ok || !send {
+		return 0, lost, nil
+	}
 	to := &unix.SockaddrLinklayer{Ifindex: h.ifindex, Halen: 6}
 	for i, f := range frames {
 		copy(to.Addr[:], f[:6])
 		if err := unix.Sendto(h.fd, f, 0, to); err != nil {
-			return i, lost, fmt.Errorf("put back held frames for %s: %w", mac, err)
+			return i, lost, fmt.Errorf("put back held frames of %s: %w", mac, err)
 		}
 	}
 	return len(frames), lost, nil

@@ -3,14 +3,18 @@
 // port, and explicit OpenFlow rules that send each container's MAC to the host running it.
 //
 // A node's flow table is a function of its desired state (tunnels, local endpoints, where
-// every remote endpoint runs, which endpoints are frozen) and is replaced as a whole in one
-// OpenFlow bundle, so every change is atomic and a retry is harmless.
+// every remote endpoint runs, which endpoints are frozen). The first table, and any change
+// that the fast path cannot make, replaces the table as a whole in one OpenFlow bundle
+// (ovs-ofctl), so a retry is harmless; a change to a table this node programmed goes as
+// the few flow modifications it amounts to, on the bridge's management socket
+// (openflow.go), the new and changed flows before the deletions.
 package overlaynet
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -67,9 +71,13 @@ type OVS struct {
 	local   map[string]int      // MAC -> ofport of a local endpoint
 	locs    map[string]Location // MAC -> where it runs (all endpoints, local and remote)
 	frozen  map[string]bool     // MACs whose traffic is held (or dropped) here during a move
+	muted   map[string]bool     // frozen MACs whose own frames are dropped (their processes are frozen)
 	hold    int                 // the hold port's OpenFlow port (0: none, frozen traffic is dropped)
 	saved   []byte              // the location table as last written to cfg.StateFile
 	holder  *Holder             // keeps what the hold port receives
+	// programmed is the table as last programmed (nil: unknown), against which a change
+	// goes by the fast path (openflow.go).
+	programmed []ofFlow
 }
 
 // NewOVS returns the driver; Setup makes the node ready.
@@ -81,7 +89,7 @@ func NewOVS(cfg Config) *OVS {
 		cfg.VNI = 4242
 	}
 	return &OVS{cfg: cfg, c: ovs.New(ovs.Timeout(10)), tunnels: map[string]int{},
-		local: map[string]int{}, locs: map[string]Location{}, frozen: map[string]bool{}}
+		local: map[string]int{}, locs: map[string]Location{}, frozen: map[string]bool{}, muted: map[string]bool{}}
 }
 
 // Datapath is "system" where the kernel has the openvswitch module, else "netdev".
@@ -129,6 +137,7 @@ func (o *OVS) Setup(ctx context.Context) error {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.programmed = nil // the whole table, as found, is replaced
 	for peer, ip := range o.cfg.Peers {
 		port := "vx-" + peer
 		if len(port) > 15 {
@@ -297,6 +306,8 @@ func (o *OVS) addPort(loc Location, port string, here bool) error {
 	o.local[loc.MAC] = ofport
 	if _, known := o.locs[loc.MAC]; here || !known {
 		o.locs[loc.MAC] = loc
+	} else if o.holder != nil {
+		o.holder.HoldFrom(loc.MAC) // a move's target: kept until Locate points here
 	}
 	return o.programLocked()
 }
@@ -310,8 +321,12 @@ func (o *OVS) RemoveLocal(mac, port string) error {
 		delete(o.locs, mac)
 	}
 	delete(o.frozen, mac)
+	delete(o.muted, mac)
 	err := o.programLocked()
 	o.mu.Unlock()
+	if o.holder != nil {
+		o.holder.DropFrom(mac) // a restored copy undone: what it sent never goes out
+	}
 	if port != "" {
 		if _, derr := vsctl(context.Background(), "--if-exists", "del-port", o.cfg.Bridge, port); derr != nil && err == nil {
 			err = derr
@@ -332,7 +347,14 @@ func (o *OVS) Locate(loc Location) error {
 		return fmt.Errorf("no tunnel from %s to %s", o.cfg.Host, loc.Host)
 	}
 	o.locs[loc.MAC] = loc
-	return o.programLocked()
+	err := o.programLocked()
+	if err == nil && loc.Host == o.cfg.Host && o.holder != nil {
+		// A move's decision: what the restored copy sent while it waited follows.
+		if n, lost, herr := o.holder.ReleaseFrom(loc.MAC); herr != nil || n > 0 || lost > 0 {
+			slog.Debug("frames the restored copy sent before the decision", "mac", loc.MAC, "released", n, "lost", lost, "err", herr)
+		}
+	}
+	return err
 }
 
 // Forget drops a remote endpoint's location.
@@ -359,12 +381,29 @@ func (o *OVS) Freeze(mac string) error {
 	return o.programLocked()
 }
 
+// Mute drops what a frozen endpoint sends, once its processes are frozen: from then on only
+// its kernel sends (retransmits, acknowledgements), and nothing of that may reach a client
+// (see flows). Not before: a reply its process sent between Freeze and its freeze would
+// be dropped and, being sent already, resent by the restored copy only when its
+// retransmission timer fires (a second: a restored socket has no round-trip estimate).
+// Thaw and Switch end it.
+func (o *OVS) Mute(mac string) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.frozen[mac] {
+		return fmt.Errorf("mute %s: not frozen", mac)
+	}
+	o.muted[mac] = true
+	return o.programLocked()
+}
+
 // Thaw passes traffic to an endpoint again, wherever the rules now send it, and puts
 // the frames held for it back on the bridge to follow them. It returns how many frames
 // were delivered and how many the hold's bound lost.
 func (o *OVS) Thaw(mac string) (held, lost int, err error) {
 	o.mu.Lock()
 	delete(o.frozen, mac)
+	delete(o.muted, mac)
 	err = o.programLocked()
 	o.mu.Unlock()
 	if o.holder == nil {
@@ -388,6 +427,7 @@ func (o *OVS) Switch(loc Location) (held, lost int, err error) {
 	}
 	o.locs[loc.MAC] = loc
 	delete(o.frozen, loc.MAC)
+	delete(o.muted, loc.MAC) // where the endpoint runs elsewhere, its port here is mute anyway
 	t0 := time.Now()
 	err = o.programLocked()
 	slog.Debug("switch: flows programmed", "took", time.Since(t0))
@@ -448,16 +488,25 @@ func (o *OVS) flows() []*ovs.Flow {
 	// (the source's decision): before that its copy on the source may still be the live
 	// one, and anything this copy sent (its TCP stream going on) would break the
 	// connection the source's copy resumes after a rollback.
-	// A container frozen here for a move is mute as well. CRIU's own network lock is
-	// skipped (writeCRIUConfig: this node holds the frames to it), and TCP sockets in
-	// repair mode still retransmit on their timers: left out, those later copies carry
-	// newer timestamps than the dump recorded, and the client then discards everything
-	// the restored copy sends (PAWS) until its clock has caught up, seconds after the
-	// restore. The restored copy sends what is unacknowledged at once, and a rolled-back
-	// one when thawed.
+	// A container whose processes are frozen here for a move is mute as well (Mute).
+	// CRIU's own network lock is skipped (writeCRIUConfig: this node holds the frames to
+	// it), and TCP sockets in repair mode still retransmit on their timers: left out,
+	// those later copies carry newer timestamps than the dump recorded, and the client
+	// then discards everything the restored copy sends (PAWS) until its clock has caught
+	// up, seconds after the restore.
+	// A restored copy's frames go to the hold port, which keeps them only while it waits
+	// for the decision (Attach, Locate): on its source the dead copy's kernel still sends.
 	for mac, p := range o.local {
-		if loc, ok := o.locs[mac]; (ok && loc.Host != o.cfg.Host) || o.frozen[mac] {
+		loc, ok := o.locs[mac]
+		switch {
+		case o.muted[mac]:
 			fl = append(fl, &ovs.Flow{Priority: 300, Cookie: cookie, InPort: p, Actions: []ovs.Action{ovs.Drop()}})
+		case ok && loc.Host != o.cfg.Host:
+			act := ovs.Drop()
+			if o.hold > 0 {
+				act = ovs.Output(o.hold)
+			}
+			fl = append(fl, &ovs.Flow{Priority: 300, Cookie: cookie, InPort: p, Actions: []ovs.Action{act}})
 		}
 	}
 	for mac := range o.frozen {
@@ -488,7 +537,18 @@ func (o *OVS) flows() []*ovs.Flow {
 // programLocked replaces the bridge's flows with the desired ones in one bundle.
 func (o *OVS) programLocked() error {
 	flows := o.flows()
-	err := o.c.OpenFlow.AddFlowBundle(o.cfg.Bridge, func(tx *ovs.FlowTransaction) error {
+	fast, err := o.programFast(flows)
+	if err == nil {
+		o.programmed = fast
+		slog.Debug("overlay flows changed", "host", o.cfg.Host, "flows", len(flows))
+		o.saveLocked()
+		return nil
+	}
+	if !errors.Is(err, errNoFastPath) {
+		slog.Warn("overlay flows: the fast change failed; replacing the table by ovs-ofctl", "host", o.cfg.Host, "err", err)
+	}
+	o.programmed = nil
+	err = o.c.OpenFlow.AddFlowBundle(o.cfg.Bridge, func(tx *ovs.FlowTransaction) error {
 		tx.Delete(&ovs.MatchFlow{Cookie: cookie, CookieMask: 0xffffffffffffffff})
 		tx.Add(flows...)
 		return tx.Commit()
@@ -496,6 +556,7 @@ func (o *OVS) programLocked() error {
 	if err != nil {
 		return fmt.Errorf("program flows on %s: %w", o.cfg.Bridge, err)
 	}
+	o.programmed = fast // nil where a flow is outside the fast path's terms
 	slog.Debug("overlay flows", "host", o.cfg.Host, "flows", len(flows))
 	o.saveLocked()
 	return nil
