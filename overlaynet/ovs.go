@@ -46,6 +46,11 @@ type Config struct {
 	Bridge   string                // default br-int
 	VNI      int                   // default 4242
 	NoHold   bool                  // no hold port (a node that never freezes containers)
+	// Frozen are endpoints a crashed agent had frozen for a move not settled yet: their
+	// traffic is held (and their own frames dropped) from the first table on, not sent
+	// to a namespace whose sockets a dump removed (which resets the connections), until
+	// the move's recovery switches or thaws them.
+	Frozen []string
 	// StateFile keeps the node's location table across agent restarts, so that a
 	// restarted agent's first flow table already sends traffic where it went before
 	// ("": none).
@@ -164,6 +169,12 @@ func (o *OVS) Setup(ctx context.Context) error {
 		}
 	}
 	o.loadLocked(ctx)
+	for _, mac := range o.cfg.Frozen {
+		if o.holder != nil {
+			o.holder.Hold(mac)
+		}
+		o.frozen[mac], o.muted[mac] = true, true
+	}
 	return o.programLocked()
 }
 

@@ -131,7 +131,7 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 		logCRIUCache(ctx)
 	}
 	a.ovs = overlaynet.NewOVS(overlaynet.Config{Host: cfg.Name, LocalIP: self.Underlay(), Underlay: cfg.Underlay, Peers: peers,
-		NoHold: a.podman == nil, StateFile: filepath.Join(cfg.StateDir, "locations.json")})
+		NoHold: a.podman == nil, StateFile: filepath.Join(cfg.StateDir, "locations.json"), Frozen: frozenMoves(cfg.StateDir)})
 	if err := a.ovs.Setup(ctx); err != nil {
 		return nil, fmt.Errorf("overlay: %w", err)
 	}
@@ -304,6 +304,20 @@ func writeError(w http.ResponseWriter, code int, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(apiError{Error: err.Error(), Busy: errors.As(err, new(errMoving))})
+}
+
+// frozenMoves lists the MACs of containers whose outgoing move a crashed agent left frozen
+// or committed: their traffic stays held until the move is settled (overlaynet.Config).
+func frozenMoves(stateDir string) []string {
+	out := journal{filepath.Join(stateDir, "outgoing")}
+	var macs []string
+	for _, name := range out.list() {
+		var mv outgoingMove
+		if out.get(name, &mv) == nil && (mv.State == OutFrozen || mv.State == OutCommitted) && mv.Endpoint.MAC != "" {
+			macs = append(macs, mv.Endpoint.MAC)
+		}
+	}
+	return macs
 }
 
 // goSafe runs fn in a goroutine that logs a panic instead of taking the agent (and every

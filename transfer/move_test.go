@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -566,5 +567,25 @@ func TestJournalCleanRemovesCutShortWritesOnly(t *testing.T) {
 	var v map[string]int
 	if err := j.get("web", &v); err != nil || v["x"] != 1 {
 		t.Fatalf("the entry: %v %v", v, err)
+	}
+}
+
+// A restarted agent holds the traffic of the containers its journal left frozen or
+// committed (until their moves are settled), not of the others.
+func TestFrozenMovesFromTheJournal(t *testing.T) {
+	dir := t.TempDir()
+	out := journal{filepath.Join(dir, "outgoing")}
+	for i, st := range []string{OutStarted, OutFrozen, OutCommitted, OutAborted} {
+		name := fmt.Sprintf("c%d", i)
+		mv := outgoingMove{Move: "m", Container: name, Target: "b", State: st,
+			Endpoint: overlaynet.Endpoint{Name: name, MAC: fmt.Sprintf("02:00:00:00:00:%02x", i)}}
+		if err := out.put(name, &mv); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := frozenMoves(dir)
+	sort.Strings(got)
+	if want := []string{"02:00:00:00:00:01", "02:00:00:00:00:02"}; !slices.Equal(got, want) {
+		t.Fatalf("frozen after a restart: %v, want %v", got, want)
 	}
 }
