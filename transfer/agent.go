@@ -665,6 +665,13 @@ func (a *Agent) adoptLocal(ctx context.Context) error {
 		if !ok || c.State != "running" {
 			continue
 		}
+		// A copy restored here by a move not settled yet is the move's: its recovery
+		// attaches it (commit) or removes it (rollback). Adopted, it would be announced
+		// as running here while the source runs the container.
+		if a.mv.in.has(c.Name) {
+			slog.Info("not adopting a container whose incoming move is not settled", "container", c.Name)
+			continue
+		}
 		if err := a.ovs.AddLocal(ep.Location(a.cfg.Name), ep.Port()); err != nil {
 			slog.Warn("adopt endpoint", "container", c.Name, "err", err)
 		}

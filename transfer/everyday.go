@@ -299,6 +299,11 @@ func (a *Agent) removedBehindBack(ctx context.Context, name, mac string) {
 	if _, ok := a.moving(name); ok {
 		return
 	}
+	// A move journaled here and not settled accounts for it too (a recovery removing a
+	// restored copy after a restart, before any session exists).
+	if a.mv.in.has(name) || a.mv.out.has(name) {
+		return
+	}
 	l, ok := a.localLocationByMAC(mac)
 	if !ok || l.Host != a.cfg.Name {
 		return // located elsewhere: it moved away

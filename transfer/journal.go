@@ -152,6 +152,16 @@ func (j journal) get(container string, v any) error {
 	return nil
 }
 
+// has reports whether the journal holds an entry for container.
+func (j journal) has(container string) bool {
+	p, err := j.path(container)
+	if err != nil {
+		return false
+	}
+	_, err = os.Stat(p)
+	return err == nil
+}
+
 // remove deletes container's entry (none is fine).
 func (j journal) remove(container string) error {
 	p, err := j.path(container)

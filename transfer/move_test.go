@@ -589,3 +589,20 @@ func TestFrozenMovesFromTheJournal(t *testing.T) {
 		t.Fatalf("frozen after a restart: %v, want %v", got, want)
 	}
 }
+
+// has tells an entry from none (a restarted agent's adoption and removal watch ask it).
+func TestJournalHas(t *testing.T) {
+	in := journal{filepath.Join(t.TempDir(), "incoming")}
+	if in.has("web") {
+		t.Fatal("an empty journal has web")
+	}
+	if err := in.put("web", &incomingMove{State: InRestored}); err != nil {
+		t.Fatal(err)
+	}
+	if !in.has("web") || in.has("db") || in.has("../web") {
+		t.Fatal("has does not tell web's entry from others")
+	}
+	if err := in.remove("web"); err != nil || in.has("web") {
+		t.Fatalf("after remove: has %v, err %v", in.has("web"), err)
+	}
+}
