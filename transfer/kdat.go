@@ -42,18 +42,19 @@ func refreshCRIUCache(ctx context.Context, exe string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--propagation", "private", "--", exe, "criu-kdat")
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &limitedBuffer{b: &stdout, max: maxKdat}, &stderr
-	if err := cmd.Run(); err != nil {
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	kdat, err := cmd.Output() // this program's own criu-kdat: CRIU's cache, under a kilobyte
+	if err != nil {
 		return fmt.Errorf("CRIU's kernel probe in a private /run: %w: %s", err, strings.TrimSpace(stderr.String()))
 	}
-	if stdout.Len() == 0 || stdout.Len() >= maxKdat {
-		return fmt.Errorf("CRIU's kernel probe in a private /run gave a cache of %d bytes", stdout.Len())
+	if len(kdat) == 0 || len(kdat) >= maxKdat {
+		return fmt.Errorf("CRIU's kernel probe in a private /run gave a cache of %d bytes", len(kdat))
 	}
 	// A file beside the cache renamed over it: CRIU never reads a partial cache, and
 	// agents starting together each put a whole one in place.
 	tmp := fmt.Sprintf("%s.migrate-%d", CRIUKdatCache, os.Getpid())
-	if err := os.WriteFile(tmp, stdout.Bytes(), 0o600); err != nil {
+	if err := os.WriteFile(tmp, kdat, 0o600); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, CRIUKdatCache); err != nil {
@@ -63,22 +64,8 @@ func refreshCRIUCache(ctx context.Context, exe string) error {
 	return nil
 }
 
-// maxKdat bounds the cache read back (CRIU's is under a kilobyte).
+// maxKdat bounds the cache put in place (CRIU's is under a kilobyte).
 const maxKdat = 1 << 20
-
-// limitedBuffer keeps at most max bytes (and says so by its length).
-type limitedBuffer struct {
-	b   *bytes.Buffer
-	max int
-}
-
-func (l *limitedBuffer) Write(p []byte) (int, error) {
-	if room := l.max - l.b.Len(); room < len(p) {
-		l.b.Write(p[:max(room, 0)])
-		return len(p), nil
-	}
-	return l.b.Write(p)
-}
 
 // WriteCRIUKdat runs in a mount namespace of its own (migrate criu-kdat, started by the
 // agent under unshare): a tmpfs on /run, where `criu check` then writes its cache, which
