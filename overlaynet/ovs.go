@@ -170,10 +170,8 @@ func (o *OVS) Setup(ctx context.Context) error {
 	}
 	o.loadLocked(ctx)
 	for _, mac := range o.cfg.Frozen {
-		if o.holder != nil {
-			o.holder.Hold(mac)
-		}
-		o.frozen[mac], o.muted[mac] = true, true
+		o.freezeLocked(mac)
+		o.muted[mac] = true
 	}
 	return o.programLocked()
 }
@@ -385,11 +383,16 @@ func (o *OVS) Forget(mac string) error {
 func (o *OVS) Freeze(mac string) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.freezeLocked(mac)
+	return o.programLocked()
+}
+
+// freezeLocked starts holding mac's traffic (the flows follow at the next program).
+func (o *OVS) freezeLocked(mac string) {
 	if o.holder != nil {
 		o.holder.Hold(mac)
 	}
 	o.frozen[mac] = true
-	return o.programLocked()
 }
 
 // Mute drops what a frozen endpoint sends, once its processes are frozen: from then on only
