@@ -175,3 +175,26 @@ func TestRestoredCopySendsIntoTheHold(t *testing.T) {
 	o.frozen["02:4d:0a:58:00:0a"], o.muted["02:4d:0a:58:00:0a"] = true, true
 	has(t, table(o), "priority=300", "in_port=3", "actions=drop")
 }
+
+// What the bound loses is counted per MAC held: releasing one (a target's restored copy)
+// neither takes nor clears the losses of another (a container frozen on the same node).
+func TestHolderCountsLossesPerMAC(t *testing.T) {
+	h := &Holder{fd: -1, max: 0, held: map[string]*kept{}, from: map[string]*kept{}} // every frame over the bound
+	frozen, restored := "02:4d:0a:58:00:0a", "02:4d:0a:58:00:0b"
+	h.Hold(frozen)
+	h.HoldFrom(restored)
+	frame := make([]byte, 60)
+	for i := 0; i < 3; i++ {
+		h.keep(h.held, frozen, frame)
+	}
+	h.keep(h.from, restored, frame)
+	if h.keep(h.held, "02:4d:0a:58:00:0c", frame) {
+		t.Fatal("a frame for a MAC not held was kept")
+	}
+	if _, lost, _ := h.ReleaseFrom(restored); lost != 1 {
+		t.Fatalf("the restored copy lost %d frames, want 1", lost)
+	}
+	if n, lost, err := h.Release(frozen); n != 0 || lost != 3 || err != nil {
+		t.Fatalf("the frozen container: %d released, %d lost, %v; want 0, 3, nil", n, lost, err)
+	}
+}

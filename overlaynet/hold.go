@@ -59,11 +59,17 @@ type Holder struct {
 	max     int
 
 	mu     sync.Mutex
-	held   map[string][][]byte // destination MAC -> frames, in arrival order
-	from   map[string][][]byte // source MAC -> frames, in arrival order
+	held   map[string]*kept // destination MAC -> what is kept for it
+	from   map[string]*kept // source MAC -> what is kept of what it sent
 	bytes  int
-	lost   int
 	closed bool
+}
+
+// kept is what the holder keeps under one MAC: its frames in arrival order, and how many
+// the bound lost.
+type kept struct {
+	frames [][]byte
+	lost   int
 }
 
 // OpenHolder listens on the hold port's agent end; max bounds the bytes kept.
@@ -80,7 +86,7 @@ func OpenHolder(max int) (*Holder, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("hold port bind: %w", err)
 	}
-	h := &Holder{fd: fd, ifindex: ifc.Index, max: max, held: map[string][][]byte{}, from: map[string][][]byte{}}
+	h := &Holder{fd: fd, ifindex: ifc.Index, max: max, held: map[string]*kept{}, from: map[string]*kept{}}
 	go h.read()
 	return h, nil
 }
@@ -117,16 +123,16 @@ func (h *Holder) read() {
 
 // keep appends frame to m[mac] if mac is held there, within the bound, and reports
 // whether it was held there (kept or lost to the bound).
-func (h *Holder) keep(m map[string][][]byte, mac string, frame []byte) bool {
-	frames, ok := m[mac]
+func (h *Holder) keep(m map[string]*kept, mac string, frame []byte) bool {
+	k, ok := m[mac]
 	if !ok {
 		return false
 	}
 	if h.bytes+len(frame) <= h.max {
-		m[mac] = append(frames, append([]byte(nil), frame...))
+		k.frames = append(k.frames, append([]byte(nil), frame...))
 		h.bytes += len(frame)
 	} else {
-		h.lost++
+		k.lost++
 	}
 	return true
 }
@@ -134,11 +140,11 @@ func (h *Holder) keep(m map[string][][]byte, mac string, frame []byte) bool {
 // Hold starts keeping frames for mac.
 func (h *Holder) Hold(mac string) { h.start(h.held, mac) }
 
-func (h *Holder) start(m map[string][][]byte, mac string) {
+func (h *Holder) start(m map[string]*kept, mac string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if _, ok := m[mac]; !ok {
-		m[mac] = nil
+		m[mac] = &kept{}
 	}
 }
 
@@ -162,17 +168,20 @@ func (h *Holder) DropFrom(mac string) {
 	h.release(h.from, mac, false)
 }
 
-func (h *Holder) release(m map[string][][]byte, mac string, send bool) (int, int, error) {
+func (h *Holder) release(m map[string]*kept, mac string, send bool) (int, int, error) {
 	h.mu.Lock()
-	frames, ok := m[mac]
+	k, ok := m[mac]
 	delete(m, mac)
-	lost := h.lost
-	h.lost = 0
+	if !ok {
+		h.mu.Unlock()
+		return 0, 0, nil
+	}
+	frames, lost := k.frames, k.lost
 	for _, f := range frames {
 		h.bytes -= len(f)
 	}
 	h.mu.Unlock()
-	if !ok || !send {
+	if !send {
 		return 0, lost, nil
 	}
 	to := &unix.SockaddrLinklayer{Ifindex: h.ifindex, Halen: 6}
