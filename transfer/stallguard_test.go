@@ -41,7 +41,10 @@ func post(t *testing.T, url string, write func(w *io.PipeWriter)) (int, string) 
 	t.Helper()
 	pr, pw := io.Pipe()
 	go write(pw)
-	resp, err := http.Post(url, "application/octet-stream", pr)
+	// A deadline of its own: without the guard a stopped body would hang the test
+	// rather than fail it.
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Post(url, "application/octet-stream", pr)
 	pw.Close() // the writer may still wait on a body the server gave up
 	if err != nil {
 		t.Fatal(err)
