@@ -66,6 +66,23 @@ func (s *Session) Index(h Hash) (int, bool) {
 	return i, ok
 }
 
+// Match returns how many of hs the list holds in order from place at: the length of the
+// run of hs a copy from at may stand for. The frozen phase names a container's unchanged
+// pages in the order a round named them, so a run's next page is mostly at the next
+// place, found without a lookup by hash.
+func (s *Session) Match(at int, hs []Hash) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if at < 0 || at >= len(s.list) {
+		return 0
+	}
+	n := 0
+	for n < len(hs) && at+n < len(s.list) && s.list[at+n] == hs[n] {
+		n++
+	}
+	return n
+}
+
 // Slice returns the n hashes from place i.
 func (s *Session) Slice(i, n int) ([]Hash, error) {
 	s.mu.Lock()

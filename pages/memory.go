@@ -102,12 +102,13 @@ type MemoryWriter struct {
 	kind int
 	id   uint64
 	next uint64 // address of the next page
+	then int    // the session's place after the last reference sent, -1 if none
 }
 
 // NewMemoryWriter writes to w; follow it with Encode of the archive on the same w.
 func NewMemoryWriter(w io.Writer, sess *Session, o EncodeOptions) *MemoryWriter {
 	ow := &opWriter{w: newBufWriter(w)}
-	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), idx: make([]int, 0, chunk), base: make([]byte, Size)}
+	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), idx: make([]int, 0, chunk), base: make([]byte, Size), then: -1}
 	m.run = &pendingRun{ow: ow, st: &m.st, sent: o.Sent}
 	return m
 }
@@ -141,24 +142,27 @@ func (m *MemoryWriter) Pages(vaddr uint64, data []byte) error {
 		m.name(buf, m.hs[:n])
 		m.mem.Hashes = append(m.mem.Hashes, m.hs[:n]...)
 		for i := 0; i < n; {
-			if at, ok := m.sess.Index(m.hs[i]); ok {
+			// A page the session names goes as a reference, with the pages after it that
+			// follow it in the session: first where the last reference ended, else
+			// where the session first named it.
+			at, ok := m.then, m.then >= 0 && m.sess.Match(m.then, m.hs[i:i+1]) == 1
+			if !ok {
+				at, ok = m.sess.Index(m.hs[i])
+			}
+			if ok {
 				if err := m.run.flush(); err != nil {
 					return err
 				}
-				j := i + 1
-				for j < n {
-					if k, ok := m.sess.Index(m.hs[j]); !ok || k != at+(j-i) {
-						break
-					}
-					j++
-				}
+				j := i + 1 + m.sess.Match(at+1, m.hs[i+1:n])
 				if err := m.ow.op(opCopy, uint64(at), uint64(j-i)); err != nil {
 					return err
 				}
 				m.st.PagesCopied += int64(j - i)
+				m.then = at + (j - i)
 				i = j
 				continue
 			}
+			m.then = -1
 			page := buf[i*Size : (i+1)*Size]
 			m.sess.Append(m.hs[i])
 			if m.o.Base != nil && m.kind == KindProcess {

@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"github.com/migrate-project/migrate/pages"
+	"golang.org/x/sys/unix"
 )
 
 // fakeLazyCRIU is a lazy dump's page server: it answers GETs from mem (by address) and the
@@ -197,7 +198,7 @@ func BenchmarkReadHandOver(b *testing.B) {
 	pages.SumAll(live, hs)
 	for i := 0; i < n; i++ {
 		sess.Append(hs[i])
-		seen.at[pageAddr{int(self), liveAt + uint64(i)*pages.Size}] = lastPage{hash: hs[i], fast: pages.FastSum(live[i*pages.Size : (i+1)*pages.Size])}
+		seen.put(int(self), liveAt+uint64(i)*pages.Size, hs[i], pages.FastSum(live[i*pages.Size:(i+1)*pages.Size]))
 	}
 	mw := pages.NewMemoryWriter(io.Discard, pages.NewSession(), pages.EncodeOptions{})
 	if err := mw.Entry(pages.KindProcess, self, liveAt, n, pages.FlagPresent|pages.FlagLazy); err != nil {
@@ -231,5 +232,37 @@ func BenchmarkReadHandOver(b *testing.B) {
 		if hs.FromMemory != n || st.PagesKnown != n || st.PagesCopied != n {
 			b.Fatalf("read %+v, stats %+v: want all %d pages from memory, known and referenced", hs, st, n)
 		}
+	}
+}
+
+// A page without read permission (mprotect PROT_NONE after it was written) is not read by
+// process_vm_readv; procMem reads it through the mem file, so the hand-over need not ask
+// CRIU for it.
+func TestProcMemReadsPagesWithoutReadPermission(t *testing.T) {
+	mem, err := unix.Mmap(-1, 0, 3*pages.Size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	for i := range mem {
+		mem[i] = byte(i*7 + i>>12)
+	}
+	want := bytes.Clone(mem)
+	if err := unix.Mprotect(mem[pages.Size:2*pages.Size], unix.PROT_NONE); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Mprotect(mem[pages.Size:2*pages.Size], unix.PROT_READ|unix.PROT_WRITE)
+	f, err := os.Open("/proc/self/mem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pm := &procMem{pid: os.Getpid(), file: f}
+	defer pm.Close()
+	got := make([]byte, len(mem))
+	if n := pm.ReadAt(got, int64(uintptr(unsafe.Pointer(&mem[0])))); n != len(got) {
+		t.Fatalf("read %d of %d bytes", n, len(got))
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the pages read differ from the process's")
 	}
 }
