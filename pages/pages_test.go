@@ -372,3 +372,43 @@ func TestStoreRefusesAPageDamagedOnDisk(t *testing.T) {
 		t.Fatalf("after the page came again: %v", err)
 	}
 }
+
+// AddTrusted writes the new pages of a batch straight from it: scattered among pages the
+// store holds (more runs than one write takes), repeated within the batch, and across the
+// end of a pack. Every page reads back as it was.
+func TestStoreAddsScatteredNewPagesAcrossPacks(t *testing.T) {
+	store, err := OpenStore(t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	fill := randomPages(t, packPages-5) // the first pack all but full
+	if _, err := store.Add(fill); err != nil {
+		t.Fatal(err)
+	}
+	n := 2*maxIOV + 50
+	buf := randomPages(t, n)
+	// Every other page is held already (from the first pack's pages): more runs of new
+	// pages than one write takes.
+	held := 0
+	for i := 0; i < n; i += 2 {
+		copy(buf[i*Size:(i+1)*Size], fill[i*Size:(i+1)*Size])
+		held++
+	}
+	copy(buf[9*Size:10*Size], buf[5*Size:6*Size]) // a new page twice in the batch
+	hs := make([]Hash, n)
+	SumAll(buf, hs)
+	if err := store.AddTrusted(hs, buf); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, n*Size)
+	if err := store.ReadVerified(hs, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, buf) {
+		t.Fatal("pages read back differ from those added")
+	}
+	if st, want := store.Stats(), packPages-5+n-held-1; st.Pages != want || st.Packs != 2 {
+		t.Fatalf("the store holds %d pages in %d packs, want %d (no page twice) in 2", st.Pages, st.Packs, want)
+	}
+}

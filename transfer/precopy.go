@@ -548,6 +548,43 @@ type finalTimes struct {
 	dump                 *checkpoint.DumpStats // CRIU's own account of the dump, if the archive had it
 }
 
+// pageKeeper adds the pages the frozen phase sends to the store in batches: they come a
+// run at a time (a changed page or two between unchanged ones), and a write per run cost
+// 0.22 s of CPU for the 8,000 changed pages of a 1 GiB container. The first error stays;
+// flush adds what is gathered and returns it.
+type pageKeeper struct {
+	store *pages.Store
+	hs    []pages.Hash
+	buf   []byte
+	err   error
+}
+
+const keepBatch = 256 // pages
+
+func newPageKeeper(store *pages.Store) *pageKeeper {
+	return &pageKeeper{store: store, buf: make([]byte, 0, keepBatch*pages.Size)}
+}
+
+// add is pages.EncodeOptions.Sent: it copies the pages (the encoder reuses its buffer).
+func (k *pageKeeper) add(hs []pages.Hash, p []byte) {
+	if k.err != nil {
+		return
+	}
+	k.hs = append(k.hs, hs...)
+	k.buf = append(k.buf, p...)
+	if len(k.hs) >= keepBatch {
+		k.flush()
+	}
+}
+
+func (k *pageKeeper) flush() error {
+	if len(k.hs) > 0 && k.err == nil {
+		k.err = k.store.AddTrusted(k.hs, k.buf)
+	}
+	k.hs, k.buf = k.hs[:0], k.buf[:0]
+	return k.err
+}
+
 func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Container, move string, memory, mayStream bool, handOver string, neigh []overlaynet.Neighbor, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(archiveBytes int64)) (*RestoreResult, *pages.Stats, finalTimes, error) {
 	var ft finalTimes
@@ -609,12 +646,8 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	var st pages.Stats
 	// Every page the frozen phase sends is kept here too: a rollback rebuilds the memory
 	// from this store.
-	var keepErr error // the first page not kept: the move fails before CRIU's dump ends
-	keepSent := func(hs []pages.Hash, p []byte) {
-		if err := a.store.AddTrusted(hs, p); err != nil && keepErr == nil {
-			keepErr = err
-		}
-	}
+	kept := newPageKeeper(a.store)
+	keepSent := kept.add
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		if ld != nil {
 			ld.listened = func() {
@@ -653,8 +686,8 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			// before CRIU's transfer ends: a rollback rebuilds the page images from it.
 			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: keepSent})
 			keep := func(mem *pages.Memory) error {
-				if keepErr != nil {
-					return exportError{fmt.Errorf("keep the pages of %s here for a rollback: %w", c.Name, keepErr)}
+				if err := kept.flush(); err != nil {
+					return exportError{fmt.Errorf("keep the pages of %s here for a rollback: %w", c.Name, err)}
 				}
 				if err := a.saveMemory(c.Name, mem); err != nil {
 					return exportError{fmt.Errorf("keep the memory of %s for a rollback: %w", c.Name, err)}

@@ -104,3 +104,30 @@ func TestLastSentByAddressAndProcess(t *testing.T) {
 		t.Fatalf("put returned %s, want the round before's %s", old, pages.Sum(page(1)))
 	}
 }
+
+// The frozen phase's pages reach the store in batches, all of them by flush, though the
+// encoder hands them over in a buffer it reuses.
+func TestPageKeeperStoresEveryPageByFlush(t *testing.T) {
+	store, err := pages.OpenStore(t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := newPageKeeper(store)
+	var all []pages.Hash
+	buf := make([]byte, 2*pages.Size)
+	for i := 0; i < keepBatch+10; i++ { // runs of two pages, the encoder's buffer reused
+		binary.LittleEndian.PutUint64(buf, uint64(i))
+		binary.LittleEndian.PutUint64(buf[pages.Size:], uint64(i)<<32)
+		hs := []pages.Hash{pages.Sum(buf[:pages.Size]), pages.Sum(buf[pages.Size:])}
+		k.add(hs, buf)
+		all = append(all, hs...)
+	}
+	if err := k.flush(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(all)*pages.Size)
+	if err := store.ReadVerified(all, got); err != nil {
+		t.Fatalf("after flush: %v", err)
+	}
+	store.Close()
+}
