@@ -189,6 +189,48 @@ func (m *MemoryWriter) Pages(vaddr uint64, data []byte) error {
 	return nil
 }
 
+// Named takes the next pages of the current present entry by their names alone: pages
+// named while frozen before this writer saw them (the read hand-over names a frozen
+// container's memory while CRIU dumps it), each one the session names. They go as
+// references. A page the session does not name is an error, and nothing of the call is
+// written then.
+func (m *MemoryWriter) Named(vaddr uint64, hs []Hash) error {
+	if vaddr != m.next || uint64(len(hs)) > m.left {
+		return fmt.Errorf("memory: %d pages at %#x do not continue the entry (next %#x, %d pages left)", len(hs), vaddr, m.next, m.left)
+	}
+	type ref struct{ at, n int }
+	var refs []ref
+	then := m.then
+	for i := 0; i < len(hs); {
+		at, ok := then, then >= 0 && m.sess.Match(then, hs[i:i+1]) == 1
+		if !ok {
+			at, ok = m.sess.Index(hs[i])
+		}
+		if !ok {
+			return fmt.Errorf("memory: page %s at %#x: the session does not name it", hs[i], vaddr+uint64(i)*Size)
+		}
+		j := i + 1 + m.sess.Match(at+1, hs[i+1:])
+		refs = append(refs, ref{at, j - i})
+		then = at + (j - i)
+		i = j
+	}
+	if err := m.run.flush(); err != nil {
+		return err
+	}
+	for _, r := range refs {
+		if err := m.ow.op(opCopy, uint64(r.at), uint64(r.n)); err != nil {
+			return err
+		}
+	}
+	m.mem.Hashes = append(m.mem.Hashes, hs...)
+	m.st.PagesCopied += int64(len(hs))
+	m.st.PagesKnown += int64(len(hs))
+	m.then = then
+	m.next += uint64(len(hs)) * Size
+	m.left -= uint64(len(hs))
+	return nil
+}
+
 // name fills hs with the names of the pages in buf (the current entry's, from m.next):
 // those Known vouches for without hashing them, the others by their SHA-256.
 func (m *MemoryWriter) name(buf []byte, hs []Hash) {

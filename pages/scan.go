@@ -48,7 +48,7 @@ type Chunk struct {
 // vma is one mapping worth copying: private and writable, the memory CRIU dumps.
 type vma struct{ start, end uint64 }
 
-func writableMappings(pid int) ([]vma, error) {
+func writableMappings(pid int, noExec bool) ([]vma, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
 	if err != nil {
 		return nil, err
@@ -58,7 +58,7 @@ func writableMappings(pid int) ([]vma, error) {
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 || len(fields[1]) < 4 || fields[1][1] != 'w' || fields[1][3] != 'p' {
+		if len(fields) < 5 || len(fields[1]) < 4 || fields[1][1] != 'w' || fields[1][3] != 'p' || (noExec && fields[1][2] == 'x') {
 			continue
 		}
 		if len(fields) >= 6 && strings.HasPrefix(fields[5], "[v") { // [vvar], [vdso], [vsyscall]
@@ -83,20 +83,26 @@ func writableMappings(pid int) ([]vma, error) {
 // order per process, each page with its hash. A process that exits meanwhile is
 // skipped. fn must not keep the chunk's buffers.
 func Scan(pids []int, chunkPages int, fn func(Chunk) error) error {
+	hs := make([]Hash, max(chunkPages, 256))
+	return ScanRaw(pids, chunkPages, false, func(ch Chunk) error {
+		ch.Hashes = hs[:len(ch.Addrs)]
+		SumAll(ch.Data, ch.Hashes)
+		return fn(ch)
+	})
+}
+
+// ScanRaw is Scan without the hashes (Chunk.Hashes is nil). With noExec it skips
+// executable mappings: the only ones CRIU writes to in a process it dumps (its parasite's
+// system calls are planted in one, then restored).
+func ScanRaw(pids []int, chunkPages int, noExec bool, fn func(Chunk) error) error {
 	if chunkPages <= 0 {
 		chunkPages = 256
 	}
 	buf := make([]byte, chunkPages*Size)
 	pm := make([]byte, chunkPages*8)
 	addrs := make([]uint64, 0, chunkPages)
-	hs := make([]Hash, chunkPages)
-	hashed := func(ch Chunk) error {
-		ch.Hashes = hs[:len(ch.Addrs)]
-		SumAll(ch.Data, ch.Hashes)
-		return fn(ch)
-	}
 	for _, pid := range pids {
-		err := scanProcess(pid, buf, pm, addrs, hashed)
+		err := scanProcess(pid, noExec, buf, pm, addrs, fn)
 		if err != nil && !exited(err) {
 			return fmt.Errorf("read memory of process %d: %w", pid, err)
 		}
@@ -111,8 +117,8 @@ func exited(err error) bool {
 	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
-func scanProcess(pid int, buf, pm []byte, addrs []uint64, fn func(Chunk) error) error {
-	maps, err := writableMappings(pid)
+func scanProcess(pid int, noExec bool, buf, pm []byte, addrs []uint64, fn func(Chunk) error) error {
+	maps, err := writableMappings(pid, noExec)
 	if err != nil {
 		return err
 	}

@@ -70,6 +70,12 @@ var faultCasesCI = []faultCase{
 	// container restored there is undecided) must bring the container back on the source
 	// and leave nothing on the target.
 	{"target killed while the memory streams", "target", "crash:target-stream", 4, "source", "", []string{"--handover", "read"}},
+	// After a streamed restore CRIU's dump ends only once the target restored (its
+	// transfer held open meanwhile). The source's death or failure just before it closes
+	// resets the connection instead: CRIU fails the dump, the container runs on at the
+	// source, and the target's copy goes.
+	{"source killed before CRIU's dump ends", "source", "crash:source-end-dump", 6, "source", "", nil},
+	{"the move fails before CRIU's dump ends", "source", "fail:source-end-dump", 4, "source", "", nil},
 }
 
 var faultCasesFull = []faultCase{
@@ -78,8 +84,8 @@ var faultCasesFull = []faultCase{
 	{"source killed after the restore", "source", "crash:source-restored", 6, "source", "", nil},
 	{"source killed in cleanup", "source", "crash:source-cleanup", 6, "target", "", nil},
 	{"source killed as the read hand-over closes", "source", "crash:source-handover-close", 6, "source", "", []string{"--handover", "read"}},
-	// The decision fails after the early restore: the target's copy goes, podman's
-	// checkpoint here is waited for, and the container comes back from it.
+	// The decision fails after the early restore: the target's copy goes, and CRIU's
+	// dump, still waiting for its transfer's end, fails: the container runs on here.
 	{"the move fails beside the early restore", "source", "fail:source-early", 4, "source", "", nil},
 	{"target killed while preparing", "target", "crash:target-prepare", 4, "source", "", nil},
 	{"round fails", "source", "fail:source-round", 4, "source", "", nil},

@@ -13,6 +13,10 @@ package transfer
 // while podman finishes here. The move is decided only once both are done: the target
 // answered that the container runs there and podman's checkpoint returned without error;
 // anything else rolls back as before (the memory was kept before CRIU's transfer closed).
+// After a streamed restore (the images before the memory) CRIU's transfer stays open
+// until the target has restored, so that podman's end here does not compete with it
+// (handover.go, endDump); a failure before then fails CRIU's dump and the container runs
+// on here.
 //
 // Podman's archive holds more only where the container changed its root file system
 // (rootfs-diff.tar, deleted.files) or keeps files in /dev/shm (devshm-checkpoint.tar);

@@ -129,17 +129,7 @@ func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
 		keepErr  error
 	}{{"from the process", true, nil}, {"from CRIU", false, nil}, {"keeping fails", true, errors.New("disk full")}} {
 		t.Run(c.name, func(t *testing.T) {
-			static := t.TempDir()
-			dir := filepath.Join(static, "checkpoint")
-			os.MkdirAll(dir, 0o700)
-			// The lazy dump's images: lazy entries without their pages.
-			if _, err := want.WriteImages(dir, store, true); err != nil {
-				t.Fatal(err)
-			}
-			byAddr := map[uint64][]byte{}
-			for i := 0; i < 5; i++ {
-				byAddr[liveAt+uint64(i)*pages.Size] = live[i*pages.Size : (i+1)*pages.Size]
-			}
+			static, dir, byAddr := lazyDumpOf(t, want, store, live)
 			port, gets, left := fakeLazyCRIU(t, byAddr)
 			d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store}
 			init := os.Getpid()
@@ -147,8 +137,9 @@ func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
 				init = 1 << 30 // no such process: every lazy page from CRIU
 			}
 			var got bytes.Buffer
-			mw := pages.NewMemoryWriter(&got, pages.NewSession(), pages.EncodeOptions{})
-			mem, _, hs, err := readHandOver(context.Background(), d, init, mw, nil, func(*pages.Memory) error { return c.keepErr })
+			sess := pages.NewSession()
+			mw := pages.NewMemoryWriter(&got, sess, pages.EncodeOptions{})
+			mem, _, hs, err := readHandOver(context.Background(), d, init, mw, sess, nil, nil, func(*pages.Memory) error { return c.keepErr })
 			if c.keepErr != nil {
 				if !errors.Is(err, c.keepErr) {
 					t.Fatalf("keeping failed: got %v", err)
@@ -192,14 +183,7 @@ func BenchmarkReadHandOver(b *testing.B) {
 	self := uint64(os.Getpid())
 	live := pageAligned(n, 5)
 	liveAt := uint64(uintptr(unsafe.Pointer(&live[0])))
-	sess := pages.NewSession()
-	seen := newLastSent(sess, store)
-	hs := make([]pages.Hash, n)
-	pages.SumAll(live, hs)
-	for i := 0; i < n; i++ {
-		sess.Append(hs[i])
-		seen.put(int(self), liveAt+uint64(i)*pages.Size, hs[i], pages.FastSum(live[i*pages.Size:(i+1)*pages.Size]))
-	}
+	sess, seen := lastRound(store, int(self), live)
 	mw := pages.NewMemoryWriter(io.Discard, pages.NewSession(), pages.EncodeOptions{})
 	if err := mw.Entry(pages.KindProcess, self, liveAt, n, pages.FlagPresent|pages.FlagLazy); err != nil {
 		b.Fatal(err)
@@ -222,7 +206,7 @@ func BenchmarkReadHandOver(b *testing.B) {
 		port, _, left := fakeLazyCRIU(b, nil)
 		d := &lazyDump{name: "b", port: port, dir: dir, store: store}
 		mw := pages.NewMemoryWriter(io.Discard, sess, pages.EncodeOptions{Known: seen.known, Base: seen.base})
-		_, st, hs, err := readHandOver(context.Background(), d, os.Getpid(), mw, nil, func(*pages.Memory) error { return nil })
+		_, st, hs, err := readHandOver(context.Background(), d, os.Getpid(), mw, sess, nil, nil, func(*pages.Memory) error { return nil })
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -265,4 +249,99 @@ func TestProcMemReadsPagesWithoutReadPermission(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("the pages read differ from the process's")
 	}
+}
+
+// Pages named while CRIU dumped go by name, unread: a run of the dump whose every page is
+// unchanged since the last round (its fingerprint) crosses as references though the
+// process cannot be read any more; a run with a changed page is read (here from CRIU).
+// The memory is the one the page-server path would have named.
+func TestReadHandOverSendsPagesNamedAheadUnread(t *testing.T) {
+	store, err := pages.OpenStore(t.TempDir(), 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := os.Getpid()
+	const n = 300 // two chunks of the hand-over: 256 and 44 pages
+	live := pageAligned(n, 7)
+	liveAt := uint64(uintptr(unsafe.Pointer(&live[0])))
+	// The last round: every page named, in the session and the target's store.
+	sess, seen := lastRound(store, self, live)
+	if _, err := store.Add(live); err != nil {
+		t.Fatal(err)
+	}
+	live[290*pages.Size+5] ^= 0xff // changed since, in the second chunk
+	var want *pages.Memory
+	{
+		mw := pages.NewMemoryWriter(io.Discard, pages.NewSession(), pages.EncodeOptions{Sent: func(hs []pages.Hash, p []byte) { store.AddTrusted(hs, p) }})
+		if err := mw.Entry(pages.KindProcess, uint64(self), liveAt, n, pages.FlagPresent|pages.FlagLazy); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Pages(liveAt, live); err != nil {
+			t.Fatal(err)
+		}
+		if want, _, err = mw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	static, dir, byAddr := lazyDumpOf(t, want, store, live)
+	pre := startPreNaming(func() ([]int, error) { return []int{self}, nil }, seen)
+	<-pre.done // CRIU took longer to dump than the scan to name
+	port, gets, left := fakeLazyCRIU(t, byAddr)
+	d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store}
+	var wire bytes.Buffer
+	mw := pages.NewMemoryWriter(&wire, sess, pages.EncodeOptions{Known: seen.known, Base: seen.base})
+	// The process cannot be read by the hand-over (no such PID): what is not named ahead
+	// comes from CRIU.
+	mem, st, hs, err := readHandOver(context.Background(), d, 1<<30, mw, sess, pre, nil, func(*pages.Memory) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-left; err != nil {
+		t.Fatalf("CRIU's end: %v", err)
+	}
+	if pre.pages != n-1 {
+		t.Errorf("named ahead %d pages, want the %d unchanged", pre.pages, n-1)
+	}
+	if hs.NamedAhead != 256 || hs.FromCRIU != 44 || *gets == 0 {
+		t.Errorf("read %+v with %d GETs: want the first 256 pages named ahead, the 44 of the run with the changed page from CRIU", hs, *gets)
+	}
+	if st.PagesCopied != n-1 || st.PagesSent != 1 {
+		t.Errorf("stats %+v: want %d pages referenced, 1 sent", st, n-1)
+	}
+	if !reflect.DeepEqual(mem.Hashes, want.Hashes) {
+		t.Error("the memory handed over differs from the page-server path's")
+	}
+}
+
+// lastRound names the pages of live (process pid's memory) as a pre-copy round would
+// have: all in a new session, each by its address in what the round read.
+func lastRound(store *pages.Store, pid int, live []byte) (*pages.Session, *lastSent) {
+	at := uint64(uintptr(unsafe.Pointer(&live[0])))
+	sess := pages.NewSession()
+	seen := newLastSent(sess, store)
+	hs := make([]pages.Hash, len(live)/pages.Size)
+	pages.SumAll(live, hs)
+	sess.Append(hs...)
+	for i := range hs {
+		seen.put(pid, at+uint64(i)*pages.Size, hs[i], pages.FastSum(live[i*pages.Size:(i+1)*pages.Size]))
+	}
+	return sess, seen
+}
+
+// lazyDumpOf writes a lazy dump's images of mem (lazy entries without their pages) into a
+// container's userdata directory (static) and returns it, the images' directory and the
+// pages of live by address, for fakeLazyCRIU.
+func lazyDumpOf(t *testing.T, mem *pages.Memory, store *pages.Store, live []byte) (static, dir string, byAddr map[uint64][]byte) {
+	static = t.TempDir()
+	dir = filepath.Join(static, "checkpoint")
+	os.MkdirAll(dir, 0o700)
+	if _, err := mem.WriteImages(dir, store, true); err != nil {
+		t.Fatal(err)
+	}
+	at := uint64(uintptr(unsafe.Pointer(&live[0])))
+	byAddr = map[uint64][]byte{}
+	for i := 0; i < len(live)/pages.Size; i++ {
+		byAddr[at+uint64(i)*pages.Size] = live[i*pages.Size : (i+1)*pages.Size]
+	}
+	return static, dir, byAddr
 }

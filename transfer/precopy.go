@@ -346,8 +346,14 @@ func (s *lastSent) get(pid int, vaddr uint64) (lastPage, bool) {
 // hashes only the pages changed since (SHA-256 of a whole container's memory would cost
 // about a second per GiB on this kind of machine).
 func (s *lastSent) known(pid int, vaddr uint64, page []byte) (pages.Hash, bool) {
+	return s.knownWith(&s.knowAt, pid, vaddr, page)
+}
+
+// knownWith is known with the caller's own cache of the last block: for a goroutine
+// beside the one that calls known.
+func (s *lastSent) knownWith(last **lastBlock, pid int, vaddr uint64, page []byte) (pages.Hash, bool) {
 	key, i := pageKey(pid, vaddr)
-	b := s.block(key, &s.knowAt, false)
+	b := s.block(key, last, false)
 	if b == nil || !b.pages[i].ok || pages.FastSum(page) != b.pages[i].fast {
 		return pages.Hash{}, false
 	}
@@ -604,6 +610,17 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			return nil, nil, ft, exportError{err}
 		}
 	}
+	// The read hand-over: the memory is named while CRIU dumps (prename.go), where the
+	// processes are frozen (their cgroup) and a pre-copy round named it before.
+	var pre *preNamed
+	if ld != nil && c.PID > 0 && len(seen.blocks) > 0 {
+		if fz, err := freezerOf(c.PID); err == nil {
+			if ok, err := fz.frozen(); err == nil && ok {
+				pre = startPreNaming(preNamingOf(c.PID), seen)
+				defer pre.stop()
+			}
+		}
+	}
 	// The read hand-over: the target may restore from CRIU's images as they are when its
 	// lazy page server listens, instead of waiting for podman's archive (early.go).
 	var check earlyCheck
@@ -665,6 +682,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 					return
 				}
 				ft.early, ft.streamed = atListen, true
+				ld.deferEnd = true
 				earlyArchive = snapshot
 				goSafe("podman's archive, not needed", func() { io.Copy(io.Discard, exp) }, nil)
 				ft.firstByte = time.Now()
@@ -699,9 +717,12 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			var err error
 			if ld != nil {
 				var hs handOverStats
-				mem, mst, hs, err = readHandOver(ctx, ld, c.PID, mw, exported, keep)
+				mem, mst, hs, err = readHandOver(ctx, ld, c.PID, mw, sess, pre, exported, keep)
 				ft.lazyListening = hs.Listening
-				slog.Debug("memory handed over", "container", c.Name, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages,
+				if pre != nil {
+					slog.Debug("memory named while CRIU dumped", "container", c.Name, "pages", pre.pages, "took", pre.took)
+				}
+				slog.Debug("memory handed over", "container", c.Name, "named ahead", hs.NamedAhead, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages,
 					"read", hs.Read, "named and sent", hs.Named, "kept", hs.Kept, "CRIU's end", hs.Finished)
 			} else {
 				mem, mst, err = ps.receive(ctx, mw, exported, keep)
@@ -794,6 +815,23 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	rerr := target.send(ctx, withQuery(PathRestore, q...), body, hdr, digest, progress, &rr)
 	ft.restored = time.Now()
 	encErr := wait()
+	reset := false // CRIU's transfer reset here: podman's checkpoint fails, by design
+	if ld != nil && ld.deferEnd {
+		// The target restored: CRIU's dump may end now (endDump says why not before).
+		if rerr == nil && encErr == nil {
+			rerr = fault("source-end-dump")
+		}
+		if rerr == nil && encErr == nil {
+			var took time.Duration
+			took, rerr = ld.endDump()
+			slog.Debug("CRIU's transfer closed after the target restored", "container", c.Name, "took", took, "err", rerr)
+		} else {
+			// Reset (linger 0): CRIU fails the dump, the container runs on here, and
+			// podman's checkpoint call, waited for below, returns (failed).
+			ld.conn.Close()
+			reset = true
+		}
+	}
 	if rerr == nil && earlyArchive != nil {
 		rerr = fault("source-early") // the target restored; podman may still be at work here
 	}
@@ -824,8 +862,10 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			}, nil)
 		}
 	} else {
-		if err := <-expDone; err != nil {
+		if err := <-expDone; err != nil && !reset {
 			return nil, nil, ft, exportError{err}
+		} else if err != nil {
+			slog.Debug("podman's checkpoint failed as CRIU's transfer was reset; the container runs on here", "container", c.Name, "err", err)
 		}
 		ft.podmanDone = podmanDone // written before expDone was sent
 	}
