@@ -74,8 +74,8 @@ var faultCasesCI = []faultCase{
 	// transfer held open meanwhile). The source's death or failure just before it closes
 	// resets the connection instead: CRIU fails the dump, the container runs on at the
 	// source, and the target's copy goes.
-	{"source killed before CRIU's dump ends", "source", "crash:source-end-dump", 6, "source", "", nil},
-	{"the move fails before CRIU's dump ends", "source", "fail:source-end-dump", 4, "source", "", nil},
+	{"source killed before CRIU's dump ends", "source", "crash:source-end-dump", 6, "source", "", []string{"--handover", "read"}},
+	{"the move fails before CRIU's dump ends", "source", "fail:source-end-dump", 4, "source", "", []string{"--handover", "read"}},
 }
 
 var faultCasesFull = []faultCase{
@@ -86,7 +86,7 @@ var faultCasesFull = []faultCase{
 	{"source killed as the read hand-over closes", "source", "crash:source-handover-close", 6, "source", "", []string{"--handover", "read"}},
 	// The decision fails after the early restore: the target's copy goes, and CRIU's
 	// dump, still waiting for its transfer's end, fails: the container runs on here.
-	{"the move fails beside the early restore", "source", "fail:source-early", 4, "source", "", nil},
+	{"the move fails beside the early restore", "source", "fail:source-early", 4, "source", "", []string{"--handover", "read"}},
 	{"target killed while preparing", "target", "crash:target-prepare", 4, "source", "", nil},
 	{"round fails", "source", "fail:source-round", 4, "source", "", nil},
 	{"decision fails", "source", "fail:source-restored", 4, "source", "", nil},

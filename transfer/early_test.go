@@ -129,6 +129,12 @@ func TestHandOverForPicksTheReadHandOverWhereTheHostCan(t *testing.T) {
 	if got, err := handOverFor(HandOverRead, "fs.pipe-max-size is 1048576"); err == nil {
 		t.Errorf("--handover read where the host cannot dump lazily: %q, no error", got)
 	}
+	// After the rounds, a container with little memory goes by the page server.
+	for mem, want := range map[int64]bool{0: false, 4 << 20: true, littleMemoryBytes - 4096: true, littleMemoryBytes: false, 1 << 30: false} {
+		if littleMemory(mem) != want {
+			t.Errorf("littleMemory(%d) = %v, want %v", mem, !want, want)
+		}
+	}
 }
 
 // A streamed restore's steps: the images leave when CRIU listens, the memory follows

@@ -434,7 +434,7 @@ it runs and what is left; 'migrate status' shows what the agents are settling).`
 		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "zstd level: auto (fitted to the measured link), none, fastest, default, better, best"},
 		&cli.Float64Flag{Name: "bwlimit", Usage: "cap what the move sends to this many Mbit/s (0: no cap)"},
 		&cli.StringFlag{Name: "memory-path", Value: transfer.PathAuto, Usage: "auto (page server + lazy restore where possible), memory (that or fail), archive (pages inside podman's archive)"},
-		&cli.StringFlag{Name: "handover", Usage: "memory path only: how the frozen memory reaches the agent: read (the default where the host allows CRIU's lazy dump: CRIU dumps lazily, the agent reads the frozen processes' memory, and the target restores from CRIU's images while podman finishes here, unless the container changed its root file system or keeps files in /dev/shm) or page-server (CRIU sends every page to the agent; podman's archive follows)"},
+		&cli.StringFlag{Name: "handover", Usage: "memory path only: how the frozen memory reaches the agent: read (the default where the host allows CRIU's lazy dump and the container holds 32 MiB of memory or more: CRIU dumps lazily, the agent reads the frozen processes' memory, and the target restores from CRIU's images while podman finishes here, unless the container changed its root file system or keeps files in /dev/shm) or page-server (CRIU sends every page to the agent; podman's archive follows; the default for less memory, where it holds the container shorter)"},
 		&cli.BoolFlag{Name: "postcopy", Usage: "resume on the target before the last changed pages crossed (lowest downtime; a source or link failure in that phase LOSES the container)"},
 	},
 	Action: func(c *cli.Context) error {
