@@ -162,6 +162,13 @@ func TestFrozenStepsOfAStreamedRestore(t *testing.T) {
 	if top != 490*time.Millisecond {
 		t.Errorf("the top-level steps add up to %s, want the 490ms frozen", top)
 	}
+	// CRIU's transfer closed after the target restored: its end is in the wait, not
+	// beside the restore.
+	ft.decidedOnExit, ft.endDeferred = true, true
+	got, _ = stepTimes(frozenSteps(t0, ft, at(450), at(490), RestoreResult{}))
+	if _, ok := got[StepSourceEnd]; ok || got[StepPodmanWait] != 30*time.Millisecond {
+		t.Errorf("CRIU's end after the target's restore: steps %v", got)
+	}
 }
 
 // The decision may rest on the container's processes having ended: watchExit tells when

@@ -544,6 +544,7 @@ type finalTimes struct {
 	memoryDone          time.Time // the memory path: CRIU closed the page server
 	streamed            bool      // the read hand-over sent CRIU's images before the memory
 	decidedOnExit       bool      // podmanDone is when the container's processes ended here
+	endDeferred         bool      // CRIU's transfer closed only after the target restored
 	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
@@ -824,6 +825,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		if rerr == nil && encErr == nil {
 			var took time.Duration
 			took, rerr = ld.endDump()
+			ft.endDeferred = true
 			slog.Debug("CRIU's transfer closed after the target restored", "container", c.Name, "took", took, "err", rerr)
 		} else {
 			// Reset (linger 0): CRIU fails the dump, the container runs on here, and

@@ -729,7 +729,7 @@ const (
 	StepOverlaySwitch  = "overlay switch (journal the decision, point this node at the target, release held frames)"
 	// The early restore (read hand-over): podman finishes here while the target restores.
 	StepPodmanOverlap = "  podman here after the hand-over (CRIU's end, runtime, archive), beside the restore"
-	StepPodmanWait    = "waiting for the source's end after the target restored (podman's checkpoint, or the container's processes)"
+	StepPodmanWait    = "waiting for the source's end after the target restored (podman's checkpoint, or the container's processes; after a streamed restore CRIU's end itself)"
 	// The move decided on the end of the container's processes here, podman's own end
 	// (runtime, network, storage) left to the background.
 	StepSourceEnd = "  CRIU's end here (the container's processes dumped and ended), beside the restore"
@@ -781,12 +781,16 @@ func frozenSteps(frozenAt time.Time, ft finalTimes, restoredAt, switched time.Ti
 		steps = append(steps, Phase{Name: StepCRIURestore, Duration: rr.CRIURestore})
 	}
 	if early {
-		name := StepPodmanOverlap
-		if ft.decidedOnExit {
-			name = StepSourceEnd
+		// After a streamed restore CRIU's end comes after the target's (endDump): all
+		// of it is in the wait.
+		if !ft.endDeferred {
+			name := StepPodmanOverlap
+			if ft.decidedOnExit {
+				name = StepSourceEnd
+			}
+			steps = append(steps, Phase{Name: name, Duration: ft.podmanDone.Sub(ft.memoryDone)})
 		}
-		steps = append(steps, Phase{Name: name, Duration: ft.podmanDone.Sub(ft.memoryDone)},
-			Phase{Name: StepPodmanWait, Duration: max(0, restoredAt.Sub(ft.restored))})
+		steps = append(steps, Phase{Name: StepPodmanWait, Duration: max(0, restoredAt.Sub(ft.restored))})
 	}
 	return append(steps, Phase{Name: StepOverlaySwitch, Duration: switched.Sub(restoredAt)})
 }
