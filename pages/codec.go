@@ -66,21 +66,29 @@ func (s *Session) Index(h Hash) (int, bool) {
 	return i, ok
 }
 
-// Match returns how many of hs the list holds in order from place at: the length of the
-// run of hs a copy from at may stand for. The frozen phase names a container's unchanged
-// pages in the order a round named them, so a run's next page is mostly at the next
-// place, found without a lookup by hash.
-func (s *Session) Match(at int, hs []Hash) int {
+// Run finds the longest run of hs's first pages that a copy from one place of the list
+// stands for: from hint (where the last run ended, -1 if none) if the list holds hs[0]
+// there, else from where the list first named hs[0]. n is 0 if the list does not name
+// hs[0]. The frozen phase names a container's unchanged pages in the order a round named
+// them, so a run mostly continues at the next place, found without a lookup by hash
+// (and repeated pages, zero pages among them, do not break it).
+func (s *Session) Run(hint int, hs []Hash) (at, n int) {
+	if len(hs) == 0 {
+		return 0, 0
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if at < 0 || at >= len(s.list) {
-		return 0
+	at = hint
+	if at < 0 || at >= len(s.list) || s.list[at] != hs[0] {
+		var ok bool
+		if at, ok = s.pos[hs[0]]; !ok {
+			return 0, 0
+		}
 	}
-	n := 0
 	for n < len(hs) && at+n < len(s.list) && s.list[at+n] == hs[n] {
 		n++
 	}
-	return n
+	return at, n
 }
 
 // Slice returns the n hashes from place i.

@@ -143,23 +143,17 @@ func (m *MemoryWriter) Pages(vaddr uint64, data []byte) error {
 		m.mem.Hashes = append(m.mem.Hashes, m.hs[:n]...)
 		for i := 0; i < n; {
 			// A page the session names goes as a reference, with the pages after it that
-			// follow it in the session: first where the last reference ended, else
-			// where the session first named it.
-			at, ok := m.then, m.then >= 0 && m.sess.Match(m.then, m.hs[i:i+1]) == 1
-			if !ok {
-				at, ok = m.sess.Index(m.hs[i])
-			}
-			if ok {
+			// follow it in the session (Session.Run).
+			if at, k := m.sess.Run(m.then, m.hs[i:n]); k > 0 {
 				if err := m.run.flush(); err != nil {
 					return err
 				}
-				j := i + 1 + m.sess.Match(at+1, m.hs[i+1:n])
-				if err := m.ow.op(opCopy, uint64(at), uint64(j-i)); err != nil {
+				if err := m.ow.op(opCopy, uint64(at), uint64(k)); err != nil {
 					return err
 				}
-				m.st.PagesCopied += int64(j - i)
-				m.then = at + (j - i)
-				i = j
+				m.st.PagesCopied += int64(k)
+				m.then = at + k
+				i += k
 				continue
 			}
 			m.then = -1
@@ -202,17 +196,13 @@ func (m *MemoryWriter) Named(vaddr uint64, hs []Hash) error {
 	var refs []ref
 	then := m.then
 	for i := 0; i < len(hs); {
-		at, ok := then, then >= 0 && m.sess.Match(then, hs[i:i+1]) == 1
-		if !ok {
-			at, ok = m.sess.Index(hs[i])
-		}
-		if !ok {
+		at, k := m.sess.Run(then, hs[i:])
+		if k == 0 {
 			return fmt.Errorf("memory: page %s at %#x: the session does not name it", hs[i], vaddr+uint64(i)*Size)
 		}
-		j := i + 1 + m.sess.Match(at+1, hs[i+1:])
-		refs = append(refs, ref{at, j - i})
-		then = at + (j - i)
-		i = j
+		refs = append(refs, ref{at, k})
+		then = at + k
+		i += k
 	}
 	if err := m.run.flush(); err != nil {
 		return err

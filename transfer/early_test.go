@@ -135,6 +135,21 @@ func TestHandOverForPicksTheReadHandOverWhereTheHostCan(t *testing.T) {
 			t.Errorf("littleMemory(%d) = %v, want %v", mem, !want, want)
 		}
 	}
+	for _, c := range []struct {
+		asked, chosen string
+		mem           int64
+		small         bool
+	}{
+		{HandOverAuto, HandOverRead, 4 << 20, true},
+		{HandOverAuto, HandOverRead, 1 << 30, false},
+		{HandOverAuto, HandOverRead, 0, false}, // not measured (stop-and-copy)
+		{HandOverRead, HandOverRead, 4 << 20, false},
+		{HandOverAuto, HandOverPageServer, 4 << 20, false},
+	} {
+		if why := handOverAfterRounds(c.asked, c.chosen, c.mem); (why != "") != c.small {
+			t.Errorf("handOverAfterRounds(%q, %q, %d) = %q, want the page server: %v", c.asked, c.chosen, c.mem, why, c.small)
+		}
+	}
 }
 
 // A streamed restore's steps: the images leave when CRIU listens, the memory follows

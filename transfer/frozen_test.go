@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"testing"
+	"unsafe"
 
 	"github.com/migrate-project/migrate/pages"
 )
@@ -31,17 +32,14 @@ func BenchmarkFrozenNaming(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer store.Close()
-	sess := pages.NewSession()
-	seen := newLastSent(sess, store)
-	const base = 0x7f0000000000
-	hs := make([]pages.Hash, n)
-	pages.SumAll(mem, hs)
-	if err := store.AddTrusted(hs, mem); err != nil {
+	sess, seen := lastRound(store, 1, mem)
+	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	hs, err := sess.Slice(0, n)
+	if err != nil {
 		b.Fatal(err)
 	}
-	sess.Append(hs...)
-	for i := range hs {
-		seen.put(1, base+uint64(i)*pages.Size, hs[i], pages.FastSum(mem[i*pages.Size:(i+1)*pages.Size]))
+	if err := store.AddTrusted(hs, mem); err != nil {
+		b.Fatal(err)
 	}
 	// 3% of the pages changed since, in a few bytes each (as memload writes).
 	for k := 0; k < n*3/100; k++ {

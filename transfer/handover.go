@@ -77,6 +77,16 @@ const littleMemoryBytes = 32 << 20
 // for the page server (littleMemoryBytes).
 func littleMemory(memBytes int64) bool { return memBytes > 0 && memBytes < littleMemoryBytes }
 
+// handOverAfterRounds says why a move whose hand-over was chosen automatically (asked)
+// as chosen goes by the page server after all, now that the rounds measured the
+// container's memory (memBytes); "" if it keeps chosen. Asked for, a hand-over stays.
+func handOverAfterRounds(asked, chosen string, memBytes int64) string {
+	if asked != HandOverAuto || chosen != HandOverRead || !littleMemory(memBytes) {
+		return ""
+	}
+	return fmt.Sprintf("the container's memory (%d MiB) is under %d MiB: the page server holds it shorter", memBytes>>20, littleMemoryBytes>>20)
+}
+
 // lazyDumpProblem says why this host's CRIU cannot dump lazily ("" if it can): without
 // CAP_SYS_RESOURCE its page pipes cannot grow past fs.pipe-max-size.
 func lazyDumpProblem(noSysResource bool) string {

@@ -106,16 +106,13 @@ func (p *preNamed) named(pid int, vaddr uint64, n int, sess *pages.Session, last
 		hs[i] = b.pages[k].hash
 	}
 	// Every page the last round named is in the session; checked all the same, as the
-	// writer would.
-	at, ok := sess.Index(hs[0])
-	for i := 0; ok && i < n; {
-		m := sess.Match(at, hs[i:])
-		if i += m; i < n {
-			at, ok = sess.Index(hs[i])
+	// writer (MemoryWriter.Named) would.
+	for i, then := 0, -1; i < n; {
+		at, k := sess.Run(then, hs[i:])
+		if k == 0 {
+			return nil
 		}
-	}
-	if !ok {
-		return nil
+		i, then = i+k, at+k
 	}
 	return hs
 }

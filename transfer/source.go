@@ -596,9 +596,8 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 				return rollback(handOverErr)
 			}
 			why := lazyProblem
-			if handOver == HandOverRead && req.HandOver == HandOverAuto && littleMemory(memBytes) {
-				handOver = HandOverPageServer
-				why = fmt.Sprintf("the container's memory (%d MiB) is under %d MiB: the page server holds it shorter", memBytes>>20, littleMemoryBytes>>20)
+			if small := handOverAfterRounds(req.HandOver, handOver, memBytes); small != "" {
+				handOver, why = HandOverPageServer, small
 			}
 			if req.HandOver == HandOverAuto && handOver == HandOverPageServer {
 				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", why)
