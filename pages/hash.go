@@ -32,6 +32,14 @@ func Sum(page []byte) Hash { return sha256.Sum256(page) }
 // enough to pay for it. len(buf) must be len(out)*Size.
 func SumAll(buf []byte, out []Hash) { sumPages(buf, out, nil) }
 
+// SumSome fills out[i] for each i of idx with the hash of the i-th page of buf; the
+// other entries of out stay as they are.
+func SumSome(buf []byte, out []Hash, idx []int) {
+	if len(idx) > 0 {
+		sumPages(buf, out, idx)
+	}
+}
+
 // sumPages hashes the pages of buf named by idx (all of them if idx is nil; none if it is
 // empty) into out, on all CPUs when there are enough of them.
 func sumPages(buf []byte, out []Hash, idx []int) {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Processes returns the host PIDs of every process in the PID namespace of init (a
@@ -95,6 +97,27 @@ func Scan(pids []int, chunkPages int, fn func(Chunk) error) error {
 // executable mappings: the only ones CRIU writes to in a process it dumps (its parasite's
 // system calls are planted in one, then restored).
 func ScanRaw(pids []int, chunkPages int, noExec bool, fn func(Chunk) error) error {
+	return scanRaw(pids, chunkPages, noExec, Part{}, fn)
+}
+
+// Part is one of Of parts of a scan (ScanPart): the windows of address space, WindowPages
+// pages each and aligned, whose number modulo Of is Index. The zero Part is the whole.
+type Part struct{ Index, Of int }
+
+// WindowPages is the size of a window of ScanPart: 2 MiB of address space.
+const WindowPages = 512
+
+// ScanPart is ScanRaw of one part of the memory: several goroutines, each with its own
+// part, scan it all between them, and every chunk lies in one aligned window of
+// WindowPages pages (a chunk is a window's present pages, at most).
+func ScanPart(pids []int, noExec bool, part Part, fn func(Chunk) error) error {
+	if part.Of <= 0 || part.Index < 0 || part.Index >= part.Of {
+		return fmt.Errorf("scan part %d of %d", part.Index, part.Of)
+	}
+	return scanRaw(pids, WindowPages, noExec, part, fn)
+}
+
+func scanRaw(pids []int, chunkPages int, noExec bool, part Part, fn func(Chunk) error) error {
 	if chunkPages <= 0 {
 		chunkPages = 256
 	}
@@ -102,7 +125,7 @@ func ScanRaw(pids []int, chunkPages int, noExec bool, fn func(Chunk) error) erro
 	pm := make([]byte, chunkPages*8)
 	addrs := make([]uint64, 0, chunkPages)
 	for _, pid := range pids {
-		err := scanProcess(pid, noExec, buf, pm, addrs, fn)
+		err := scanProcess(pid, noExec, part, buf, pm, addrs, fn)
 		if err != nil && !exited(err) {
 			return fmt.Errorf("read memory of process %d: %w", pid, err)
 		}
@@ -117,7 +140,7 @@ func exited(err error) bool {
 	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
-func scanProcess(pid int, noExec bool, buf, pm []byte, addrs []uint64, fn func(Chunk) error) error {
+func scanProcess(pid int, noExec bool, part Part, buf, pm []byte, addrs []uint64, fn func(Chunk) error) error {
 	maps, err := writableMappings(pid, noExec)
 	if err != nil {
 		return err
@@ -131,15 +154,24 @@ func scanProcess(pid int, noExec bool, buf, pm []byte, addrs []uint64, fn func(C
 		return err
 	}
 	defer pagemap.Close()
-	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	mem, err := OpenProcMem(pid)
 	if err != nil {
 		return err
 	}
 	defer mem.Close()
 	chunkPages := len(buf) / Size
+	window := uint64(chunkPages) * Size
 	for _, m := range maps {
-		for a := m.start; a < m.end; a += uint64(chunkPages) * Size {
-			n := int(min((m.end-a)/Size, uint64(chunkPages)))
+		for a, next := m.start, uint64(0); a < m.end; a = next {
+			next = a + window
+			if part.Of > 0 {
+				// Aligned windows, this part's only.
+				next = (a/window + 1) * window
+				if int((a/window)%uint64(part.Of)) != part.Index {
+					continue
+				}
+			}
+			n := int((min(next, m.end) - a) / Size)
 			if _, err := pagemap.ReadAt(pm[:n*8], int64(a/Size)*8); err != nil {
 				break // the mapping went away
 			}
@@ -156,7 +188,7 @@ func scanProcess(pid int, noExec bool, buf, pm []byte, addrs []uint64, fn func(C
 					j++
 				}
 				start := a + uint64(i)*Size
-				got, _ := mem.ReadAt(buf[out*Size:(out+j-i)*Size], int64(start))
+				got := mem.ReadAt(buf[out*Size:(out+j-i)*Size], int64(start))
 				for k := 0; k < got/Size; k++ {
 					addrs = append(addrs, start+uint64(k)*Size)
 				}
@@ -172,3 +204,45 @@ func scanProcess(pid int, noExec bool, buf, pm []byte, addrs []uint64, fn func(C
 	}
 	return nil
 }
+
+// ProcMem reads a process's memory: by process_vm_readv, which copies a run of pages with
+// one pinning (0.17 s/GiB here against 0.21 s/GiB through /proc/PID/mem, in 256 KiB reads
+// of a 1 GiB process; the frozen phase reads the whole container), and where that stops
+// short (a mapping without read permission: it does not force access) through the
+// process's mem file, which does.
+type ProcMem struct {
+	pid  int
+	file *os.File
+}
+
+// OpenProcMem opens process pid's memory.
+func OpenProcMem(pid int) (*ProcMem, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		return nil, err
+	}
+	return &ProcMem{pid: pid, file: f}, nil
+}
+
+// ReadAt reads whole pages from vaddr and returns how many bytes it read: fewer than
+// asked where neither way can.
+func (m *ProcMem) ReadAt(buf []byte, vaddr int64) int {
+	if len(buf) == 0 {
+		return 0
+	}
+	got := 0
+	local := []unix.Iovec{{Base: &buf[0]}}
+	local[0].SetLen(len(buf))
+	remote := []unix.RemoteIovec{{Base: uintptr(vaddr), Len: len(buf)}}
+	if n, err := unix.ProcessVMReadv(m.pid, local, remote, 0); err == nil {
+		got = n / Size * Size
+	}
+	if got < len(buf) {
+		n, _ := m.file.ReadAt(buf[got:], vaddr+int64(got))
+		got += n / Size * Size
+	}
+	return got
+}
+
+// Close closes the process's mem file.
+func (m *ProcMem) Close() error { return m.file.Close() }

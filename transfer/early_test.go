@@ -7,11 +7,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
 	"github.com/migrate-project/migrate/internal/testenv"
+	"github.com/migrate-project/migrate/pages"
 )
 
 // The early restore is taken only where podman's archive would carry nothing of the root
@@ -236,4 +238,89 @@ func stepTimes(steps []Phase) (map[string]time.Duration, time.Duration) {
 		}
 	}
 	return got, top
+}
+
+// The decision may rest on the container's processes being killed: watchKilled tells
+// once every process of the PID namespace is gone, exiting or has SIGKILL pending, not
+// while one runs.
+func TestWatchKilledTellsOnceEveryProcessIsKilled(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("a PID namespace needs root")
+	}
+	cmd := exec.Command("sh", "-c", "sleep 60 & sleep 60 & wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	defer func() { cmd.Process.Kill(); <-done }()
+	var pids []int
+	for deadline := time.Now().Add(5 * time.Second); len(pids) < 3; time.Sleep(10 * time.Millisecond) {
+		var err error
+		if pids, err = pages.Processes(cmd.Process.Pid); err != nil || time.Now().After(deadline) {
+			t.Fatalf("the namespace's processes: %v %v", pids, err)
+		}
+	}
+	killed, stop := watchKilled(cmd.Process.Pid, time.Millisecond)
+	defer stop()
+	if killed == nil {
+		t.Fatal("the processes cannot be watched")
+	}
+	// One of the two children killed (and reaped by the shell): the others run on.
+	if err := syscall.Kill(pids[1], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-killed:
+		t.Fatal("told of the end while two processes run")
+	case <-time.After(150 * time.Millisecond):
+	}
+	at := time.Now()
+	cmd.Process.Kill() // the namespace's first process: the kernel kills the rest
+	select {
+	case got := <-killed:
+		if got.Before(at) {
+			t.Fatalf("told at %s, before the kill at %s", got, at)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("not told within 5 s of the kill")
+	}
+}
+
+// What /proc says of a process that can never run again.
+func TestDoomedReadsStatAndStatus(t *testing.T) {
+	stat := func(state string, flags uint64) []byte {
+		return []byte(fmt.Sprintf("1475 (a) b) c) %s 1 1475 1475 0 -1 %d 120 0 0 0", state, flags))
+	}
+	for _, c := range []struct {
+		stat         []byte
+		doomed, sure bool
+	}{
+		{stat("S", 0x400100), false, false},
+		{stat("R", 0x400104), true, true}, // PF_EXITING
+		{stat("Z", 0x400100), true, true},
+		{stat("X", 0), true, true},
+		{[]byte("garbage"), false, true},
+	} {
+		if d, s := doomedStat(c.stat); d != c.doomed || s != c.sure {
+			t.Errorf("%q: doomed %v sure %v, want %v %v", c.stat, d, s, c.doomed, c.sure)
+		}
+	}
+	status := func(sig, shd string) []byte {
+		return []byte("Name:\tmemload\nState:\tS (sleeping)\nSigQ:\t0/7823\nSigPnd:\t" + sig + "\nShdPnd:\t" + shd + "\nSigBlk:\t0000000000000100\n")
+	}
+	for _, c := range []struct {
+		status []byte
+		want   bool
+	}{
+		{status("0000000000000000", "0000000000000000"), false},
+		{status("0000000000000100", "0000000000000000"), true},
+		{status("0000000000000000", "0000000000004100"), true},
+		{status("0000000000000200", "0000000000000080"), false}, // SIGUSR1, SIGFPE: not SIGKILL
+	} {
+		if got := sigkillPending(c.status); got != c.want {
+			t.Errorf("%q: SIGKILL pending %v, want %v", c.status, got, c.want)
+		}
+	}
 }

@@ -220,7 +220,7 @@ func BenchmarkReadHandOver(b *testing.B) {
 }
 
 // A page without read permission (mprotect PROT_NONE after it was written) is not read by
-// process_vm_readv; procMem reads it through the mem file, so the hand-over need not ask
+// process_vm_readv; pages.ProcMem reads it through the mem file, so the hand-over need not ask
 // CRIU for it.
 func TestProcMemReadsPagesWithoutReadPermission(t *testing.T) {
 	mem, err := unix.Mmap(-1, 0, 3*pages.Size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
@@ -236,11 +236,10 @@ func TestProcMemReadsPagesWithoutReadPermission(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Mprotect(mem[pages.Size:2*pages.Size], unix.PROT_READ|unix.PROT_WRITE)
-	f, err := os.Open("/proc/self/mem")
+	pm, err := pages.OpenProcMem(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	pm := &procMem{pid: os.Getpid(), file: f}
 	defer pm.Close()
 	got := make([]byte, len(mem))
 	if n := pm.ReadAt(got, int64(uintptr(unsafe.Pointer(&mem[0])))); n != len(got) {
@@ -285,7 +284,8 @@ func TestReadHandOverSendsPagesNamedAheadUnread(t *testing.T) {
 	}
 	static, dir, byAddr := lazyDumpOf(t, want, store, live)
 	pre := startPreNaming(func() ([]int, error) { return []int{self}, nil }, seen)
-	<-pre.done // CRIU took longer to dump than the scan to name
+	// Not waited for here: the hand-over finishes the naming once CRIU listens, with more
+	// goroutines.
 	port, gets, left := fakeLazyCRIU(t, byAddr)
 	d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store}
 	var wire bytes.Buffer

@@ -97,9 +97,12 @@ type lazyDump struct {
 	// listened, if set, runs once CRIU's lazy page server answers (the read hand-over):
 	// every image is written then.
 	listened func()
-	// deferEnd, set by listened: the hand-over keeps the memory but leaves CRIU's
-	// transfer open; endDump closes it once the target restored (handover.go).
+	// deferEnd, set by listened: the hand-over leaves CRIU's transfer open, and keeps
+	// the memory beside the target's restore (kept tells when it has); endDump closes it
+	// once the target restored (handover.go).
 	deferEnd bool
+	kept     chan error
+	keptIn   time.Duration
 	// decided: the move is committed; the post-copy phase proper has begun.
 	decided atomic.Bool
 	pumpMu  sync.Mutex // one pump at a time on CRIU's connection

@@ -267,8 +267,9 @@ type lastSent struct {
 	knowAt *lastBlock // known's last block
 }
 
-// blockPages is the number of pages of a lastSent block: 2 MiB of address space.
-const blockPages = 512
+// blockPages is the number of pages of a lastSent block: 2 MiB of address space, a
+// window of pages.ScanPart.
+const blockPages = pages.WindowPages
 
 type blockKey struct {
 	pid   int
@@ -352,9 +353,14 @@ func (s *lastSent) known(pid int, vaddr uint64, page []byte) (pages.Hash, bool) 
 // knownWith is known with the caller's own cache of the last block: for a goroutine
 // beside the one that calls known.
 func (s *lastSent) knownWith(last **lastBlock, pid int, vaddr uint64, page []byte) (pages.Hash, bool) {
+	return s.knownFast(last, pid, vaddr, pages.FastSum(page))
+}
+
+// knownFast is knownWith of a page whose fingerprint the caller took.
+func (s *lastSent) knownFast(last **lastBlock, pid int, vaddr uint64, fast pages.Fast) (pages.Hash, bool) {
 	key, i := pageKey(pid, vaddr)
 	b := s.block(key, last, false)
-	if b == nil || !b.pages[i].ok || pages.FastSum(page) != b.pages[i].fast {
+	if b == nil || !b.pages[i].ok || fast != b.pages[i].fast {
 		return pages.Hash{}, false
 	}
 	return b.pages[i].hash, true
@@ -374,10 +380,13 @@ func (s *lastSent) base(pid int, vaddr uint64, into []byte) (int, bool) {
 	return place, true
 }
 
-func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, l *link, sess *pages.Session, seen *lastSent, emit func(Event)) ([]Round, string, error) {
+//
+// first is the number of its first round: 1, or after the rounds before it (a round that
+// catches up after the target's verification).
+func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, first int, l *link, sess *pages.Session, seen *lastSent, emit func(Event)) ([]Round, string, error) {
 	maxDown := req.MaxDowntime
 	if maxDown <= 0 {
-		maxDown = 200 * time.Millisecond
+		maxDown = defaultMaxDowntime
 	}
 	maxRounds := req.MaxRounds
 	if maxRounds <= 0 {
@@ -387,7 +396,8 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 	pt := newPutter(l, target, c.Name)
 	defer pt.wait()
 	base := make([]byte, pages.Size)
-	for n := 1; ; n++ {
+	scanHs, scanFast, scanIdx := make([]pages.Hash, 256), make([]pages.Fast, 256), make([]int, 0, 256)
+	for n := max(first, 1); ; n++ {
 		if err := fault("source-round"); err != nil {
 			return rounds, "", err
 		}
@@ -447,10 +457,24 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 			clear(inBatch)
 			return nil
 		}
-		err = pages.Scan(pids, 256, func(ch pages.Chunk) error {
-			r.Scanned += int64(len(ch.Hashes))
-			for i, h := range ch.Hashes {
-				old := seen.put(ch.NSPid, ch.Addrs[i], h, pages.FastSum(ch.Data[i*pages.Size:(i+1)*pages.Size]))
+		// A page whose fingerprint is the one the round before took at its address keeps
+		// that round's hash: only the others are hashed (SHA-256 of all of 1 GiB took
+		// about a second of each round here, while the container ran beside it).
+		var at *lastBlock
+		err = pages.ScanRaw(pids, 256, false, func(ch pages.Chunk) error {
+			n := len(ch.Addrs)
+			r.Scanned += int64(n)
+			hs, fast, idx := scanHs[:n], scanFast[:n], scanIdx[:0]
+			for i, a := range ch.Addrs {
+				fast[i] = pages.FastSum(ch.Data[i*pages.Size : (i+1)*pages.Size])
+				var ok bool
+				if hs[i], ok = seen.knownFast(&at, ch.NSPid, a, fast[i]); !ok {
+					idx = append(idx, i)
+				}
+			}
+			pages.SumSome(ch.Data, hs, idx)
+			for i, h := range hs {
+				old := seen.put(ch.NSPid, ch.Addrs[i], h, fast[i])
 				if inBatch[h] {
 					continue
 				}
@@ -496,6 +520,21 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 		}
 	}
 }
+
+// catchUp says whether one more pre-copy round is to run after the target's verification
+// of the pages it holds, which took took after rounds rounds: if it took longer than the
+// downtime goal (the frozen phase would otherwise carry what changed meanwhile), unless
+// the operator's round limit is reached.
+func catchUp(req PushRequest, rounds int, took time.Duration) bool {
+	maxDown := req.MaxDowntime
+	if maxDown <= 0 {
+		maxDown = defaultMaxDowntime
+	}
+	return took > maxDown && (req.MaxRounds <= 0 || rounds < req.MaxRounds)
+}
+
+// defaultMaxDowntime is pre-copy's goal for the final copy, unless the operator sets one.
+const defaultMaxDowntime = 200 * time.Millisecond
 
 // stopReason says why pre-copy stops after the last of rounds, or "" to go on: the final
 // copy is estimated to fit maxDown (from round 2: round 1's estimate knows no dirty
@@ -721,7 +760,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				mem, mst, hs, err = readHandOver(ctx, ld, c.PID, mw, sess, pre, exported, keep)
 				ft.lazyListening = hs.Listening
 				if pre != nil {
-					slog.Debug("memory named while CRIU dumped", "container", c.Name, "pages", pre.pages, "took", pre.took)
+					slog.Debug("memory named while CRIU dumped", "container", c.Name, "pages", pre.pages, "parts", len(pre.parts), "took", pre.took, "waited after CRIU listened", pre.waited)
 				}
 				slog.Debug("memory handed over", "container", c.Name, "named ahead", hs.NamedAhead, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages,
 					"read", hs.Read, "named and sent", hs.Named, "kept", hs.Kept, "CRIU's end", hs.Finished)
@@ -823,13 +862,17 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			rerr = fault("source-end-dump")
 		}
 		if rerr == nil && encErr == nil {
+			rerr = ld.waitKept() // the memory, kept beside the restore
+		}
+		if rerr == nil && encErr == nil {
 			var took time.Duration
 			took, rerr = ld.endDump()
 			ft.endDeferred = true
-			slog.Debug("CRIU's transfer closed after the target restored", "container", c.Name, "took", took, "err", rerr)
+			slog.Debug("CRIU's transfer closed after the target restored", "container", c.Name, "took", took, "kept beside the restore in", ld.keptIn, "err", rerr)
 		} else {
 			// Reset (linger 0): CRIU fails the dump, the container runs on here, and
 			// podman's checkpoint call, waited for below, returns (failed).
+			ld.waitKept() //nolint:errcheck // its end only: the move fails already
 			ld.conn.Close()
 			reset = true
 		}
@@ -847,13 +890,20 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	// (runtime, network, storage) then goes on in the background, and the removal of
 	// the source's copy waits for it.
 	if earlyArchive != nil && rerr == nil && encErr == nil && exited != nil {
+		// Or killed: each process gone, exiting or with SIGKILL pending (watchKilled).
+		killed, stopKilled := watchKilled(c.PID, time.Millisecond)
+		defer stopKilled()
+		var at time.Time
 		select {
 		case err := <-expDone:
 			if err != nil {
 				return nil, nil, ft, exportError{err}
 			}
 			ft.podmanDone = podmanDone // written before expDone was sent
-		case at := <-exited:
+		case at = <-exited:
+		case at = <-killed:
+		}
+		if !at.IsZero() {
 			ft.podmanDone, ft.decidedOnExit = at, true
 			detach()
 			goSafe("podman's checkpoint after the decision", func() {

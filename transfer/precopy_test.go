@@ -102,6 +102,30 @@ func TestFinalCopyEstimatePricesPagesAsTheRoundSentThem(t *testing.T) {
 	}
 }
 
+// One more round follows the target's verification when it took longer than the downtime
+// goal (the container changed pages meanwhile), within the operator's round limit.
+func TestCatchUpAfterALongVerification(t *testing.T) {
+	ms := time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		req    PushRequest
+		rounds int
+		took   time.Duration
+		want   bool
+	}{
+		{"quick verification", PushRequest{}, 2, 60 * ms, false},
+		{"at the default goal", PushRequest{}, 2, 200 * ms, false},
+		{"longer than the default goal", PushRequest{}, 2, 1400 * ms, true},
+		{"within --max-downtime", PushRequest{MaxDowntime: 2 * time.Second}, 2, 1400 * ms, false},
+		{"--max-rounds reached", PushRequest{MaxRounds: 2}, 2, 1400 * ms, false},
+		{"--max-rounds not reached", PushRequest{MaxRounds: 3}, 2, 1400 * ms, true},
+	} {
+		if got := catchUp(tc.req, tc.rounds, tc.took); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
 // Pre-copy stops for the documented reasons and no other: converged (from round 2), the
 // dirty set not shrinking by 10%, the round limit; otherwise it goes on.
 func TestPrecopyStopReasons(t *testing.T) {

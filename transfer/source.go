@@ -432,7 +432,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		// Rounds are under a stall watchdog too: a cut link may send no reset.
 		wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
 		l.progress = wd.kick
-		rounds, why, err := a.precopy(wd.ctx, target, c, req, l, sess, seen, emit)
+		rounds, why, err := a.precopy(wd.ctx, target, c, req, 1, l, sess, seen, emit)
 		l.progress = nil
 		err = wd.done(err)
 		res.Rounds, res.StopReason = rounds, why
@@ -465,6 +465,29 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		}
 		slog.Info("target verified the pages it holds", "container", c.Name, "pages", v.Pages, "took", v.Took)
 		phase("verify", t1)
+		// The container ran on meanwhile (a second or more at 1 GiB here): what it
+		// changed crosses in one more round now, not frozen.
+		if took := time.Since(t1); res.Mode == ModePrecopy && catchUp(req, len(res.Rounds), took) {
+			t2 := time.Now()
+			emit(Event{Kind: "phase", Phase: "catch-up"})
+			wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+			l.progress = wd.kick
+			one := req
+			one.MaxRounds = 1
+			more, _, err := a.precopy(wd.ctx, target, c, one, len(res.Rounds)+1, l, sess, seen, emit)
+			l.progress = nil
+			err = wd.done(err)
+			res.Rounds = append(res.Rounds, more...)
+			for _, r := range more {
+				res.RoundBytes += r.WireBytes
+				res.Bytes += r.WireBytes
+			}
+			if err != nil {
+				return rollback(err)
+			}
+			res.StopReason += fmt.Sprintf("; one more round after the target's verification (%s)", took.Round(time.Millisecond))
+			phase("catch-up", t2)
+		}
 	}
 
 	// 4. Freeze and copy the rest: traffic for the container is held here (on the hold
