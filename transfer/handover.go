@@ -191,6 +191,7 @@ type handOverStats struct {
 	// Where the hand-over's time went: reading pages (the reader's own time), naming and
 	// sending them (the writer's), keeping the memory, CRIU's end of the transfer.
 	Read, Named, Kept, Finished time.Duration
+	Listened                    time.Duration // what CRIU's listening set off (the images sent)
 }
 
 // readHandOver connects to the lazy dump's page server, reads every page of the dump in
@@ -223,7 +224,9 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 	}
 	// Only then: what listened does (it may send the images to the target) is covered.
 	if d.listened != nil {
+		t0 := time.Now()
 		d.listened() // every image is written now
+		hs.Listened = time.Since(t0)
 	}
 	if pre != nil {
 		// The target restores from the images meanwhile.

@@ -650,6 +650,7 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 		return nil, nil, err
 	}
 	began := time.Now()
+	slog.Debug("CRIU's images received", "container", name, "took", began.Sub(lr.start), "bytes", archive.Len())
 	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(int64(sess.Len())*pages.Size+64<<20)); err != nil {
 		lr.stop(true) // a failed set-up: its logs are kept
 		return nil, nil, err

@@ -708,12 +708,15 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
 		if ld != nil {
 			ld.listened = func() {
+				t0 := time.Now()
 				snapshot, snapErr = ld.archive()
+				t1 := time.Now()
 				select {
 				case p := <-check:
 					atListen = &p
 				case <-time.After(streamWait):
 				}
+				slog.Debug("CRIU listened", "container", c.Name, "images read", t1.Sub(t0), "early check waited for", time.Since(t1), "images", len(snapshot))
 				// Not after a stop-and-copy: its whole memory crosses now, and a link cut
 				// meanwhile would leave a restored (if mute) copy on the target until it
 				// learns the outcome.
@@ -763,7 +766,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 					slog.Debug("memory named while CRIU dumped", "container", c.Name, "pages", pre.pages, "parts", len(pre.parts), "took", pre.took, "waited after CRIU listened", pre.waited)
 				}
 				slog.Debug("memory handed over", "container", c.Name, "named ahead", hs.NamedAhead, "from memory", hs.FromMemory, "from CRIU", hs.FromCRIU, "from images", hs.FromImages,
-					"read", hs.Read, "named and sent", hs.Named, "kept", hs.Kept, "CRIU's end", hs.Finished)
+					"images sent", hs.Listened, "read", hs.Read, "named and sent", hs.Named, "kept", hs.Kept, "CRIU's end", hs.Finished)
 			} else {
 				mem, mst, err = ps.receive(ctx, mw, exported, keep)
 			}
