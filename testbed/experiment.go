@@ -4,6 +4,7 @@ import (
 	"encoding/csv"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -180,16 +181,44 @@ func CheckOrdering(rows []ExpRow) error {
 func Ratios(rows []ExpRow) []string {
 	keys, by := byConfig(rows)
 	var out []string
-	for _, k := range keys {
-		p, okp := by[k][CasePrecopy]
-		s, oks := by[k][CaseStock]
-		if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
+	// The default (the read hand-over) and the page server's pre-copy, each against stock.
+	for _, pc := range []struct{ c, label string }{{CasePrecopyRead, "pre-copy (default, read hand-over)"}, {CasePrecopy, "pre-copy (page server)"}} {
+		for _, k := range keys {
+			p, okp := by[k][pc.c]
+			s, oks := by[k][CaseStock]
+			if !okp || !oks || s.Gap == 0 || s.Bytes == 0 || s.Total == 0 {
+				continue
+			}
+			out = append(out, fmt.Sprintf("%-16s %s / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
+				k.String(), pc.label, float64(p.Gap)/float64(s.Gap), float64(s.Gap)/float64(max(p.Gap, time.Millisecond)), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
+				float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
+				float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
+		}
+	}
+	// Flat in memory: the default's downtime at the largest size against the smallest, per
+	// dirty rate.
+	flat := map[float64][]ExpRow{}
+	for _, r := range rows {
+		if r.Case == CasePrecopyRead && r.Workload == "" {
+			flat[r.DirtyPct] = append(flat[r.DirtyPct], r)
+		}
+	}
+	for _, pct := range slices.Sorted(maps.Keys(flat)) {
+		rs := flat[pct]
+		lo, hi := rs[0], rs[0]
+		for _, r := range rs {
+			if r.SizeMiB < lo.SizeMiB {
+				lo = r
+			}
+			if r.SizeMiB > hi.SizeMiB {
+				hi = r
+			}
+		}
+		if lo.SizeMiB == hi.SizeMiB || lo.Gap == 0 {
 			continue
 		}
-		out = append(out, fmt.Sprintf("%-16s pre-copy / stock: downtime %.3f = 1/%.0f (%s vs %s)  bytes %.3f (%.1f vs %.1f MB)  total time %.2f (%s vs %s)",
-			k.String(), float64(p.Gap)/float64(s.Gap), float64(s.Gap)/float64(max(p.Gap, time.Millisecond)), p.Gap.Round(time.Millisecond), s.Gap.Round(time.Millisecond),
-			float64(p.Bytes)/float64(s.Bytes), float64(p.Bytes)/1e6, float64(s.Bytes)/1e6,
-			float64(p.Total)/float64(s.Total), p.Total.Round(100*time.Millisecond), s.Total.Round(100*time.Millisecond)))
+		out = append(out, fmt.Sprintf("%g%%/s: default downtime %d MiB / %d MiB: %.2f (%s vs %s; held %s vs %s)", pct, hi.SizeMiB, lo.SizeMiB,
+			float64(hi.Gap)/float64(lo.Gap), hi.Gap.Round(time.Millisecond), lo.Gap.Round(time.Millisecond), hi.Held.Round(time.Millisecond), lo.Held.Round(time.Millisecond)))
 	}
 	for _, k := range keys {
 		p, okp := by[k][CasePostcopy]

@@ -230,6 +230,13 @@ func measureMove(t *testing.T, tb *testbed.Testbed, row *testbed.ExpRow, name, i
 	if row.Gap, _, row.Replies, err = testbed.SockperfGap(log); err != nil {
 		t.Fatal(err)
 	}
+	// The move ran inside the client's run: replies that do not span it mean the
+	// connection broke (the stock way lost it once at 1 GiB), and the gap is not the
+	// move's.
+	if span := testbed.SockperfSpan(log); span < row.Total {
+		t.Errorf("%s %d MiB: the client's replies span %s, less than the move's %s: its connection did not survive the move, and the gap (%s) is not measured",
+			c, row.SizeMiB, span.Round(time.Millisecond), row.Total.Round(time.Millisecond), row.Gap)
+	}
 	// The client's latency once the container runs again (post-copy: while
 	// pages still arrive), beside the same window before the move.
 	if row.AfterP99, row.BeforeP99, _, err = testbed.SockperfAfterGap(log, testbed.AfterWindow(*row)); err != nil {

@@ -55,6 +55,16 @@ func largestGap(s []sockperfReply) int {
 
 func seconds(f float64) time.Duration { return time.Duration(f * float64(time.Second)) }
 
+// SockperfSpan reads the same log and returns the time from its first reply to its last:
+// a client whose connection broke during a move has no reply after it.
+func SockperfSpan(log []byte) time.Duration {
+	s := sockperfReplies(log)
+	if len(s) < 2 {
+		return 0
+	}
+	return seconds(s[len(s)-1].rx - s[0].rx)
+}
+
 // SockperfGap reads a `sockperf ping-pong --full-log` file and returns the largest time
 // between two consecutive replies (what a user of the service feels as downtime), the
 // largest round trip, and the number of replies.

@@ -29,6 +29,12 @@ packet, txTime(sec), rxTime(sec), latency(usec)
 	if _, _, _, err := SockperfGap([]byte("nothing")); err == nil {
 		t.Error("an empty log must be an error")
 	}
+	if d := SockperfSpan(log) - 630*time.Millisecond; d > time.Millisecond || d < -time.Millisecond {
+		t.Errorf("span %v, want 630ms (first reply to last)", SockperfSpan(log))
+	}
+	if SockperfSpan([]byte("nothing")) != 0 {
+		t.Error("an empty log spans no time")
+	}
 }
 
 // The post-copy phase's latency: the 99th percentile of the round trips sent within the

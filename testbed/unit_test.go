@@ -107,18 +107,26 @@ func TestExperimentCSVRoundTripAndRatios(t *testing.T) {
 			AfterP99: 41300 * time.Microsecond, BeforeP99: 12100 * time.Microsecond},
 		{SizeMiB: 190, Case: CaseStock, Gap: 20 * time.Second, Total: 20 * time.Second, Bytes: 200e6, Workload: "redis 1000000 keys"},
 		{SizeMiB: 190, Case: CasePrecopy, Gap: 500 * time.Millisecond, Total: 22 * time.Second, Bytes: 202e6, Workload: "redis 1000000 keys"},
+		{SizeMiB: 256, DirtyPct: 1, Case: CasePrecopyRead, Gap: 400 * time.Millisecond, Total: 26 * time.Second, Bytes: 271e6},
+		{SizeMiB: 64, DirtyPct: 1, Case: CasePrecopyRead, Gap: 400 * time.Millisecond, Held: 380 * time.Millisecond, Total: 7 * time.Second, Bytes: 71e6},
+		{SizeMiB: 1024, DirtyPct: 1, Case: CasePrecopyRead, Gap: 600 * time.Millisecond, Held: 590 * time.Millisecond, Total: 99 * time.Second, Bytes: 1138e6},
 	}
 	var b strings.Builder
 	if err := WriteCSV(&b, rows); err != nil {
 		t.Fatal(err)
 	}
 	back, err := ReadCSV(strings.NewReader(b.String()))
-	if err != nil || len(back) != 5 || back[1] != rows[1] || back[2] != rows[2] || back[4] != rows[4] {
+	if err != nil || len(back) != len(rows) || back[1] != rows[1] || back[2] != rows[2] || back[4] != rows[4] || back[7] != rows[7] {
 		t.Fatalf("read back %+v, %v", back, err)
 	}
+	// The default against stock where both ran (256 MiB only), then the page server's,
+	// the default's downtime flat in memory (1024 MiB against 64), and post-copy's.
 	r := Ratios(back)
-	if len(r) != 3 || !strings.Contains(r[0], "downtime 0.250") || !strings.Contains(r[2], "client p99 41.3ms in it (12.1ms before the move)") ||
-		!strings.HasPrefix(r[1], "redis 1000000 keys (190 MiB RSS) pre-copy / stock: downtime 0.025 = 1/40") {
+	if len(r) != 5 || !strings.Contains(r[0], "256 MiB 1%/s     pre-copy (default, read hand-over) / stock: downtime 0.014 = 1/70") ||
+		!strings.Contains(r[1], "pre-copy (page server) / stock: downtime 0.250") ||
+		!strings.HasPrefix(r[2], "redis 1000000 keys (190 MiB RSS) pre-copy (page server) / stock: downtime 0.025 = 1/40") ||
+		r[3] != "1%/s: default downtime 1024 MiB / 64 MiB: 1.50 (600ms vs 400ms; held 590ms vs 380ms)" ||
+		!strings.Contains(r[4], "client p99 41.3ms in it (12.1ms before the move)") {
 		t.Fatalf("ratios %q", r)
 	}
 	var svg strings.Builder
