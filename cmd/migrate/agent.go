@@ -379,7 +379,9 @@ default) it copies the container's memory while it runs, in rounds: every page i
 its SHA-256, and only pages the target's page store lacks cross the link, so a container
 returning to a host it left, or sharing pages with one already there, sends little. Rounds
 stop when the final copy is estimated to fit --max-downtime, when the dirty set stops
-shrinking, or after --max-rounds. Then it freezes the container's traffic, checkpoints it
+shrinking, or after --max-rounds. The target then re-reads and re-hashes the pages it
+holds; where that took longer than --max-downtime, one more round (within --max-rounds)
+sends what changed meanwhile. Then it freezes the container's traffic, checkpoints it
 with CRIU (TCP connections included) and streams the archive, pages the target holds by
 reference, into a restore on the target; the target rebuilds the archive, checks its
 SHA-256, restores, and the overlay re-points to it. The source's copy is removed.
