@@ -529,13 +529,9 @@ func tracerOf(pid int) int {
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "TracerPid:"); ok {
-			t, _ := strconv.Atoi(strings.TrimSpace(v))
-			return t
-		}
-	}
-	return 0
+	v, _ := statusField(b, "TracerPid")
+	t, _ := strconv.Atoi(v)
+	return t
 }
 
 // RestoreLocal restores the checkpoint podman kept; one whose memory went through the

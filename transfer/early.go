@@ -165,8 +165,7 @@ func watchExit(pid int) (<-chan time.Time, func()) {
 		return nil, func() {}
 	}
 	ch := make(chan time.Time, 1)
-	stop := make(chan struct{})
-	var once sync.Once
+	stop, stopped := stopper()
 	go func() {
 		defer unix.Close(fd)
 		for {
@@ -186,7 +185,15 @@ func watchExit(pid int) (<-chan time.Time, func()) {
 			}
 		}
 	}()
-	return ch, func() { once.Do(func() { close(stop) }) }
+	return ch, stopped
+}
+
+// stopper returns a channel and the function that closes it, which may be called more
+// than once: a watcher's stop.
+func stopper() (<-chan struct{}, func()) {
+	stop := make(chan struct{})
+	var once sync.Once
+	return stop, func() { once.Do(func() { close(stop) }) }
 }
 
 // watchKilled tells when no process of the container whose first process is init can run
@@ -198,6 +205,11 @@ func watchExit(pid int) (<-chan time.Time, func()) {
 // frozen for nothing. It polls every step until stop; the processes are listed at the
 // first poll (they are frozen: none starts meanwhile). The channel is nil if the
 // container's processes cannot be listed.
+//
+// It is only asked once CRIU's dump has succeeded (endDump, or podman's checkpoint
+// reached that point): its signs then only come earlier than the pidfd's, never in place
+// of a dump that failed. (A leader that is a zombie while its other threads run would
+// look doomed, but CRIU does not dump such a process.)
 func watchKilled(init int, step time.Duration) (<-chan time.Time, func()) {
 	pids, err := pages.Processes(init)
 	if err != nil {
@@ -205,8 +217,7 @@ func watchKilled(init int, step time.Duration) (<-chan time.Time, func()) {
 		return nil, func() {}
 	}
 	ch := make(chan time.Time, 1)
-	stop := make(chan struct{})
-	var once sync.Once
+	stop, stopped := stopper()
 	go func() {
 		t := time.NewTicker(step)
 		defer t.Stop()
@@ -229,7 +240,7 @@ func watchKilled(init int, step time.Duration) (<-chan time.Time, func()) {
 			}
 		}
 	}()
-	return ch, func() { once.Do(func() { close(stop) }) }
+	return ch, stopped
 }
 
 // doomed reports whether process pid has gone or will never run an instruction again: it
@@ -280,14 +291,21 @@ func doomedStat(stat []byte) (doomed, sure bool) {
 // sigkillPending reads /proc/PID/status: SIGKILL pending, for the thread or the process.
 func sigkillPending(status []byte) bool {
 	const sigkill = 1 << (9 - 1)
-	for _, line := range strings.Split(string(status), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok || (k != "SigPnd" && k != "ShdPnd") {
-			continue
-		}
-		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&sigkill != 0 {
+	for _, k := range []string{"SigPnd", "ShdPnd"} {
+		v, ok := statusField(status, k)
+		if mask, err := strconv.ParseUint(v, 16, 64); ok && err == nil && mask&sigkill != 0 {
 			return true
 		}
 	}
 	return false
+}
+
+// statusField returns the value of field key of a /proc/PID/status file, trimmed.
+func statusField(status []byte, key string) (string, bool) {
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, key+":"); ok {
+			return strings.TrimSpace(v), true
+		}
+	}
+	return "", false
 }

@@ -244,9 +244,7 @@ func stepTimes(steps []Phase) (map[string]time.Duration, time.Duration) {
 // once every process of the PID namespace is gone, exiting or has SIGKILL pending, not
 // while one runs.
 func TestWatchKilledTellsOnceEveryProcessIsKilled(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("a PID namespace needs root")
-	}
+	testenv.Root(t, "sh", "sleep") // a PID namespace of its own
 	cmd := exec.Command("sh", "-c", "sleep 60 & sleep 60 & wait")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
 	if err := cmd.Start(); err != nil {

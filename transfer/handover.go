@@ -198,8 +198,11 @@ type handOverStats struct {
 // CRIU's pagemap order (lazy ones from the processes, others from the images), hands
 // them to mw, keeps the memory (keep) and closes CRIU's transfer, which lets the dump end.
 //
-// pre, if not nil, holds pages named while CRIU dumped (prename.go): it is stopped once
-// CRIU listens, and runs of the dump it named in full go by name, unread.
+// pre, if not nil, names pages while CRIU dumps (prename.go): once CRIU listens (and its
+// images are on their way) it is finished, and runs of the dump it named in full go by
+// name, unread. After a streamed restore (d.deferEnd) the memory is kept beside the
+// target's restore and CRIU's transfer left open: the caller waits for the one
+// (waitKept) before it closes the other (endDump).
 func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWriter, sess *pages.Session, pre *preNamed, exported <-chan struct{}, keep func(*pages.Memory) error) (_ *pages.Memory, _ pages.Stats, _ handOverStats, err error) {
 	var hs handOverStats
 	defer func() {
@@ -301,14 +304,14 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		// CRIU's end waits for the target's restore (endDump, after waitKept): the
 		// memory is kept meanwhile, beside the restore, instead of while the target
 		// waits for the memory's end (60-80 ms at 1 GiB here).
-		kept := make(chan error, 1)
+		kept := make(chan struct{})
 		d.kept = kept
 		goSafe("keep the memory", func() {
 			t0 := time.Now()
-			err := keep(mem)
+			d.keptErr = keep(mem)
 			d.keptIn = time.Since(t0)
-			kept <- err
-		}, func(v any) { kept <- fmt.Errorf("keep the memory: internal error: %v", v) })
+			close(kept)
+		}, func(v any) { d.keptErr = fmt.Errorf("keep the memory: internal error: %v", v); close(kept) })
 		if err := fault("source-handover-close"); err != nil {
 			return nil, pages.Stats{}, hs, err
 		}
@@ -354,9 +357,8 @@ func (d *lazyDump) waitKept() error {
 	if d.kept == nil {
 		return nil
 	}
-	err := <-d.kept
-	d.kept <- err // for a second call
-	return err
+	<-d.kept
+	return d.keptErr
 }
 
 // readDump reads the dump's pages in order into chunks; a run of lazy pages that named

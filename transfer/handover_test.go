@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/migrate-project/migrate/pages"
@@ -127,11 +128,15 @@ func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
 		name     string
 		readable bool
 		keepErr  error
-	}{{"from the process", true, nil}, {"from CRIU", false, nil}, {"keeping fails", true, errors.New("disk full")}} {
+		deferEnd bool // a streamed restore: CRIU's end waits for the target's
+	}{
+		{"from the process", true, nil, false}, {"from CRIU", false, nil, false}, {"keeping fails", true, errors.New("disk full"), false},
+		{"kept beside the restore", true, nil, true}, {"keeping beside the restore fails", true, errors.New("disk full"), true},
+	} {
 		t.Run(c.name, func(t *testing.T) {
 			static, dir, byAddr := lazyDumpOf(t, want, store, live)
 			port, gets, left := fakeLazyCRIU(t, byAddr)
-			d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store}
+			d := &lazyDump{name: "t", port: port, dir: dir, static: static, store: store, deferEnd: c.deferEnd}
 			init := os.Getpid()
 			if !c.readable {
 				init = 1 << 30 // no such process: every lazy page from CRIU
@@ -140,6 +145,33 @@ func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
 			sess := pages.NewSession()
 			mw := pages.NewMemoryWriter(&got, sess, pages.EncodeOptions{})
 			mem, _, hs, err := readHandOver(context.Background(), d, init, mw, sess, nil, nil, func(*pages.Memory) error { return c.keepErr })
+			if c.deferEnd {
+				// The hand-over returns with CRIU's transfer open; the caller waits for the
+				// memory kept, then closes it, or resets it if keeping failed (finalCopy).
+				if err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case err := <-left:
+					t.Fatalf("CRIU's transfer ended (%v) before the target restored", err)
+				case <-time.After(100 * time.Millisecond):
+				}
+				if kerr := d.waitKept(); c.keepErr != nil {
+					if !errors.Is(kerr, c.keepErr) || !errors.Is(d.waitKept(), c.keepErr) {
+						t.Fatalf("keeping failed: waitKept says %v", kerr)
+					}
+					d.conn.Close()
+					if err := <-left; err == nil {
+						t.Fatal("CRIU saw the close and a hang-up: its dump would end and the container go; want a reset")
+					}
+					return
+				} else if kerr != nil {
+					t.Fatal(kerr)
+				}
+				if _, err := d.endDump(); err != nil {
+					t.Fatal(err)
+				}
+			}
 			if c.keepErr != nil {
 				if !errors.Is(err, c.keepErr) {
 					t.Fatalf("keeping failed: got %v", err)

@@ -38,13 +38,9 @@ func hasCapability(bit uint) bool {
 	if err != nil {
 		return false
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "CapEff:"); ok {
-			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			return err == nil && n&(1<<bit) != 0
-		}
-	}
-	return false
+	v, ok := statusField(b, "CapEff")
+	n, err := strconv.ParseUint(v, 16, 64)
+	return ok && err == nil && n&(1<<bit) != 0
 }
 
 // processUsers lists the users (real, effective, saved) other than root that the
@@ -61,15 +57,12 @@ func processUsers(init int) ([]string, error) {
 		if err != nil {
 			continue // gone meanwhile
 		}
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "Uid:"); ok {
-				f := strings.Fields(v)
-				for _, u := range f[:min(3, len(f))] {
-					if u != "0" && !seen[u] {
-						seen[u] = true
-						out = append(out, "uid "+u)
-					}
-				}
+		v, _ := statusField(b, "Uid")
+		f := strings.Fields(v)
+		for _, u := range f[:min(3, len(f))] {
+			if u != "0" && !seen[u] {
+				seen[u] = true
+				out = append(out, "uid "+u)
 			}
 		}
 	}

@@ -98,10 +98,11 @@ type lazyDump struct {
 	// every image is written then.
 	listened func()
 	// deferEnd, set by listened: the hand-over leaves CRIU's transfer open, and keeps
-	// the memory beside the target's restore (kept tells when it has); endDump closes it
-	// once the target restored (handover.go).
+	// the memory beside the target's restore (kept is closed once it has, keptErr and
+	// keptIn then set); endDump closes it once the target restored (handover.go).
 	deferEnd bool
-	kept     chan error
+	kept     chan struct{}
+	keptErr  error
 	keptIn   time.Duration
 	// decided: the move is committed; the post-copy phase proper has begun.
 	decided atomic.Bool

@@ -245,9 +245,6 @@ func (pt *putter) wait() (int64, error) {
 	return w, pt.err
 }
 
-// precopy copies the container's memory to the target in rounds while it runs, until the
-// final copy is estimated to fit maxDowntime, the dirty set stops shrinking, or the round
-// limit. Every page joins the session; the final archive refers to them.
 // lastSent remembers, for each page address of the container's processes, the content
 // last sent for it. The frozen phase sends a page that changed since as its delta against
 // that content, which the target holds.
@@ -380,14 +377,13 @@ func (s *lastSent) base(pid int, vaddr uint64, into []byte) (int, bool) {
 	return place, true
 }
 
-//
-// first is the number of its first round: 1, or after the rounds before it (a round that
-// catches up after the target's verification).
+// precopy copies the container's memory to the target in rounds while it runs, until the
+// final copy is estimated to fit the downtime goal (maxDowntime), the dirty set stops
+// shrinking, or the round limit. Every page joins the session; the final archive refers
+// to them. first is the number of its first round: 1, or after the rounds before it (a
+// round that catches up after the target's verification).
 func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Container, req PushRequest, first int, l *link, sess *pages.Session, seen *lastSent, emit func(Event)) ([]Round, string, error) {
-	maxDown := req.MaxDowntime
-	if maxDown <= 0 {
-		maxDown = defaultMaxDowntime
-	}
+	maxDown := maxDowntime(req)
 	maxRounds := req.MaxRounds
 	if maxRounds <= 0 {
 		maxRounds = 8
@@ -526,15 +522,16 @@ func (a *Agent) precopy(ctx context.Context, target *Peer, c *checkpoint.Contain
 // downtime goal (the frozen phase would otherwise carry what changed meanwhile), unless
 // the operator's round limit is reached.
 func catchUp(req PushRequest, rounds int, took time.Duration) bool {
-	maxDown := req.MaxDowntime
-	if maxDown <= 0 {
-		maxDown = defaultMaxDowntime
-	}
-	return took > maxDown && (req.MaxRounds <= 0 || rounds < req.MaxRounds)
+	return took > maxDowntime(req) && (req.MaxRounds <= 0 || rounds < req.MaxRounds)
 }
 
-// defaultMaxDowntime is pre-copy's goal for the final copy, unless the operator sets one.
-const defaultMaxDowntime = 200 * time.Millisecond
+// maxDowntime is pre-copy's goal for the final copy: the operator's, else 200 ms.
+func maxDowntime(req PushRequest) time.Duration {
+	if req.MaxDowntime > 0 {
+		return req.MaxDowntime
+	}
+	return 200 * time.Millisecond
+}
 
 // stopReason says why pre-copy stops after the last of rounds, or "" to go on: the final
 // copy is estimated to fit maxDown (from round 2: round 1's estimate knows no dirty

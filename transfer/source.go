@@ -425,24 +425,29 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		phase("volumes", t1)
 	}
 	var memBytes int64
+	// runRounds runs pre-copy rounds from round first, under a stall watchdog (a cut link
+	// may send no reset), and adds them to res.
+	runRounds := func(r PushRequest, first int) (string, error) {
+		wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
+		l.progress = wd.kick
+		rounds, why, err := a.precopy(wd.ctx, target, c, r, first, l, sess, seen, emit)
+		l.progress = nil
+		res.Rounds = append(res.Rounds, rounds...)
+		for _, x := range rounds {
+			res.RoundBytes += x.WireBytes
+		}
+		res.Bytes = res.RoundBytes
+		return why, wd.done(err)
+	}
 	switch res.Mode {
 	case ModePrecopy:
 		t0 = time.Now()
 		emit(Event{Kind: "phase", Phase: "precopy"})
-		// Rounds are under a stall watchdog too: a cut link may send no reset.
-		wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
-		l.progress = wd.kick
-		rounds, why, err := a.precopy(wd.ctx, target, c, req, 1, l, sess, seen, emit)
-		l.progress = nil
-		err = wd.done(err)
-		res.Rounds, res.StopReason = rounds, why
-		for _, r := range rounds {
-			res.RoundBytes += r.WireBytes
+		why, err := runRounds(req, 1)
+		res.StopReason = why
+		if n := len(res.Rounds); n > 0 {
+			memBytes = res.Rounds[n-1].Scanned * pages.Size
 		}
-		if len(rounds) > 0 {
-			memBytes = rounds[len(rounds)-1].Scanned * pages.Size
-		}
-		res.Bytes = res.RoundBytes
 		if err != nil {
 			return rollback(err)
 		}
@@ -470,19 +475,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 		if took := time.Since(t1); res.Mode == ModePrecopy && catchUp(req, len(res.Rounds), took) {
 			t2 := time.Now()
 			emit(Event{Kind: "phase", Phase: "catch-up"})
-			wd := newWatchdog(pctx, stallTimeout(req), fmt.Sprintf("pre-copy to %s made no progress for %s (link cut?)", req.To, stallTimeout(req)))
-			l.progress = wd.kick
 			one := req
 			one.MaxRounds = 1
-			more, _, err := a.precopy(wd.ctx, target, c, one, len(res.Rounds)+1, l, sess, seen, emit)
-			l.progress = nil
-			err = wd.done(err)
-			res.Rounds = append(res.Rounds, more...)
-			for _, r := range more {
-				res.RoundBytes += r.WireBytes
-				res.Bytes += r.WireBytes
-			}
-			if err != nil {
+			if _, err := runRounds(one, len(res.Rounds)+1); err != nil {
 				return rollback(err)
 			}
 			res.StopReason += fmt.Sprintf("; one more round after the target's verification (%s)", took.Round(time.Millisecond))
