@@ -222,6 +222,12 @@ func (tb *Testbed) KeepAgentLogs(dir string) error {
 		if err := os.WriteFile(filepath.Join(dir, tb.Name+"-"+h.Name+"-agent.log"), all, 0o644); err != nil {
 			return err
 		}
+		// podman's own log, whose lines are timed at debug level (MIGRATE_PODMAN_LOG_LEVEL).
+		if data, err := os.ReadFile(filepath.Join(h.Dir, "podman.log")); err == nil && len(data) > 0 {
+			if err := os.WriteFile(filepath.Join(dir, tb.Name+"-"+h.Name+"-podman.log"), data, 0o644); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

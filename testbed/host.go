@@ -76,7 +76,13 @@ func (tb *Testbed) startPodman(ctx context.Context, h *Host) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command("nsenter", append(nsenterArgs(h), "podman", "system", "service", "--time=0", h.PodmanURI)...)
+	args := append(nsenterArgs(h), "podman")
+	// MIGRATE_PODMAN_LOG_LEVEL=debug times podman's steps in podman.log (kept with the
+	// agents' logs under MIGRATE_AGENT_LOGS).
+	if lvl := os.Getenv("MIGRATE_PODMAN_LOG_LEVEL"); lvl != "" {
+		args = append(args, "--log-level="+lvl)
+	}
+	cmd := exec.Command("nsenter", append(args, "system", "service", "--time=0", h.PodmanURI)...)
 	cmd.Env = baseEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -2,6 +2,8 @@ package testbed_test
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -176,9 +178,29 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 	t.Logf("memload counter %d -> %d -> %d, checksums intact; stream %d of %d bytes, largest gap %s",
 		before.counter, mid.counter, after.counter, st.Received, st.Expected, st.LargestGap.Round(time.Millisecond))
 
+	// Both dumps left the masked directories out (masks package) and both restores put
+	// back what runc had mounted there: an empty read-only tmpfs.
+	ctx := context.Background()
+	for _, h := range []string{"a", "b"} {
+		host, err := tb.Host(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var data []byte
+		for _, f := range []string{"agent.log.1", "agent.log"} {
+			b, _ := os.ReadFile(filepath.Join(host.Dir, f))
+			data = append(data, b...)
+		}
+		if !strings.Contains(string(data), "masked directories put back") {
+			t.Errorf("the restore on %s did not put back masked directories: its dump named none external", h)
+		}
+	}
+	if out, err := tb.Run(ctx, "a", "podman", "exec", "web", "sh", "-c",
+		`grep -c ' /proc/acpi ro,[^ ]* - tmpfs tmpfs ro$' /proc/self/mountinfo; ls -A /proc/acpi; touch /proc/acpi/x 2>/dev/null && echo writable || true`); err != nil || strings.TrimSpace(out) != "1" {
+		t.Errorf("/proc/acpi in web after the moves: %q %v, want an empty read-only tmpfs", out, err)
+	}
 	// Back on a, restored lazily, it is an ordinary podman container: inspect says
 	// running, and stop and start work. Nothing of the lazy restore is left behind.
-	ctx := context.Background()
 	if out, err := tb.Run(ctx, "a", "podman", "inspect", "--format", "{{.State.Status}}", "web"); err != nil || strings.TrimSpace(out) != "running" {
 		t.Fatalf("podman inspect web on a: %q %v", out, err)
 	}
@@ -191,8 +213,8 @@ func TestPrecopyThereAndBackSendsLittle(t *testing.T) {
 		t.Fatalf("web after stop and start: %q %v", out, err)
 	}
 	for _, h := range []string{"a", "b"} {
-		if out, err := tb.Run(ctx, h, "sh", "-c", "ls /run/migrate/criu 2>/dev/null; pgrep -x criu || true"); err != nil || strings.TrimSpace(out) != "" {
-			t.Errorf("left behind on %s (CRIU configuration files, lazy-pages daemons): %q %v", h, out, err)
+		if out, err := tb.Run(ctx, h, "sh", "-c", "ls -A /run/migrate/criu 2>/dev/null; ls -A /run/migrate/masks 2>/dev/null; grep -c /run/migrate/masks /proc/self/mountinfo; pgrep -x criu || true"); err != nil || strings.TrimSpace(out) != "0" {
+			t.Errorf("left behind on %s (CRIU configuration files, masks' tmpfs, lazy-pages daemons): %q %v", h, out, err)
 		}
 	}
 }

@@ -540,6 +540,21 @@ func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
 	if err := r.a.rebuildMemory(ctx, name); err != nil {
 		return err
 	}
+	// A dump that left the masked directories out needs them put back: the container's
+	// CRIU configuration file says where, for this restore only (as runc asks otherwise).
+	if c, err := r.p.Inspect(ctx, name); err == nil && c.StaticDir != "" && c.CRIUConfig == CRIUConfigPath(name) {
+		lines, release, err := prepareMasks(name, filepath.Join(c.StaticDir, "checkpoint"))
+		if err != nil {
+			return fmt.Errorf("restore %s here: %w", name, err)
+		}
+		defer release()
+		if len(lines) > 0 {
+			if err := writeCRIUConfigFile(name, lines); err != nil {
+				return err
+			}
+			defer removeCRIUConfig(name)
+		}
+	}
 	if err := r.p.RestoreLocal(ctx, name, true); err != nil {
 		// CRIU's own words, where its log says more than runc's "criu failed".
 		if c, ierr := r.p.Inspect(ctx, name); ierr == nil && c.StaticDir != "" {

@@ -24,10 +24,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/migrate-project/migrate/checkpoint"
+	"github.com/migrate-project/migrate/masks"
 	"github.com/migrate-project/migrate/pages"
 	"github.com/migrate-project/migrate/pageserver"
 )
@@ -69,9 +71,14 @@ func memoryProblem(ctx context.Context, runtime string) string {
 // "Unlock network" to the tasks' resumption) and as much of every dump.
 const criuNetworkLock = "network-lock skip"
 
-// writeCRIUConfig writes the container's CRIU configuration file (one option a line).
+// writeCRIUConfig writes the container's CRIU configuration file for a move's dump or
+// restore (one option a line).
 func writeCRIUConfig(name string, lines ...string) error {
-	lines = append(lines, criuNetworkLock)
+	return writeCRIUConfigFile(name, append(lines, criuNetworkLock))
+}
+
+// writeCRIUConfigFile writes the container's CRIU configuration file as it is given.
+func writeCRIUConfigFile(name string, lines []string) error {
 	if err := os.MkdirAll(CRIUConfigDir, 0o755); err != nil {
 		return fmt.Errorf("CRIU configuration: %w", err)
 	}
@@ -102,6 +109,48 @@ func clearMoveLeftovers(stateDir string) {
 		}
 	}
 	os.RemoveAll(filepath.Join(stateDir, "lazy"))
+	if err := masks.Clear(MasksDir); err != nil {
+		slog.Warn("masked paths an earlier agent left", "dir", MasksDir, "err", err)
+	}
+}
+
+// MasksDir holds, per container, the read-only empty tmpfs a restore binds in place of
+// the container's masked directories (masks package) until the restore ended.
+const MasksDir = "/run/migrate/masks"
+
+// maskDumpLines are a dump's CRIU configuration lines that leave the container's masked
+// directories out of it (masks package); none if they cannot be read, and CRIU then
+// dumps them as before.
+func maskDumpLines(c *checkpoint.Container) []string {
+	if c.PID <= 0 {
+		return nil
+	}
+	found, err := masks.Find(c.PID)
+	if err != nil {
+		slog.Debug("masked paths", "container", c.Name, "err", err)
+		return nil
+	}
+	return masks.DumpLines(found)
+}
+
+// prepareMasks readies a restore from the checkpoint images in dir: the CRIU
+// configuration lines that put a read-only empty tmpfs in place of each masked directory
+// the dump left out, and what undoes them once the restore ended (either way).
+func prepareMasks(name, dir string) ([]string, func(), error) {
+	keys, err := masks.Keys(dir)
+	if err != nil || len(keys) == 0 {
+		return nil, func() {}, err
+	}
+	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return nil, nil, fmt.Errorf("container name %q", name)
+	}
+	lines, release, err := masks.Prepare(filepath.Join(MasksDir, name), keys)
+	if err != nil {
+		return nil, nil, err
+	}
+	slog.Debug("masked directories put back as read-only empty tmpfs", "container", name, "masks", len(keys))
+	var once sync.Once
+	return lines, func() { once.Do(release) }, nil
 }
 
 // dumpServer is the source's page server for one dump: CRIU, told by the container's
@@ -111,13 +160,13 @@ type dumpServer struct {
 	ln   net.Listener
 }
 
-func startDumpServer(name string) (*dumpServer, error) {
+func startDumpServer(name string, extra []string) (*dumpServer, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("page server: %w", err)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
-	if err := writeCRIUConfig(name, "page-server", "address 127.0.0.1", "port "+strconv.Itoa(port)); err != nil {
+	if err := writeCRIUConfig(name, append([]string{"page-server", "address 127.0.0.1", "port " + strconv.Itoa(port)}, extra...)...); err != nil {
 		ln.Close()
 		return nil, err
 	}
@@ -295,6 +344,8 @@ type lazyRestore struct {
 	// setupTook is how long setUp took once the stream had ended: images written, the
 	// page server and CRIU's lazy-pages daemon started and listening.
 	setupTook time.Duration
+	// releaseMasks undoes prepareMasks once podman's restore ended.
+	releaseMasks func()
 }
 
 // lazyDir is where a lazy restore's images and CRIU's logs live.
@@ -395,7 +446,12 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte, deadline time.
 			return errors.New("criu lazy-pages did not listen within 10 s")
 		}
 	}
-	return writeCRIUConfig(lr.name, "lazy-pages", "images-dir "+lr.dir, "work-dir "+lr.dir)
+	ml, release, err := prepareMasks(lr.name, lr.dir)
+	if err != nil {
+		return err
+	}
+	lr.releaseMasks = release
+	return writeCRIUConfig(lr.name, append([]string{"lazy-pages", "images-dir " + lr.dir, "work-dir " + lr.dir}, ml...)...)
 }
 
 // startPostcopyServer answers the daemon from this agent: the pages arrive from the
@@ -483,6 +539,9 @@ func (lr *lazyRestore) startServer(deadline time.Duration) (string, error) {
 // daemon fills the memory in the background and everything is cleaned up when it ends.
 func (lr *lazyRestore) restored(ok bool) {
 	removeCRIUConfig(lr.name)
+	if lr.releaseMasks != nil {
+		lr.releaseMasks()
+	}
 	if !ok {
 		lr.stop(true)
 		return
@@ -528,6 +587,9 @@ func lazyFillDeadline(memBytes int64) time.Duration {
 // and removes the directory; keep (a failure) keeps the logs first.
 func (lr *lazyRestore) stop(keep bool) {
 	removeCRIUConfig(lr.name)
+	if lr.releaseMasks != nil {
+		lr.releaseMasks()
+	}
 	if lr.daemon != nil && lr.daemon.Process != nil {
 		select {
 		case err := <-lr.exited:

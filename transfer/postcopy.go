@@ -114,14 +114,14 @@ type lazyDump struct {
 	wake   chan struct{}
 }
 
-func startLazyDump(name, staticDir string, store *pages.Store) (*lazyDump, error) {
+func startLazyDump(name, staticDir string, store *pages.Store, extra []string) (*lazyDump, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close() // CRIU listens there
-	if err := writeCRIUConfig(name, "lazy-pages", "address 127.0.0.1", "port "+strconv.Itoa(port)); err != nil {
+	if err := writeCRIUConfig(name, append([]string{"lazy-pages", "address 127.0.0.1", "port " + strconv.Itoa(port)}, extra...)...); err != nil {
 		return nil, err
 	}
 	return &lazyDump{name: name, port: port, static: staticDir, dir: filepath.Join(staticDir, "checkpoint"), store: store,
@@ -563,7 +563,7 @@ func (e *exportCall) wait(limit time.Duration) error {
 func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyContainer, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(int64), startPump func(*lazyDump, *exportCall)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, *exportCall, error) {
 	var ft finalTimes
-	d, err := startLazyDump(c.Name, c.StaticDir, a.store)
+	d, err := startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(&checkpoint.Container{Name: c.Name, PID: c.PID}))
 	if err != nil {
 		return nil, nil, ft, nil, nil, exportError{err}
 	}
@@ -619,6 +619,7 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 // PostcopyContainer is what postcopyCopy needs of the container.
 type PostcopyContainer struct {
 	Name, Move, StaticDir string
+	PID                   int // its first process (masked paths: maskDumpLines)
 	Neighbors             []overlaynet.Neighbor
 }
 

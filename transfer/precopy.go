@@ -636,11 +636,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	if memory {
 		var err error
 		if handOver == HandOverRead {
-			ld, err = startLazyDump(c.Name, c.StaticDir, a.store)
+			ld, err = startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(c))
 			if err == nil {
 				defer ld.close()
 			}
-		} else if ps, err = startDumpServer(c.Name); err == nil {
+		} else if ps, err = startDumpServer(c.Name, maskDumpLines(c)); err == nil {
 			defer ps.close()
 		}
 		if err != nil {

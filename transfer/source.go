@@ -597,7 +597,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 				pumped <- err
 			}, func(p any) { pumped <- fmt.Errorf("post-copy: internal error: %v", p) })
 		}
-		rr, fst, ft, ld, expDone, rerr = a.postcopyCopy(wd.ctx, target, &PostcopyContainer{Name: c.Name, Move: self.move, StaticDir: c.StaticDir, Neighbors: neigh},
+		rr, fst, ft, ld, expDone, rerr = a.postcopyCopy(wd.ctx, target, &PostcopyContainer{Name: c.Name, Move: self.move, StaticDir: c.StaticDir, PID: c.PID, Neighbors: neigh},
 			l, sess, seen, progress, sent, startPump)
 		if ld != nil {
 			defer func() {
