@@ -137,8 +137,8 @@ func Keys(dir string) ([]string, error) {
 			if !strings.HasPrefix(k, keyPrefix+"-") || seen[k] {
 				return nil
 			}
-			if !safe.MatchString(k) || strings.Contains(k, "/") || strings.Contains(k, "..") {
-				return fmt.Errorf("mask key %q: not one migrate makes", k)
+			if err := checkKey(k); err != nil {
+				return err
 			}
 			if len(keys) == maxMasks {
 				return fmt.Errorf("more than %d masks", maxMasks)
@@ -154,22 +154,24 @@ func Keys(dir string) ([]string, error) {
 	return keys, nil
 }
 
+// checkKey accepts only a key this package could have made: its prefix, plain
+// characters, no path separator or parent.
+func checkKey(k string) error {
+	if !strings.HasPrefix(k, keyPrefix+"-") || !safe.MatchString(k) || strings.Contains(k, "/") || strings.Contains(k, "..") {
+		return fmt.Errorf("mask key %q: not one migrate makes", k)
+	}
+	return nil
+}
+
 // Prepare mounts a read-only empty tmpfs for each key under dir and returns the CRIU
 // configuration lines that bind them in the masks' places. release detaches them (the
 // restored container's binds keep their own); call it once the restore ended, either way.
 func Prepare(dir string, keys []string) (lines []string, release func(), err error) {
-	var mounted []string
-	release = func() {
-		for _, m := range mounted {
-			_ = unix.Unmount(m, unix.MNT_DETACH)
-			_ = os.Remove(m)
-		}
-		_ = os.Remove(dir)
-	}
+	release = func() { detach(dir) }
 	for _, k := range keys {
-		if !strings.HasPrefix(k, keyPrefix+"-") || !safe.MatchString(k) || strings.Contains(k, "/") {
+		if err := checkKey(k); err != nil {
 			release()
-			return nil, nil, fmt.Errorf("mask key %q: not one migrate makes", k)
+			return nil, nil, err
 		}
 		at := filepath.Join(dir, k)
 		if err := os.MkdirAll(at, 0o755); err != nil {
@@ -177,11 +179,9 @@ func Prepare(dir string, keys []string) (lines []string, release func(), err err
 			return nil, nil, fmt.Errorf("mask %s: %w", k, err)
 		}
 		if err := unix.Mount("tmpfs", at, "tmpfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-			os.Remove(at)
 			release()
 			return nil, nil, fmt.Errorf("mask %s: mount a read-only tmpfs: %w", k, err)
 		}
-		mounted = append(mounted, at)
 		// Private: the container's bind must not share mount events with this host.
 		if err := unix.Mount("", at, "", unix.MS_PRIVATE, ""); err != nil {
 			release()
@@ -190,6 +190,18 @@ func Prepare(dir string, keys []string) (lines []string, release func(), err err
 		lines = append(lines, "external mnt["+k+"]:"+at)
 	}
 	return lines, release, nil
+}
+
+// detach detaches the tmpfs in each directory of dir (where one is mounted) and removes
+// them and dir.
+func detach(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		at := filepath.Join(dir, e.Name())
+		_ = unix.Unmount(at, unix.MNT_DETACH)
+		_ = os.Remove(at)
+	}
+	_ = os.Remove(dir)
 }
 
 // Clear detaches and removes whatever an earlier agent left under dir (a crash between
@@ -202,13 +214,7 @@ func Clear(dir string) error {
 		return err
 	}
 	for _, e := range ents {
-		sub := filepath.Join(dir, e.Name())
-		inner, _ := os.ReadDir(sub)
-		for _, m := range inner {
-			_ = unix.Unmount(filepath.Join(sub, m.Name()), unix.MNT_DETACH)
-			_ = os.Remove(filepath.Join(sub, m.Name()))
-		}
-		_ = os.Remove(sub)
+		detach(filepath.Join(dir, e.Name()))
 	}
 	return nil
 }

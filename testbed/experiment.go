@@ -1,6 +1,7 @@
 package testbed
 
 import (
+	"cmp"
 	"encoding/csv"
 	"fmt"
 	"io"
@@ -204,16 +205,8 @@ func Ratios(rows []ExpRow) []string {
 		}
 	}
 	for _, pct := range slices.Sorted(maps.Keys(flat)) {
-		rs := flat[pct]
-		lo, hi := rs[0], rs[0]
-		for _, r := range rs {
-			if r.SizeMiB < lo.SizeMiB {
-				lo = r
-			}
-			if r.SizeMiB > hi.SizeMiB {
-				hi = r
-			}
-		}
+		bySize := func(a, b ExpRow) int { return cmp.Compare(a.SizeMiB, b.SizeMiB) }
+		lo, hi := slices.MinFunc(flat[pct], bySize), slices.MaxFunc(flat[pct], bySize)
 		if lo.SizeMiB == hi.SizeMiB || lo.Gap == 0 {
 			continue
 		}

@@ -167,6 +167,12 @@ func TestFaultMatrix(t *testing.T) {
 				t.Fatalf("web runs on %v, want exactly %s", w, want)
 			}
 			noTraces(t, tb, other)
+			// Nor the memory path's files and mounts on either host (CRIU configuration
+			// files, the masks' tmpfs, lazy restore directories), also after a crash: a
+			// restarted agent clears what its predecessor left.
+			for _, l := range lazyLeftovers(tb, false) {
+				t.Error(l)
+			}
 			after := memOverNet(t, tb)
 			if after.sum != after.expect || after.counter <= before.counter {
 				t.Fatalf("memory after the move: %+v (before %+v): not the same process, or damaged", after, before)

@@ -540,10 +540,16 @@ func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
 	if err := r.a.rebuildMemory(ctx, name); err != nil {
 		return err
 	}
+	// Its directory, for the images and CRIU's log ("" if podman cannot say).
+	var static string
+	c, err := r.p.Inspect(ctx, name)
+	if err == nil {
+		static = c.StaticDir
+	}
 	// A dump that left the masked directories out needs them put back: the container's
 	// CRIU configuration file says where, for this restore only (as runc asks otherwise).
-	if c, err := r.p.Inspect(ctx, name); err == nil && c.StaticDir != "" && c.CRIUConfig == CRIUConfigPath(name) {
-		lines, release, err := prepareMasks(name, filepath.Join(c.StaticDir, "checkpoint"))
+	if static != "" && c.CRIUConfig == CRIUConfigPath(name) {
+		lines, release, err := prepareMasks(name, filepath.Join(static, "checkpoint"))
 		if err != nil {
 			return fmt.Errorf("restore %s here: %w", name, err)
 		}
@@ -557,8 +563,8 @@ func (r podmanRuntime) RestoreLocal(ctx context.Context, name string) error {
 	}
 	if err := r.p.RestoreLocal(ctx, name, true); err != nil {
 		// CRIU's own words, where its log says more than runc's "criu failed".
-		if c, ierr := r.p.Inspect(ctx, name); ierr == nil && c.StaticDir != "" {
-			err = fmt.Errorf("%w%s", err, criuErrors(filepath.Join(c.StaticDir, "restore.log")))
+		if static != "" {
+			err = fmt.Errorf("%w%s", err, criuErrors(filepath.Join(static, "restore.log")))
 		}
 		return err
 	}

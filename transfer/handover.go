@@ -351,6 +351,14 @@ func (d *lazyDump) endDump() (time.Duration, error) {
 	return time.Since(t0), err
 }
 
+// failDump ends CRIU's transfer as a failure once the memory kept beside the restore is
+// (waitKept): the connection resets (linger 0, set by readHandOver), CRIU fails the dump
+// and the container runs on here.
+func (d *lazyDump) failDump() {
+	d.waitKept() //nolint:errcheck // its end only: the move fails already
+	d.conn.Close()
+}
+
 // waitKept waits for the memory kept beside the target's restore (deferEnd), if it is:
 // before endDump, and before a rollback.
 func (d *lazyDump) waitKept() error {

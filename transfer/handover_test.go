@@ -160,7 +160,7 @@ func TestReadHandOverRebuildsTheDumpsMemory(t *testing.T) {
 					if !errors.Is(kerr, c.keepErr) || !errors.Is(d.waitKept(), c.keepErr) {
 						t.Fatalf("keeping failed: waitKept says %v", kerr)
 					}
-					d.conn.Close()
+					d.failDump()
 					if err := <-left; err == nil {
 						t.Fatal("CRIU saw the close and a hang-up: its dump would end and the container go; want a reset")
 					}

@@ -121,13 +121,13 @@ const MasksDir = "/run/migrate/masks"
 // maskDumpLines are a dump's CRIU configuration lines that leave the container's masked
 // directories out of it (masks package); none if they cannot be read, and CRIU then
 // dumps them as before.
-func maskDumpLines(c *checkpoint.Container) []string {
-	if c.PID <= 0 {
+func maskDumpLines(name string, pid int) []string {
+	if pid <= 0 {
 		return nil
 	}
-	found, err := masks.Find(c.PID)
+	found, err := masks.Find(pid)
 	if err != nil {
-		slog.Debug("masked paths", "container", c.Name, "err", err)
+		slog.Debug("masked paths", "container", name, "err", err)
 		return nil
 	}
 	return masks.DumpLines(found)
@@ -141,8 +141,8 @@ func prepareMasks(name, dir string) ([]string, func(), error) {
 	if err != nil || len(keys) == 0 {
 		return nil, func() {}, err
 	}
-	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
-		return nil, nil, fmt.Errorf("container name %q", name)
+	if err := ValidContainerName(name); err != nil { // it names a directory
+		return nil, nil, err
 	}
 	lines, release, err := masks.Prepare(filepath.Join(MasksDir, name), keys)
 	if err != nil {

@@ -563,7 +563,7 @@ func (e *exportCall) wait(limit time.Duration) error {
 func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyContainer, l *link, sess *pages.Session, seen *lastSent,
 	progress func(int64), sent func(int64), startPump func(*lazyDump, *exportCall)) (*RestoreResult, *pages.Stats, finalTimes, *lazyDump, *exportCall, error) {
 	var ft finalTimes
-	d, err := startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(&checkpoint.Container{Name: c.Name, PID: c.PID}))
+	d, err := startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(c.Name, c.PID))
 	if err != nil {
 		return nil, nil, ft, nil, nil, exportError{err}
 	}

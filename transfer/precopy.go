@@ -636,11 +636,11 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	if memory {
 		var err error
 		if handOver == HandOverRead {
-			ld, err = startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(c))
+			ld, err = startLazyDump(c.Name, c.StaticDir, a.store, maskDumpLines(c.Name, c.PID))
 			if err == nil {
 				defer ld.close()
 			}
-		} else if ps, err = startDumpServer(c.Name, maskDumpLines(c)); err == nil {
+		} else if ps, err = startDumpServer(c.Name, maskDumpLines(c.Name, c.PID)); err == nil {
 			defer ps.close()
 		}
 		if err != nil {
@@ -872,8 +872,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		} else {
 			// Reset (linger 0): CRIU fails the dump, the container runs on here, and
 			// podman's checkpoint call, waited for below, returns (failed).
-			ld.waitKept() //nolint:errcheck // its end only: the move fails already
-			ld.conn.Close()
+			ld.failDump()
 			reset = true
 		}
 	}
