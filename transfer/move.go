@@ -73,6 +73,45 @@ type mover struct {
 	// inMu serialises what ends an incoming move (undo, keep): a failed restore undoes
 	// itself while the source's abort may arrive.
 	inMu sync.Mutex
+	// restoring: the restore handlers at work, by move (restoreRuns, waitRestore).
+	restMu    sync.Mutex
+	restoring map[string]chan struct{}
+}
+
+// restoreRuns marks a restore handler of move at work until the returned function runs.
+func (m *mover) restoreRuns(move string) func() {
+	done := make(chan struct{})
+	m.restMu.Lock()
+	if m.restoring == nil {
+		m.restoring = map[string]chan struct{}{}
+	}
+	m.restoring[move] = done
+	m.restMu.Unlock()
+	return func() {
+		m.restMu.Lock()
+		if m.restoring[move] == done {
+			delete(m.restoring, move)
+		}
+		m.restMu.Unlock()
+		close(done)
+	}
+}
+
+// waitRestore waits until no restore handler of move is at work, or limit passes (not for
+// the caller's context: a source that stops waiting still needs the undo after it).
+func (m *mover) waitRestore(move string, limit time.Duration) {
+	m.restMu.Lock()
+	done := m.restoring[move]
+	m.restMu.Unlock()
+	if done == nil {
+		return
+	}
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
 }
 
 // abortWait bounds how long a rollback waits for the target to drop its half before the

@@ -606,3 +606,40 @@ func TestJournalHas(t *testing.T) {
 		t.Fatalf("after remove: has %v, err %v", in.has("web"), err)
 	}
 }
+
+// The source's abort waits for a restore of the same move still at work (its podman
+// import may yet create the container), and for nothing else.
+func TestAbortWaitsForTheRestoreOfItsMove(t *testing.T) {
+	var m mover
+	t0 := time.Now()
+	m.waitRestore("m1", time.Second)
+	if time.Since(t0) > 100*time.Millisecond {
+		t.Fatal("waited with no restore at work")
+	}
+	end := m.restoreRuns("m1")
+	ended := make(chan time.Time, 1)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		ended <- time.Now()
+		end()
+	}()
+	m.waitRestore("m2", time.Second) // another move's restore: no wait
+	if time.Since(t0) > 100*time.Millisecond {
+		t.Fatal("waited for another move's restore")
+	}
+	m.waitRestore("m1", 5*time.Second)
+	select {
+	case at := <-ended:
+		if time.Now().Before(at) {
+			t.Fatal("the wait ended before the restore")
+		}
+	default:
+		t.Fatal("the wait ended before the restore")
+	}
+	t1 := time.Now()
+	m.restoreRuns("m3") // never ends: the limit does
+	m.waitRestore("m3", 150*time.Millisecond)
+	if d := time.Since(t1); d < 150*time.Millisecond || d > time.Second {
+		t.Fatalf("waited %s for a restore that never ends, want its limit of 150ms", d)
+	}
+}

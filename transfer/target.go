@@ -195,6 +195,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	if err := a.needPodman(); err != nil {
 		return nil, err
 	}
+	// The source's abort of this move waits until this handler has ended (abort, below):
+	// undone earlier, a container podman is still creating would stay behind.
+	defer a.mv.restoreRuns(move)()
 	start := time.Now()
 	defer guardBody(r, bodyStall(prep.StallTimeout))()
 	// "restoring" is journaled while the archive is still on its way (the request comes
@@ -319,7 +322,12 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	// checked then, before the answer (a damaged archive's container is undone).
 	vr.late = memDone != nil
 	importAt := time.Now()
-	res, err := a.podman.Import(r.Context(), vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
+	// Not under the request's context: a source that goes away would cancel only this
+	// call, not podman's restore, which could then create the container after the undo
+	// looked for it. podman's answer is waited for, within its own deadline.
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), importDeadline)
+	res, err := a.podman.Import(ictx, vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
+	cancel()
 	imported := time.Now()
 	if vr.err != nil {
 		err = vr.err
@@ -448,8 +456,23 @@ func (a *Agent) abort(r *http.Request) (any, error) {
 	if mv.Prepare.Move != req.Move {
 		return nil, nil // another move's entry: not this abort's to undo
 	}
+	// A restore of this move still at work ends first (its import included); then what it
+	// made, if anything, is undone here.
+	a.mv.waitRestore(req.Move, importDeadline)
+	if err := a.mv.in.get(req.Container, &mv); err != nil {
+		if errors.Is(err, errNoEntry) {
+			return nil, nil // the restore undid itself meanwhile
+		}
+		return nil, err
+	}
+	if mv.Prepare.Move != req.Move {
+		return nil, nil
+	}
 	return nil, a.mv.undoIncoming(context.WithoutCancel(ctx), &mv)
 }
+
+// importDeadline bounds podman's restore of an archive whose bytes are all here.
+const importDeadline = 5 * time.Minute
 
 // Deadlines of the target's half: a prepared move whose source has been silent this long
 // is settled by asking the source; a restored one that no commit followed, sooner.
