@@ -1,38 +1,64 @@
 package pages
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 )
 
 // memMagic starts a Memory written by MarshalBinary.
 const memMagic = "migrate-memory-1\n"
 
 // MarshalBinary writes the memory compactly: its maps and entries as varints, then its
-// hashes as they are. The source keeps a move's memory this way while the container is
-// frozen, so it costs a copy of the names (encoding/gob took 0.19 s per GiB of memory).
+// hashes as they are (WriteTo).
 func (m *Memory) MarshalBinary() ([]byte, error) {
-	b := make([]byte, 0, len(memMagic)+64*len(m.Maps)+len(m.Hashes)*len(Hash{})+64)
-	b = append(b, memMagic...)
-	b = binary.AppendUvarint(b, uint64(len(m.Maps)))
+	var b bytes.Buffer
+	b.Grow(len(memMagic) + 64*len(m.Maps) + len(m.Hashes)*len(Hash{}) + 64)
+	_, err := m.WriteTo(&b)
+	return b.Bytes(), err
+}
+
+// WriteTo writes what MarshalBinary returns to w. The source keeps a move's memory this
+// way while the container is frozen, so it costs a copy of the names and no more: no
+// buffer of them all (encoding/gob took 0.19 s per GiB of memory; a buffer of a
+// gigabyte's names, 8 MiB of fresh memory, 20 ms here).
+func (m *Memory) WriteTo(w io.Writer) (int64, error) {
+	if m.Counted {
+		return 0, errors.New("memory: counted, its names were not kept")
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	var n int64
+	var head []byte
+	head = append(head, memMagic...)
+	head = binary.AppendUvarint(head, uint64(len(m.Maps)))
 	for _, mm := range m.Maps {
-		b = binary.AppendUvarint(b, uint64(mm.Kind))
-		b = binary.AppendUvarint(b, mm.ID)
-		b = binary.AppendUvarint(b, uint64(len(mm.Entries)))
+		head = binary.AppendUvarint(head, uint64(mm.Kind))
+		head = binary.AppendUvarint(head, mm.ID)
+		head = binary.AppendUvarint(head, uint64(len(mm.Entries)))
 		for _, e := range mm.Entries {
-			b = binary.AppendUvarint(b, e.Vaddr)
-			b = binary.AppendUvarint(b, e.Pages)
-			b = binary.AppendUvarint(b, uint64(e.Flags))
-			b = binary.AppendUvarint(b, uint64(e.First))
+			head = binary.AppendUvarint(head, e.Vaddr)
+			head = binary.AppendUvarint(head, e.Pages)
+			head = binary.AppendUvarint(head, uint64(e.Flags))
+			head = binary.AppendUvarint(head, uint64(e.First))
 		}
 	}
-	b = binary.AppendUvarint(b, uint64(len(m.Hashes)))
+	head = binary.AppendUvarint(head, uint64(len(m.Hashes)))
+	k, err := bw.Write(head)
+	n += int64(k)
 	for i := range m.Hashes {
-		b = append(b, m.Hashes[i][:]...)
+		if err != nil {
+			return n, err
+		}
+		k, err = bw.Write(m.Hashes[i][:])
+		n += int64(k)
 	}
-	return b, nil
+	if err != nil {
+		return n, err
+	}
+	return n, bw.Flush()
 }
 
 // IsMemoryFile reports whether b was written by MarshalBinary.

@@ -2,6 +2,7 @@ package pages
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -87,6 +88,43 @@ func TestMemoryCrossesAsReferencesAndRebuildsLazyImages(t *testing.T) {
 	}
 	if len(got.Hashes) != 40 || len(got.Maps) != 2 || len(sent.Hashes) != 40 {
 		t.Fatalf("memory: %d pages in %d maps", len(got.Hashes), len(got.Maps))
+	}
+	// A streamed restore's count: no names kept, each arriving page told with where the
+	// store holds it, which is where its content is.
+	counted := Memory{Counted: true}
+	told := 0
+	page := make([]byte, Size)
+	again := NewSession()
+	again.Append(held...)
+	if _, err := DecodeMemoryFunc(bytes.NewReader(wire.Bytes()), io.Discard, again, dstStore, 1<<30, &counted,
+		func(kind int, id uint64, flags uint32, vaddr uint64, hs []Hash, locs []PageLoc) error {
+			if len(locs) != len(hs) {
+				return fmt.Errorf("%d locations for %d pages", len(locs), len(hs))
+			}
+			for i, l := range locs {
+				f, err := os.Open(PackPath(dstStore.Dir(), l.Pack))
+				if err != nil {
+					return err
+				}
+				_, err = f.ReadAt(page, int64(l.Page)*Size)
+				f.Close()
+				if err != nil {
+					return err
+				}
+				if Sum(page) != hs[i] {
+					return fmt.Errorf("page %s at %#x: its location holds another", hs[i], vaddr+uint64(i)*Size)
+				}
+			}
+			told += len(hs)
+			return nil
+		}); err != nil {
+		t.Fatal(err)
+	}
+	if told != 40 || counted.Bytes() != 40*Size || len(counted.Hashes) != 0 {
+		t.Fatalf("counted memory: %d told, %d bytes, %d names kept", told, counted.Bytes(), len(counted.Hashes))
+	}
+	if _, err := counted.WriteTo(io.Discard); err == nil {
+		t.Fatal("a counted memory was written as if whole")
 	}
 	// Lazy pages come from the store, in pieces no longer than their entry.
 	buf := make([]byte, 64*Size)

@@ -392,38 +392,34 @@ func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln n
 
 // lazyIndexWriter writes a followed index: runs as pages arrive, then its end.
 type lazyIndexWriter struct {
-	w     io.Writer
-	store *pages.Store
-	buf   []byte
+	w   io.Writer
+	buf []byte
 }
 
-func newLazyIndexWriter(w io.Writer, store *pages.Store) (*lazyIndexWriter, error) {
+func newLazyIndexWriter(w io.Writer) (*lazyIndexWriter, error) {
 	if _, err := io.WriteString(w, lazyIndexMagic); err != nil {
 		return nil, err
 	}
-	return &lazyIndexWriter{w: w, store: store}, nil
+	return &lazyIndexWriter{w: w}, nil
 }
 
-// run writes the pages hs of process pid from vaddr (at most followRunPages at a time).
-func (x *lazyIndexWriter) run(pid, vaddr uint64, hs []pages.Hash) error {
-	for len(hs) > 0 {
-		n := min(len(hs), followRunPages)
-		locs, err := x.store.Locate(hs[:n])
-		if err != nil {
-			return err
-		}
+// run writes the pages of process pid from vaddr, at locs in the store (at most
+// followRunPages at a time).
+func (x *lazyIndexWriter) run(pid, vaddr uint64, locs []pages.PageLoc) error {
+	for len(locs) > 0 {
+		n := min(len(locs), followRunPages)
 		x.buf = x.buf[:0]
 		x.buf = binary.LittleEndian.AppendUint64(x.buf, pid)
 		x.buf = binary.LittleEndian.AppendUint64(x.buf, vaddr)
 		x.buf = binary.LittleEndian.AppendUint64(x.buf, uint64(n))
-		for _, l := range locs {
+		for _, l := range locs[:n] {
 			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Pack)
 			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Page)
 		}
 		if _, err := x.w.Write(x.buf); err != nil {
 			return err
 		}
-		hs = hs[n:]
+		locs = locs[n:]
 		vaddr += uint64(n) * pages.Size
 	}
 	return nil

@@ -142,7 +142,7 @@ func TestFollowedIndexServesPagesAsTheyArrive(t *testing.T) {
 		t.Fatalf("served before the page arrived: %d, %v", a.n, a.err)
 	default:
 	}
-	x, err := newLazyIndexWriter(pw, store)
+	x, err := newLazyIndexWriter(pw)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,12 +151,12 @@ func TestFollowedIndexServesPagesAsTheyArrive(t *testing.T) {
 	errc := make(chan error, 1)
 	go func() {
 		_, err := pages.DecodeMemoryFunc(&stream, io.Discard, pages.NewSession(), store, 1<<30, &mem,
-			func(kind int, id uint64, flags uint32, vaddr uint64, hs []pages.Hash) error {
+			func(kind int, id uint64, flags uint32, vaddr uint64, hs []pages.Hash, locs []pages.PageLoc) error {
 				if flags&pages.FlagLazy == 0 {
 					return nil
 				}
 				filed += len(hs)
-				return x.run(id, vaddr, hs)
+				return x.run(id, vaddr, locs)
 			})
 		if err == nil {
 			err = x.end()
@@ -192,8 +192,8 @@ func TestFollowedIndexServesPagesAsTheyArrive(t *testing.T) {
 		_, err := broken.ReadPages(7, lazyAt, buf)
 		waiting <- err
 	}()
-	x2, _ := newLazyIndexWriter(pw2, store)
-	if err := x2.run(7, imgAt, mem.Hashes[:1]); err != nil {
+	x2, _ := newLazyIndexWriter(pw2)
+	if err := x2.run(7, imgAt, mustLocate(t, store, mem.Hashes[:1])); err != nil {
 		t.Fatal(err)
 	}
 	pw2.Close()
@@ -255,11 +255,11 @@ func TestHeldIndexAnswersFaultsAtOnceAndTheFillOnceWhole(t *testing.T) {
 	defer src.close()
 	pr, pw := io.Pipe()
 	go src.follow(pr)
-	x, err := newLazyIndexWriter(pw, store)
+	x, err := newLazyIndexWriter(pw)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := x.run(3, 0x10000, hs); err != nil {
+	if err := x.run(3, 0x10000, mustLocate(t, store, hs)); err != nil {
 		t.Fatal(err)
 	}
 	one := make([]byte, pages.Size)
@@ -291,4 +291,13 @@ func TestHeldIndexAnswersFaultsAtOnceAndTheFillOnceWhole(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the fill still waits once the index is whole")
 	}
+}
+
+func mustLocate(t *testing.T, store *pages.Store, hs []pages.Hash) []pages.PageLoc {
+	t.Helper()
+	locs, err := store.Locate(hs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return locs
 }

@@ -736,6 +736,12 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				// The pages it sends are kept here too, as the memory's are: the memory
 				// that follows refers to them, and a rollback rebuilds it from this store.
 				streamSt, streamErr = pages.Encode(in, w, sess, pages.EncodeOptions{Base: seen.base, Sent: keepSent})
+				// Out of the compressor at once: the target restores from the images while
+				// the memory follows, and zstd would hold their last block until the
+				// memory's bytes pushed it out (40-110 ms at 1 GiB here).
+				if f, ok := w.(interface{ Flush() error }); ok && streamErr == nil {
+					streamErr = f.Flush()
+				}
 			}
 		}
 		if ps != nil || ld != nil {
