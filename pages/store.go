@@ -206,6 +206,14 @@ func (s *Store) AddTrusted(hs []Hash, buf []byte) error {
 			}
 			return fmt.Errorf("page store %s: %w", s.dir, err)
 		}
+		// Written back now rather than when the kernel's flusher finds the pages old
+		// (30 s): a pre-copy writes the container's whole memory here, and left dirty it
+		// was written back in the frozen phase, where every fsync (podman's database on
+		// the target, the journals) queued behind it: the target's import then stood idle
+		// for 0.4 s at 1 GiB here. This starts the write and does not wait for it.
+		if err := unix.SyncFileRange(int(p.f.Fd()), int64(p.pages)*Size, int64(n), unix.SYNC_FILE_RANGE_WRITE); err != nil {
+			slog.Debug("page store: write-back", "err", err)
+		}
 		p.pages += uint32(len(added))
 	}
 	s.evict()
