@@ -69,6 +69,59 @@ func TestLinkBodyCompressesAndRespectsTheCap(t *testing.T) {
 	}
 }
 
+// TestLinkBodyFlushSendsWhatCameBefore: the streamed restore's images reach the target
+// while the producer goes on (the memory follows), not when a compressed block fills.
+func TestLinkBodyFlushSendsWhatCameBefore(t *testing.T) {
+	images := make([]byte, 100<<10)
+	rand.Read(images[:len(images)/4])
+	for _, compress := range []string{"none", "auto", "best"} {
+		l, err := newLink(compress, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		more := make(chan struct{})
+		body, enc, wait := l.body(context.Background(), func(w io.Writer) error {
+			if _, err := w.Write(images); err != nil {
+				return err
+			}
+			if err := flushLink(w); err != nil {
+				return err
+			}
+			<-more // the memory, later
+			_, err := w.Write([]byte("memory"))
+			return err
+		})
+		var r io.Reader = body
+		if enc == "zstd" {
+			zr, err := zstd.NewReader(body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer zr.Close()
+			r = zr
+		}
+		got := make([]byte, len(images))
+		read := make(chan error, 1)
+		go func() { _, err := io.ReadFull(r, got); read <- err }()
+		select {
+		case err := <-read:
+			if err != nil || !bytes.Equal(got, images) {
+				t.Fatalf("%s: the images before the rest: %v", compress, err)
+			}
+		case <-time.After(10 * time.Second):
+			close(more)
+			t.Fatalf("%s: the images did not arrive while the producer waited", compress)
+		}
+		close(more)
+		if rest, err := io.ReadAll(r); err != nil || string(rest) != "memory" {
+			t.Fatalf("%s: after them %q, %v", compress, rest, err)
+		}
+		if err := wait(); err != nil && err != io.ErrClosedPipe {
+			t.Fatal(err)
+		}
+	}
+}
+
 func TestPushRequestValidate(t *testing.T) {
 	for _, r := range []PushRequest{{Mode: "fast"}, {Compress: "zip"}, {BWLimitMbit: -1}, {MaxRounds: -1}} {
 		if r.Validate() == nil {
