@@ -29,8 +29,6 @@ func (m *Memory) WriteTo(w io.Writer) (int64, error) {
 	if m.Counted {
 		return 0, errors.New("memory: counted, its names were not kept")
 	}
-	bw := bufio.NewWriterSize(w, 64<<10)
-	var n int64
 	var head []byte
 	head = append(head, memMagic...)
 	head = binary.AppendUvarint(head, uint64(len(m.Maps)))
@@ -46,19 +44,16 @@ func (m *Memory) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 	head = binary.AppendUvarint(head, uint64(len(m.Hashes)))
-	k, err := bw.Write(head)
-	n += int64(k)
+	// bufio keeps the first error and writes nothing after it: one check, at the end.
+	bw := bufio.NewWriterSize(w, 64<<10)
+	bw.Write(head)
 	for i := range m.Hashes {
-		if err != nil {
-			return n, err
-		}
-		k, err = bw.Write(m.Hashes[i][:])
-		n += int64(k)
+		bw.Write(m.Hashes[i][:])
 	}
-	if err != nil {
-		return n, err
+	if err := bw.Flush(); err != nil {
+		return 0, err
 	}
-	return n, bw.Flush()
+	return int64(len(head) + len(m.Hashes)*len(Hash{})), nil
 }
 
 // IsMemoryFile reports whether b was written by MarshalBinary.

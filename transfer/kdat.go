@@ -53,15 +53,10 @@ func refreshCRIUCache(ctx context.Context, exe string) error {
 	}
 	// A file beside the cache renamed over it: CRIU never reads a partial cache, and
 	// agents starting together each put a whole one in place.
-	tmp := fmt.Sprintf("%s.migrate-%d", CRIUKdatCache, os.Getpid())
-	if err := os.WriteFile(tmp, kdat, 0o600); err != nil {
+	return replaceFile(CRIUKdatCache, 0o600, func(w io.Writer) error {
+		_, err := w.Write(kdat)
 		return err
-	}
-	if err := os.Rename(tmp, CRIUKdatCache); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return nil
+	})
 }
 
 // maxKdat bounds the cache put in place (CRIU's is under a kilobyte).

@@ -82,11 +82,36 @@ func writeCRIUConfigFile(name string, lines []string) error {
 	if err := os.MkdirAll(CRIUConfigDir, 0o755); err != nil {
 		return fmt.Errorf("CRIU configuration: %w", err)
 	}
-	tmp := CRIUConfigPath(name) + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+	if err := replaceFile(CRIUConfigPath(name), 0o644, func(w io.Writer) error {
+		_, err := io.WriteString(w, strings.Join(lines, "\n")+"\n")
+		return err
+	}); err != nil {
 		return fmt.Errorf("CRIU configuration: %w", err)
 	}
-	return os.Rename(tmp, CRIUConfigPath(name))
+	return nil
+}
+
+// replaceFile puts a whole new file at path: written beside it under a name of its own
+// and renamed over it, so that a reader (CRIU, a restarted agent) finds the old file,
+// the new one or none, never a part, and writers at once do not mix. Not synced: callers
+// that need it durable (the journal) sync.
+func replaceFile(path string, perm os.FileMode, write func(io.Writer) error) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // gone after the rename; left by a failure
+	err = f.Chmod(perm)
+	if err == nil {
+		err = write(f)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
 }
 
 func removeCRIUConfig(name string) {
@@ -101,7 +126,7 @@ func removeCRIUConfig(name string) {
 func clearMoveLeftovers(stateDir string) {
 	if ents, err := os.ReadDir(CRIUConfigDir); err == nil {
 		for _, e := range ents {
-			if strings.HasSuffix(e.Name(), ".conf") || strings.HasSuffix(e.Name(), ".tmp") {
+			if strings.HasSuffix(e.Name(), ".conf") || strings.Contains(e.Name(), ".conf.tmp") { // replaceFile's too
 				if err := os.Remove(filepath.Join(CRIUConfigDir, e.Name())); err == nil {
 					slog.Warn("removed a CRIU configuration file an earlier agent left", "file", e.Name())
 				}
@@ -252,23 +277,11 @@ func (a *Agent) saveMemory(name string, mem *pages.Memory) error {
 	// either, so a sync would not make a rollback after a power loss possible; what it
 	// does keep (a rollback by an agent that restarts) needs the file only in the page
 	// cache. Its sync (8 MiB at 1 GiB) waited in the frozen phase, beside the target's
-	// restore, on a disk both may share. It is written under another name and renamed: a crash
-	// leaves the whole file or none.
-	tmp := f + ".tmp"
-	w, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
+	// restore, on a disk both may share.
+	return replaceFile(f, 0o600, func(w io.Writer) error {
+		_, err := mem.WriteTo(w)
 		return err
-	}
-	if _, err := mem.WriteTo(w); err != nil {
-		w.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := w.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return os.Rename(tmp, f)
+	})
 }
 
 func (a *Agent) dropMemory(name string) {
