@@ -25,6 +25,9 @@ type Session struct {
 	mu   sync.Mutex
 	list []Hash
 	pos  map[Hash]int
+	// Where locStore keeps the pages at places 0..len(locs)-1 (Locate, LocateAhead).
+	locStore *Store
+	locs     []PageLoc
 }
 
 // NewSession returns an empty session.
@@ -101,6 +104,49 @@ func (s *Session) Slice(i, n int) ([]Hash, error) {
 		return nil, fmt.Errorf("pages %d..%d: the session names only %d pages", i, i+n, len(s.list))
 	}
 	return s.list[i : i+n], nil
+}
+
+// Locate returns the n names from place at and where store keeps them (both read-only),
+// from the locations LocateAhead found before if it found them all. A streamed restore
+// files each page the frozen phase refers to with its location while podman restores:
+// 262,144 lookups by hash at 1 GiB, 35 ms of a CPU the import shares here. The locations
+// stay right while store keeps its pages where they are: a target's store is pinned for
+// the life of the session (nothing is evicted; a page once added stays in its place).
+func (s *Session) Locate(store *Store, at, n int) ([]Hash, []PageLoc, error) {
+	s.mu.Lock()
+	// Written so that no sum can overflow: at and n come from the network.
+	if at < 0 || n < 0 || at > len(s.list) || n > len(s.list)-at {
+		s.mu.Unlock()
+		return nil, nil, fmt.Errorf("pages %d..%d: the session names only %d pages", at, at+n, len(s.list))
+	}
+	names := s.list[at : at+n : at+n]
+	if store != nil && store == s.locStore && n <= len(s.locs)-at {
+		locs := s.locs[at : at+n : at+n]
+		s.mu.Unlock()
+		return names, locs, nil
+	}
+	s.mu.Unlock()
+	locs, err := store.Locate(names)
+	return names, locs, err
+}
+
+// LocateAhead finds where store keeps the pages the session names, from the first place
+// it has not located to the first page store does not hold yet, so that Locate need not
+// look them up. A target calls it as pre-copy rounds fill its store, before the freeze.
+// It returns how many places are located.
+func (s *Session) LocateAhead(store *Store) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.locStore != store {
+		s.locStore, s.locs = store, nil
+	}
+	from := len(s.locs)
+	if from == len(s.list) {
+		return from
+	}
+	got := store.locatePrefix(s.list[from:])
+	s.locs = append(s.locs, got...)
+	return len(s.locs)
 }
 
 // Len is the number of pages named.
@@ -577,11 +623,7 @@ func DecodeMemoryFunc(src io.Reader, dst io.Writer, sess *Session, store *Store,
 			if ok, err := inMemory(n); err != nil {
 				return st, err
 			} else if ok {
-				names, err := sess.Slice(at, n)
-				if err != nil {
-					return st, err
-				}
-				locs, err := store.Locate(names)
+				names, locs, err := sess.Locate(store, at, n)
 				if err != nil {
 					return st, fmt.Errorf("encoded archive: memory %w", err)
 				}

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"io"
 	"os"
@@ -410,5 +411,113 @@ func TestStoreAddsScatteredNewPagesAcrossPacks(t *testing.T) {
 	}
 	if st, want := store.Stats(), packPages-5+n-held-1; st.Pages != want || st.Packs != 2 {
 		t.Fatalf("the store holds %d pages in %d packs, want %d (no page twice) in 2", st.Pages, st.Packs, want)
+	}
+}
+
+func TestSessionLocatesAheadWhatTheStoreHolds(t *testing.T) {
+	store, err := OpenStore(t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := OpenStore(t.TempDir(), 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := randomPages(t, 600)
+	hs := make([]Hash, 600)
+	SumAll(buf, hs)
+	// The other store holds them in another order: other locations for the same names.
+	for i := 599; i >= 0; i -= 100 {
+		if err := other.AddTrusted(hs[i-99:i+1], buf[(i-99)*Size:(i+1)*Size]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sess := NewSession()
+	sess.Append(hs...)
+	sess.Append(hs[:10]...) // repeated pages: places of their own
+	if err := store.AddTrusted(hs[:400], buf[:400*Size]); err != nil {
+		t.Fatal(err)
+	}
+	if got := sess.LocateAhead(store); got != 400 {
+		t.Fatalf("located %d places ahead, want the 400 the store holds", got)
+	}
+	check := func(s *Store, at, n int) {
+		t.Helper()
+		names, locs, err := sess.Locate(s, at, n)
+		if err != nil {
+			t.Fatalf("Locate(%d, %d): %v", at, n, err)
+		}
+		want, err := s.Locate(hs[at:][:n])
+		if err != nil && at+n <= 600 {
+			t.Fatal(err)
+		}
+		for i := range names {
+			if names[i] != hs[(at+i)%600] {
+				t.Fatalf("place %d: wrong name", at+i)
+			}
+			if at+n <= 600 && locs[i] != want[i] {
+				t.Fatalf("place %d: located at %v, the store keeps it at %v", at+i, locs[i], want[i])
+			}
+		}
+	}
+	check(store, 0, 400)
+	check(store, 123, 45)
+	check(other, 0, 400) // not the locations found in store
+	if _, _, err := sess.Locate(store, 390, 20); !errors.Is(err, ErrMissing) {
+		t.Fatalf("places the store lacks: %v, want ErrMissing", err)
+	}
+	if _, _, err := sess.Locate(store, 605, 6); err == nil {
+		t.Fatal("places beyond the session were located")
+	}
+	if err := store.AddTrusted(hs[400:], buf[400*Size:]); err != nil {
+		t.Fatal(err)
+	}
+	if got := sess.LocateAhead(store); got != 610 {
+		t.Fatalf("located %d places ahead, want all 610", got)
+	}
+	check(store, 350, 250)
+	names, locs, err := sess.Locate(store, 600, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := store.Locate(hs[:10])
+	for i := range names {
+		if names[i] != hs[i] || locs[i] != first[i] {
+			t.Fatalf("repeated page %d: %v at %v, want %v", i, names[i], locs[i], first[i])
+		}
+	}
+}
+
+// BenchmarkSessionLocate: the frozen phase's references of a 1 GiB container, located by
+// hash (cold) or from the locations found ahead.
+func BenchmarkSessionLocate(b *testing.B) {
+	store, _ := OpenStore(b.TempDir(), 2<<30)
+	const n = 262144
+	buf := make([]byte, 1024*Size)
+	sess := NewSession()
+	for i := 0; i < n; i += 1024 {
+		for k := 0; k < 1024; k++ {
+			binary.LittleEndian.PutUint64(buf[k*Size:], uint64(i+k))
+		}
+		hs := make([]Hash, 1024)
+		SumAll(buf, hs)
+		if err := store.AddTrusted(hs, buf); err != nil {
+			b.Fatal(err)
+		}
+		sess.Append(hs...)
+	}
+	for _, ahead := range []bool{false, true} {
+		b.Run(map[bool]string{false: "by-hash", true: "ahead"}[ahead], func(b *testing.B) {
+			if ahead {
+				sess.LocateAhead(store)
+			}
+			for b.Loop() {
+				for at := 0; at < n; at += 256 {
+					if _, _, err := sess.Locate(store, at, 256); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
 	}
 }

@@ -136,6 +136,21 @@ func (s *Store) Locate(hs []Hash) ([]PageLoc, error) {
 	return out, nil
 }
 
+// locatePrefix returns where the store keeps hs's first pages, up to the first it lacks.
+func (s *Store) locatePrefix(hs []Hash) []PageLoc {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]PageLoc, 0, len(hs))
+	for _, h := range hs {
+		l, ok := s.idx[h]
+		if !ok {
+			break
+		}
+		out = append(out, PageLoc{Pack: l.pack, Page: l.page})
+	}
+	return out
+}
+
 // PackPath is the file of pack id in the store in dir.
 func PackPath(dir string, id uint32) string { return filepath.Join(dir, fmt.Sprintf("pack-%08d", id)) }
 

@@ -256,12 +256,29 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		pool <- &b
 	}
 	chunks := make(chan handOverChunk, cap(pool))
+	// The names of runs named ahead, in buffers that go round too (a gigabyte is 1,024
+	// runs: 8 MiB of fresh memory otherwise, while frozen): one more than can be queued
+	// and written at once.
+	namesPool := make(chan []pages.Hash, cap(chunks)+2)
+	for range cap(namesPool) {
+		namesPool <- make([]pages.Hash, chunkPages)
+	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
 		defer close(chunks)
 		err := d.readDump(rctx, maps, host, chunkPages, pool, chunks, &hs, func(pid uint64, vaddr uint64, n int, last **lastBlock) []pages.Hash {
-			return pre.named(int(pid), vaddr, n, sess, last)
+			var buf []pages.Hash
+			select {
+			case buf = <-namesPool:
+			case <-rctx.Done():
+				return nil
+			}
+			names := pre.named(int(pid), vaddr, buf[:n], sess, last)
+			if names == nil {
+				namesPool <- buf
+			}
+			return names
 		})
 		if err != nil {
 			select {
@@ -284,6 +301,7 @@ func readHandOver(ctx context.Context, d *lazyDump, init int, mw *pages.MemoryWr
 		var err error
 		if ch.names != nil {
 			err = mw.Named(ch.vaddr, ch.names)
+			namesPool <- ch.names[:cap(ch.names)]
 		} else {
 			err = mw.Pages(ch.vaddr, ch.data)
 			pool <- ch.buf

@@ -263,6 +263,7 @@ func (s *followSource) read(br *bufio.Reader) error {
 		return fmt.Errorf("lazy index: bad magic (%v)", err)
 	}
 	var hdr [24]byte
+	var b []byte // a run as read: one buffer for all (fresh memory is dear while frozen)
 	for {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return fmt.Errorf("lazy index ended before its end mark: %w", err)
@@ -278,7 +279,10 @@ func (s *followSource) read(br *bufio.Reader) error {
 		if n > maxFollowRun || r.vaddr%pages.Size != 0 || r.vaddr > ^uint64(0)-n*pages.Size {
 			return fmt.Errorf("lazy index: run of %d pages at %#x", n, r.vaddr)
 		}
-		b := make([]byte, n*8)
+		if uint64(cap(b)) < n*8 {
+			b = make([]byte, n*8)
+		}
+		b = b[:n*8]
 		if _, err := io.ReadFull(br, b); err != nil {
 			return fmt.Errorf("lazy index ended before its end mark: %w", err)
 		}

@@ -87,6 +87,10 @@ func (a *Agent) announcePages(r *http.Request) (any, error) {
 			out.Missing[i/8] |= 1 << (i % 8)
 		}
 	}
+	if out.Held == len(hs) {
+		// Every one held: their places can be located now (else after the pages come).
+		sess.LocateAhead(a.store)
+	}
 	return out, nil
 }
 
@@ -167,6 +171,9 @@ func (a *Agent) putPages(r *http.Request) (any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("receive pages after %d: %w", n, err)
 	}
+	// Where the store keeps them, found now rather than while the container is frozen
+	// (pages.Session.Locate).
+	sess.LocateAhead(a.store)
 	return res, nil
 }
 

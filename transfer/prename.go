@@ -164,13 +164,13 @@ func (p *preNamed) stop() {
 	})
 }
 
-// named returns the names of process pid's n pages from vaddr if every one was named
-// ahead and the session names it (so that it can go as a reference), else nil.
-func (p *preNamed) named(pid int, vaddr uint64, n int, sess *pages.Session, last **lastBlock) []pages.Hash {
+// named returns the names of process pid's len(hs) pages from vaddr, in hs, if every one
+// was named ahead and the session names it (so that it can go as a reference), else nil.
+func (p *preNamed) named(pid int, vaddr uint64, hs []pages.Hash, sess *pages.Session, last **lastBlock) []pages.Hash {
 	if p == nil || p.pages == 0 {
 		return nil
 	}
-	hs := make([]pages.Hash, n)
+	n := len(hs)
 	for i := range hs {
 		key, k := pageKey(pid, vaddr+uint64(i)*pages.Size)
 		b := p.parts[key.block%uint64(len(p.parts))].block(key, last, false)
