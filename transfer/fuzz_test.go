@@ -58,3 +58,36 @@ func FuzzPushEvents(f *testing.F) {
 		readEvents(bytes.NewReader(in), "fuzz", func(Event) {})
 	})
 }
+
+// FuzzLazyIndex: lazy-serve reads the index the agent writes (a file, or a pipe it
+// follows); a damaged one is an error, never a panic or an allocation beyond its bounds,
+// and a page of an index it accepted is served or refused, never read out of its run.
+func FuzzLazyIndex(f *testing.F) {
+	ok := append([]byte(lazyIndexMagic), appendRun(nil, 1, 0x10000, []locSeg{{pack: 0, page: 0, count: 2}, {pack: 0, page: 7, count: 1}}, 3)...)
+	f.Add(ok)
+	f.Add(append(append([]byte{}, ok...), make([]byte, 32)...))
+	f.Add([]byte(lazyIndexMagic))
+	dir := f.TempDir()
+	path := filepath.Join(dir, "index")
+	f.Fuzz(func(t *testing.T, in []byte) {
+		if err := os.WriteFile(path, in, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4*4096)
+		if runs, err := readLazyIndex(path); err == nil {
+			src := &packSource{runs: runs, packs: map[uint32]*os.File{}}
+			for _, r := range runs {
+				src.ReadPages(r.pid, r.vaddr+uint64(r.n-1)*4096, buf) // no pack open: an error
+			}
+		}
+		s := newFollowSource(dir, 0)
+		s.follow(bytes.NewReader(in))
+		for _, rs := range s.runs {
+			for _, r := range rs {
+				if got, ok := s.find(r.pid, r.end()-1); !ok || got.vaddr != r.vaddr {
+					t.Fatalf("run at %#x of %d not found by its last byte", r.vaddr, r.pid)
+				}
+			}
+		}
+	})
+}

@@ -28,12 +28,93 @@ import (
 	"github.com/migrate-project/migrate/pageserver"
 )
 
-const lazyIndexMagic = "MLZ1"
+// An index is its magic, then runs, each a header (pid, vaddr, pages, segments: 8 bytes
+// each) and its segments (pack, page, count: 4 bytes each): the run's pages lie in the
+// store's packs as segments of pages next to each other. A pre-copy stores a container's
+// memory in address order, so a gigabyte's run is a segment or a few, not 262,144
+// locations to write, read and hold while the container is frozen (MLZ1 had those).
+const lazyIndexMagic = "MLZ2"
 
-// lazyRun is a run of lazy pages of one process and where each page is kept.
+// lazyRun is a run of lazy pages of one process and where they are kept.
 type lazyRun struct {
 	pid, vaddr uint64
-	locs       []pages.PageLoc
+	n          int      // pages
+	segs       []locSeg // where, in order; their counts add up to n
+}
+
+// locSeg is a segment of a run: count pages kept one after the other in a pack, from
+// the run's page at (in memory only: the pages of the segments before it).
+type locSeg struct {
+	pack, page, count uint32
+	at                int
+}
+
+// end is the address after the run.
+func (r lazyRun) end() uint64 { return r.vaddr + uint64(r.n)*pages.Size }
+
+// segmentsOf returns the segments of locs, appended to segs.
+func segmentsOf(segs []locSeg, locs []pages.PageLoc) []locSeg {
+	for i := 0; i < len(locs); {
+		j := i + 1
+		for j < len(locs) && locs[j].Pack == locs[i].Pack && locs[j].Page == locs[i].Page+uint32(j-i) {
+			j++
+		}
+		segs = append(segs, locSeg{pack: locs[i].Pack, page: locs[i].Page, count: uint32(j - i)})
+		i = j
+	}
+	return segs
+}
+
+// appendRun encodes a run of pages at locs.
+func appendRun(b []byte, pid, vaddr uint64, segs []locSeg, n int) []byte {
+	b = binary.LittleEndian.AppendUint64(b, pid)
+	b = binary.LittleEndian.AppendUint64(b, vaddr)
+	b = binary.LittleEndian.AppendUint64(b, uint64(n))
+	b = binary.LittleEndian.AppendUint64(b, uint64(len(segs)))
+	for _, sg := range segs {
+		b = binary.LittleEndian.AppendUint32(b, sg.pack)
+		b = binary.LittleEndian.AppendUint32(b, sg.page)
+		b = binary.LittleEndian.AppendUint32(b, sg.count)
+	}
+	return b
+}
+
+// runHeader is a run's header as read: it bounds what the run's segments take
+// (maxFollowRun pages, at most a segment a page).
+type runHeader struct {
+	pid, vaddr uint64
+	n, segs    uint64
+}
+
+func parseRunHeader(b []byte) runHeader {
+	return runHeader{pid: binary.LittleEndian.Uint64(b), vaddr: binary.LittleEndian.Uint64(b[8:]),
+		n: binary.LittleEndian.Uint64(b[16:]), segs: binary.LittleEndian.Uint64(b[24:])}
+}
+
+func (h runHeader) check() error {
+	if h.n == 0 || h.n > maxFollowRun || h.segs == 0 || h.segs > h.n || h.vaddr%pages.Size != 0 || h.vaddr > ^uint64(0)-h.n*pages.Size {
+		return fmt.Errorf("lazy index: run of %d pages in %d segments at %#x", h.n, h.segs, h.vaddr)
+	}
+	return nil
+}
+
+// parseRun reads a run's segments (h.segs of them, in b) and checks that they add up.
+func parseRun(h runHeader, b []byte) (lazyRun, error) {
+	r := lazyRun{pid: h.pid, vaddr: h.vaddr, n: int(h.n), segs: make([]locSeg, h.segs)}
+	var total uint64
+	for i := range r.segs {
+		sg := locSeg{pack: binary.LittleEndian.Uint32(b[i*12:]), page: binary.LittleEndian.Uint32(b[i*12+4:]), count: binary.LittleEndian.Uint32(b[i*12+8:])}
+		if sg.count == 0 || sg.page > ^uint32(0)-sg.count {
+			return lazyRun{}, fmt.Errorf("lazy index: segment of %d pages at page %d of pack %d", sg.count, sg.page, sg.pack)
+		}
+		sg.at = int(total)
+		total += uint64(sg.count)
+		r.segs[i] = sg
+	}
+	if total != h.n {
+		return lazyRun{}, fmt.Errorf("lazy index: run of %d pages whose segments hold %d", h.n, total)
+	}
+	return r, nil
 }
 
 // writeLazyIndex writes the index of mem's lazy pages (those a lazy-pages daemon asks for).
@@ -44,8 +125,6 @@ func writeLazyIndex(path string, mem *pages.Memory, store *pages.Store) error {
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
 	w.WriteString(lazyIndexMagic)
-	var b [8]byte
-	put64 := func(v uint64) { binary.LittleEndian.PutUint64(b[:], v); w.Write(b[:]) }
 	for _, mm := range mem.Maps {
 		if mm.Kind != pages.KindProcess {
 			continue
@@ -54,18 +133,15 @@ func writeLazyIndex(path string, mem *pages.Memory, store *pages.Store) error {
 			if !e.Present() || !e.Lazy() {
 				continue
 			}
-			locs, err := store.Locate(mem.Hashes[e.First : e.First+int(e.Pages)])
-			if err != nil {
-				f.Close()
-				return err
-			}
-			put64(mm.ID)
-			put64(e.Vaddr)
-			put64(e.Pages)
-			for _, l := range locs {
-				binary.LittleEndian.PutUint32(b[:4], l.Pack)
-				binary.LittleEndian.PutUint32(b[4:], l.Page)
-				w.Write(b[:])
+			for k := uint64(0); k < e.Pages; k += maxFollowRun {
+				n := min(e.Pages-k, maxFollowRun)
+				first := e.First + int(k)
+				locs, err := store.Locate(mem.Hashes[first : first+int(n)])
+				if err != nil {
+					f.Close()
+					return err
+				}
+				w.Write(appendRun(nil, mm.ID, e.Vaddr+k*pages.Size, segmentsOf(nil, locs), int(n)))
 			}
 		}
 	}
@@ -88,20 +164,22 @@ func readLazyIndex(path string) ([]lazyRun, error) {
 	b = b[4:]
 	var runs []lazyRun
 	for len(b) > 0 {
-		if len(b) < 24 {
+		if len(b) < 32 {
 			return nil, errors.New("lazy index: truncated run")
 		}
-		r := lazyRun{pid: binary.LittleEndian.Uint64(b), vaddr: binary.LittleEndian.Uint64(b[8:])}
-		n := binary.LittleEndian.Uint64(b[16:])
-		b = b[24:]
-		if n == 0 || n > uint64(len(b)/8) {
-			return nil, fmt.Errorf("lazy index: run of %d pages in %d bytes", n, len(b))
+		h := parseRunHeader(b)
+		b = b[32:]
+		if err := h.check(); err != nil {
+			return nil, err
 		}
-		r.locs = make([]pages.PageLoc, n)
-		for i := range r.locs {
-			r.locs[i] = pages.PageLoc{Pack: binary.LittleEndian.Uint32(b[i*8:]), Page: binary.LittleEndian.Uint32(b[i*8+4:])}
+		if h.segs > uint64(len(b)/12) {
+			return nil, fmt.Errorf("lazy index: run of %d segments in %d bytes", h.segs, len(b))
 		}
-		b = b[n*8:]
+		r, err := parseRun(h, b)
+		if err != nil {
+			return nil, err
+		}
+		b = b[h.segs*12:]
 		runs = append(runs, r)
 	}
 	sort.Slice(runs, func(i, j int) bool {
@@ -122,28 +200,38 @@ type packSource struct {
 func (s *packSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 	i := sort.Search(len(s.runs), func(i int) bool {
 		r := s.runs[i]
-		return r.pid > pid || (r.pid == pid && r.vaddr+uint64(len(r.locs))*pages.Size > vaddr)
+		return r.pid > pid || (r.pid == pid && r.end() > vaddr)
 	})
 	if i == len(s.runs) || s.runs[i].pid != pid || s.runs[i].vaddr > vaddr {
 		return 0, fmt.Errorf("page %#x of process %d: not a lazy page of this restore", vaddr, pid)
 	}
 	r := s.runs[i]
 	off := int((vaddr - r.vaddr) / pages.Size)
-	n := min(len(buf)/pages.Size, len(r.locs)-off)
-	for k := 0; k < n; {
-		l := r.locs[off+k]
-		j := k + 1 // pages next to each other in one pack: one read
-		for j < n && r.locs[off+j].Pack == l.Pack && r.locs[off+j].Page == l.Page+uint32(j-k) {
-			j++
+	n := min(len(buf)/pages.Size, r.n-off)
+	k := 0 // pages read
+	j := sort.Search(len(r.segs), func(j int) bool { return r.segs[j].at+int(r.segs[j].count) > off })
+	if j == len(r.segs) {
+		return 0, fmt.Errorf("page %#x of process %d: its run's segments end early", vaddr, pid)
+	}
+	off -= r.segs[j].at
+	for _, sg := range r.segs[j:] {
+		if k == n {
+			break
 		}
-		f := s.packs[l.Pack]
+		// A segment's pages lie next to each other in one pack: one read.
+		m := min(int(sg.count)-off, n-k)
+		f := s.packs[sg.pack]
 		if f == nil {
-			return 0, fmt.Errorf("pack %d not open", l.Pack)
+			return 0, fmt.Errorf("pack %d not open", sg.pack)
 		}
-		if _, err := f.ReadAt(buf[k*pages.Size:j*pages.Size], int64(l.Page)*pages.Size); err != nil {
-			return 0, fmt.Errorf("pack %d: %w", l.Pack, err)
+		if _, err := f.ReadAt(buf[k*pages.Size:(k+m)*pages.Size], (int64(sg.page)+int64(off))*pages.Size); err != nil {
+			return 0, fmt.Errorf("pack %d: %w", sg.pack, err)
 		}
-		k = j
+		k += m
+		off = 0
+	}
+	if k != n {
+		return 0, fmt.Errorf("page %#x of process %d: its run's segments end early", vaddr, pid)
 	}
 	return n, nil
 }
@@ -159,17 +247,17 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 	src := &packSource{runs: runs, packs: map[uint32]*os.File{}}
 	var total int
 	for _, r := range runs {
-		total += len(r.locs)
-		for _, l := range r.locs {
-			if src.packs[l.Pack] != nil {
+		total += r.n
+		for _, sg := range r.segs {
+			if src.packs[sg.pack] != nil {
 				continue
 			}
-			f, err := os.Open(pages.PackPath(storeDir, l.Pack))
+			f, err := os.Open(pages.PackPath(storeDir, sg.pack))
 			if err != nil {
 				return fmt.Errorf("page store: %w", err)
 			}
 			defer f.Close()
-			src.packs[l.Pack] = f
+			src.packs[sg.pack] = f
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, deadline)
@@ -199,7 +287,7 @@ func serveDaemon(ctx context.Context, ln net.Listener, src pageserver.Source) (i
 // The streamed restore (the read hand-over's default): the target restores while the
 // frozen memory still crosses, so the server starts before the index is whole. The agent
 // writes the index to the server's standard input as pages arrive, a run at a time, and
-// ends it with an empty run (pid 0, vaddr 0, no pages) once the memory is complete; from
+// ends it with an empty run (pid 0, vaddr 0, no pages, no segments) once the memory is complete; from
 // then on the server needs nothing of the agent. A request for a page that has not
 // arrived waits for it; the stream ending without that end (the agent died, the move
 // failed) or no run arriving for stall fails the requests that wait.
@@ -214,12 +302,9 @@ func serveDaemon(ctx context.Context, ln net.Listener, src pageserver.Source) (i
 // (every page it can ask for is a lazy one, so it arrives; holding every request until
 // the import returned deadlocked).
 
-// maxFollowRun bounds one run of a followed index (the agent writes at most
-// followRunPages): what the server allocates for a run it reads.
+// maxFollowRun bounds one run of an index (the agent writes at most this many pages a
+// run): what the server allocates for a run it reads (a segment a page at most).
 const maxFollowRun = 1 << 20
-
-// followRunPages is the longest run the agent writes to a followed index.
-const followRunPages = 4096
 
 // followSource serves lazy pages from an index that is still being written.
 type followSource struct {
@@ -262,33 +347,32 @@ func (s *followSource) read(br *bufio.Reader) error {
 	if _, err := io.ReadFull(br, magic[:]); err != nil || string(magic[:]) != lazyIndexMagic {
 		return fmt.Errorf("lazy index: bad magic (%v)", err)
 	}
-	var hdr [24]byte
-	var b []byte // a run as read: one buffer for all (fresh memory is dear while frozen)
+	var hdr [32]byte
+	var b []byte // a run's segments as read: one buffer for all
 	for {
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return fmt.Errorf("lazy index ended before its end mark: %w", err)
 		}
-		r := lazyRun{pid: binary.LittleEndian.Uint64(hdr[:]), vaddr: binary.LittleEndian.Uint64(hdr[8:])}
-		n := binary.LittleEndian.Uint64(hdr[16:])
-		if n == 0 {
-			if r.pid != 0 || r.vaddr != 0 {
-				return fmt.Errorf("lazy index: empty run at %#x of %d", r.vaddr, r.pid)
+		h := parseRunHeader(hdr[:])
+		if h.n == 0 {
+			if h.pid != 0 || h.vaddr != 0 || h.segs != 0 {
+				return fmt.Errorf("lazy index: empty run at %#x of %d", h.vaddr, h.pid)
 			}
 			return nil
 		}
-		if n > maxFollowRun || r.vaddr%pages.Size != 0 || r.vaddr > ^uint64(0)-n*pages.Size {
-			return fmt.Errorf("lazy index: run of %d pages at %#x", n, r.vaddr)
+		if err := h.check(); err != nil {
+			return err
 		}
-		if uint64(cap(b)) < n*8 {
-			b = make([]byte, n*8)
+		if uint64(cap(b)) < h.segs*12 {
+			b = make([]byte, h.segs*12)
 		}
-		b = b[:n*8]
+		b = b[:h.segs*12]
 		if _, err := io.ReadFull(br, b); err != nil {
 			return fmt.Errorf("lazy index ended before its end mark: %w", err)
 		}
-		r.locs = make([]pages.PageLoc, n)
-		for i := range r.locs {
-			r.locs[i] = pages.PageLoc{Pack: binary.LittleEndian.Uint32(b[i*8:]), Page: binary.LittleEndian.Uint32(b[i*8+4:])}
+		r, err := parseRun(h, b)
+		if err != nil {
+			return err
 		}
 		if err := s.add(r); err != nil {
 			return err
@@ -300,23 +384,23 @@ func (s *followSource) read(br *bufio.Reader) error {
 func (s *followSource) add(r lazyRun) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, l := range r.locs {
-		if s.packs[l.Pack] != nil {
+	for _, sg := range r.segs {
+		if s.packs[sg.pack] != nil {
 			continue
 		}
-		f, err := os.Open(pages.PackPath(s.storeDir, l.Pack))
+		f, err := os.Open(pages.PackPath(s.storeDir, sg.pack))
 		if err != nil {
 			return fmt.Errorf("page store: %w", err)
 		}
-		s.packs[l.Pack] = f
+		s.packs[sg.pack] = f
 	}
 	rs := s.runs[r.pid]
 	i := sort.Search(len(rs), func(i int) bool { return rs[i].vaddr >= r.vaddr })
-	if i < len(rs) && rs[i].vaddr < r.vaddr+uint64(len(r.locs))*pages.Size || i > 0 && rs[i-1].vaddr+uint64(len(rs[i-1].locs))*pages.Size > r.vaddr {
+	if i < len(rs) && rs[i].vaddr < r.end() || i > 0 && rs[i-1].end() > r.vaddr {
 		return fmt.Errorf("lazy index: run at %#x of %d overlaps another", r.vaddr, r.pid)
 	}
 	s.runs[r.pid] = slices.Insert(rs, i, r)
-	s.pages += len(r.locs)
+	s.pages += r.n
 	s.last = time.Now()
 	s.cond.Broadcast()
 	return nil
@@ -325,7 +409,7 @@ func (s *followSource) add(r lazyRun) error {
 // find returns the run holding page vaddr of pid, if it has arrived. s.mu held.
 func (s *followSource) find(pid, vaddr uint64) (lazyRun, bool) {
 	rs := s.runs[pid]
-	i := sort.Search(len(rs), func(i int) bool { return rs[i].vaddr+uint64(len(rs[i].locs))*pages.Size > vaddr })
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].end() > vaddr })
 	if i == len(rs) || rs[i].vaddr > vaddr {
 		return lazyRun{}, false
 	}
@@ -396,8 +480,9 @@ func ServeLazyFollow(ctx context.Context, index io.Reader, storeDir string, ln n
 
 // lazyIndexWriter writes a followed index: runs as pages arrive, then its end.
 type lazyIndexWriter struct {
-	w   io.Writer
-	buf []byte
+	w    io.Writer
+	buf  []byte
+	segs []locSeg
 }
 
 func newLazyIndexWriter(w io.Writer) (*lazyIndexWriter, error) {
@@ -408,18 +493,12 @@ func newLazyIndexWriter(w io.Writer) (*lazyIndexWriter, error) {
 }
 
 // run writes the pages of process pid from vaddr, at locs in the store (at most
-// followRunPages at a time).
+// maxFollowRun at a time).
 func (x *lazyIndexWriter) run(pid, vaddr uint64, locs []pages.PageLoc) error {
 	for len(locs) > 0 {
-		n := min(len(locs), followRunPages)
-		x.buf = x.buf[:0]
-		x.buf = binary.LittleEndian.AppendUint64(x.buf, pid)
-		x.buf = binary.LittleEndian.AppendUint64(x.buf, vaddr)
-		x.buf = binary.LittleEndian.AppendUint64(x.buf, uint64(n))
-		for _, l := range locs[:n] {
-			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Pack)
-			x.buf = binary.LittleEndian.AppendUint32(x.buf, l.Page)
-		}
+		n := min(len(locs), maxFollowRun)
+		x.segs = segmentsOf(x.segs[:0], locs[:n])
+		x.buf = appendRun(x.buf[:0], pid, vaddr, x.segs, n)
 		if _, err := x.w.Write(x.buf); err != nil {
 			return err
 		}
@@ -431,6 +510,6 @@ func (x *lazyIndexWriter) run(pid, vaddr uint64, locs []pages.PageLoc) error {
 
 // end marks the index whole.
 func (x *lazyIndexWriter) end() error {
-	_, err := x.w.Write(make([]byte, 24))
+	_, err := x.w.Write(make([]byte, 32))
 	return err
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -49,16 +50,20 @@ func TestLazyIndexServesThePagesOfTheMemory(t *testing.T) {
 	}
 	src := &packSource{runs: runs, packs: map[uint32]*os.File{}}
 	for _, r := range runs {
-		for _, l := range r.locs {
-			if src.packs[l.Pack] == nil {
-				f, err := os.Open(pages.PackPath(store.Dir(), l.Pack))
+		for _, sg := range r.segs {
+			if src.packs[sg.pack] == nil {
+				f, err := os.Open(pages.PackPath(store.Dir(), sg.pack))
 				if err != nil {
 					t.Fatal(err)
 				}
 				defer f.Close()
-				src.packs[l.Pack] = f
+				src.packs[sg.pack] = f
 			}
 		}
+	}
+	// Process 1's run is one segment (stored in order), process 2's four (in reverse).
+	if len(runs[0].segs) != 1 || len(runs[1].segs) != 4 {
+		t.Fatalf("segments: %d and %d, want 1 and 4", len(runs[0].segs), len(runs[1].segs))
 	}
 	buf := make([]byte, 32*pages.Size)
 	n, err := src.ReadPages(1, 0x10000+10*pages.Size, buf)
@@ -69,13 +74,18 @@ func TestLazyIndexServesThePagesOfTheMemory(t *testing.T) {
 	if err != nil || n != 4 || !bytes.Equal(buf[:pages.Size], data[19*pages.Size:20*pages.Size]) || !bytes.Equal(buf[3*pages.Size:4*pages.Size], data[16*pages.Size:17*pages.Size]) {
 		t.Fatalf("process 2: %d pages, %v", n, err)
 	}
+	// From the middle of a run of segments.
+	n, err = src.ReadPages(2, 0x7000+2*pages.Size, buf)
+	if err != nil || n != 2 || !bytes.Equal(buf[:pages.Size], data[17*pages.Size:18*pages.Size]) || !bytes.Equal(buf[pages.Size:2*pages.Size], data[16*pages.Size:17*pages.Size]) {
+		t.Fatalf("process 2 from its third page: %d pages, %v", n, err)
+	}
 	for _, bad := range []struct{ pid, vaddr uint64 }{{1, 0x40000}, {3, 0x10000}, {2, 0x6000}} {
 		if _, err := src.ReadPages(bad.pid, bad.vaddr, buf); err == nil {
 			t.Errorf("page %#x of %d served: not a lazy page", bad.vaddr, bad.pid)
 		}
 	}
 	// A damaged index is refused, not trusted.
-	if err := os.WriteFile(idx, []byte("MLZ1\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\x7f"), 0o600); err != nil {
+	if err := os.WriteFile(idx, append([]byte(lazyIndexMagic), runBytes(1, 0, 1<<63-1, 1)...), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := readLazyIndex(idx); err == nil {
@@ -221,12 +231,22 @@ func TestFollowedIndexServesPagesAsTheyArrive(t *testing.T) {
 // A damaged index is refused, not trusted: a run claiming more pages than the bound, or
 // overlapping one before it.
 func TestFollowedIndexRefusesDamage(t *testing.T) {
+	seg := func(pack, page, count uint32) []byte {
+		return binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, pack), page), count)
+	}
+	index := func(parts ...[]byte) []byte { return slices.Concat(append([][]byte{[]byte(lazyIndexMagic)}, parts...)...) }
 	for name, in := range map[string][]byte{
-		"bad magic":    []byte("XXXX"),
-		"huge run":     append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1000), 1<<40)...),
-		"odd address":  append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1001), 1)...),
-		"stray end":    append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0), 0)...),
-		"cut in a run": append([]byte(lazyIndexMagic), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 1), 0x1000), 4)...),
+		"bad magic":             []byte("XXXX"),
+		"huge run":              index(runBytes(1, 0x1000, 1<<40, 1), seg(0, 0, 1)),
+		"odd address":           index(runBytes(1, 0x1001, 1, 1), seg(0, 0, 1)),
+		"stray end":             index(runBytes(1, 0, 0, 0)),
+		"cut in a run":          index(runBytes(1, 0x1000, 4, 1)),
+		"no segments":           index(runBytes(1, 0x1000, 4, 0)),
+		"more segments":         index(runBytes(1, 0x1000, 1, 2), seg(0, 0, 1), seg(0, 1, 1)),
+		"segments short":        index(runBytes(1, 0x1000, 4, 1), seg(0, 0, 3)),
+		"segments long":         index(runBytes(1, 0x1000, 2, 2), seg(0, 0, 1), seg(0, 4, 5)),
+		"empty segment":         index(runBytes(1, 0x1000, 2, 2), seg(0, 0, 2), seg(0, 4, 0)),
+		"segment past the pack": index(runBytes(1, 0x1000, 2, 1), seg(0, 1<<32-1, 2)),
 	} {
 		s := newFollowSource(t.TempDir(), time.Minute)
 		s.follow(bytes.NewReader(in))
@@ -291,6 +311,14 @@ func TestHeldIndexAnswersFaultsAtOnceAndTheFillOnceWhole(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the fill still waits once the index is whole")
 	}
+}
+
+// runBytes is a run's header in an index.
+func runBytes(pid, vaddr, n, segs uint64) []byte {
+	b := binary.LittleEndian.AppendUint64(nil, pid)
+	b = binary.LittleEndian.AppendUint64(b, vaddr)
+	b = binary.LittleEndian.AppendUint64(b, n)
+	return binary.LittleEndian.AppendUint64(b, segs)
 }
 
 func mustLocate(t *testing.T, store *pages.Store, hs []pages.Hash) []pages.PageLoc {
