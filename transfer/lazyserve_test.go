@@ -234,7 +234,9 @@ func TestFollowedIndexRefusesDamage(t *testing.T) {
 	seg := func(pack, page, count uint32) []byte {
 		return binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, pack), page), count)
 	}
-	index := func(parts ...[]byte) []byte { return slices.Concat(append([][]byte{[]byte(lazyIndexMagic)}, parts...)...) }
+	index := func(parts ...[]byte) []byte {
+		return slices.Concat(append([][]byte{[]byte(lazyIndexMagic)}, parts...)...)
+	}
 	for name, in := range map[string][]byte{
 		"bad magic":             []byte("XXXX"),
 		"huge run":              index(runBytes(1, 0x1000, 1<<40, 1), seg(0, 0, 1)),
