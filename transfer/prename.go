@@ -11,7 +11,7 @@ package transfer
 // machine. The agent now reads while CRIU dumps: a page whose fingerprint is the one the
 // last pre-copy round took at its address is named by that round's hash, here, ahead.
 // The memory is named in parts (pages.ScanPart: aligned 2 MiB windows, one lastSent
-// block each, so that each part keeps its own names unlocked), by one goroutine while
+// block each, so that each part keeps its own marks unlocked), by one goroutine while
 // CRIU dumps. When CRIU listens, its images go to the target and more goroutines finish
 // the parts meanwhile; then the hand-over sends each run of its pagemap that was named
 // ahead as references without reading it, and reads the rest (changed pages) as before.
@@ -36,7 +36,7 @@ type preNamed struct {
 	done   chan struct{}
 	pids   []int
 	seen   *lastSent
-	parts  []*lastSent // part i's names (only hash and ok are set): pages.Part{i, len(parts)}
+	parts  []map[blockKey]*namedBits // part i's pages named ahead: pages.Part{i, len(parts)}
 	counts []int       // pages named in part i
 	next   atomic.Int64
 	t0     time.Time
@@ -49,6 +49,14 @@ type preNamed struct {
 	err    error
 	logged sync.Once
 }
+
+// namedBits marks the pages of a lastSent block named ahead: unchanged since the last
+// round, whose hash (in the frozen phase's seen, which no round changes any more) names
+// them. A bit a page, not a copy of the hash: a gigabyte's copies were 15 MB of fresh
+// memory filled while frozen, dear on this kind of machine.
+type namedBits [blockPages / 64]uint64
+
+func (b *namedBits) has(k int) bool { return b != nil && b[k/64]&(1<<(k%64)) != 0 }
 
 // preNamingParts is how many parts the memory is named in, each by one goroutine: one
 // goroutine while CRIU dumps (a second one slowed CRIU's dump of 1 GiB by 50-80 ms here,
@@ -63,9 +71,9 @@ func preNamingHelpers() int { return min(max(runtime.NumCPU()-1, 0), 3) }
 func startPreNaming(procs func() ([]int, error), seen *lastSent) *preNamed {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &preNamed{cancel: cancel, ctx: ctx, done: make(chan struct{}), seen: seen,
-		parts: make([]*lastSent, preNamingParts), counts: make([]int, preNamingParts), t0: time.Now()}
+		parts: make([]map[blockKey]*namedBits, preNamingParts), counts: make([]int, preNamingParts), t0: time.Now()}
 	for i := range p.parts {
-		p.parts[i] = newLastSent(nil, nil)
+		p.parts[i] = map[blockKey]*namedBits{}
 	}
 	var err error
 	if p.pids, err = procs(); err != nil {
@@ -100,10 +108,19 @@ func (p *preNamed) work() {
 			return
 		}
 		names := p.parts[i]
+		var bits *namedBits
+		var bitsKey blockKey
 		err := pages.ScanPart(p.pids, true, pages.Part{Index: i, Of: len(p.parts)}, func(ch pages.Chunk) error {
 			for k, a := range ch.Addrs {
-				if h, ok := p.seen.knownWith(&cache, ch.NSPid, a, ch.Data[k*pages.Size:(k+1)*pages.Size]); ok {
-					names.put(ch.NSPid, a, h, pages.Fast{})
+				if _, ok := p.seen.knownWith(&cache, ch.NSPid, a, ch.Data[k*pages.Size:(k+1)*pages.Size]); ok {
+					key, j := pageKey(ch.NSPid, a)
+					if bits == nil || key != bitsKey {
+						if bits, bitsKey = names[key], key; bits == nil {
+							bits = new(namedBits)
+							names[key] = bits
+						}
+					}
+					bits[j/64] |= 1 << (j % 64)
 					p.counts[i]++
 				}
 			}
@@ -171,9 +188,18 @@ func (p *preNamed) named(pid int, vaddr uint64, hs []pages.Hash, sess *pages.Ses
 		return nil
 	}
 	n := len(hs)
+	var bits *namedBits
+	var bitsKey blockKey
 	for i := range hs {
 		key, k := pageKey(pid, vaddr+uint64(i)*pages.Size)
-		b := p.parts[key.block%uint64(len(p.parts))].block(key, last, false)
+		if i == 0 || key != bitsKey {
+			bits, bitsKey = p.parts[key.block%uint64(len(p.parts))][key], key
+		}
+		if !bits.has(k) {
+			return nil
+		}
+		// Named ahead by the hash the last round gave it (knownWith).
+		b := p.seen.block(key, last, false)
 		if b == nil || !b.pages[k].ok {
 			return nil
 		}
