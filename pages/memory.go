@@ -128,6 +128,7 @@ func NewMemoryWriter(w io.Writer, sess *Session, o EncodeOptions) *MemoryWriter 
 	ow := &opWriter{w: newBufWriter(w)}
 	m := &MemoryWriter{ow: ow, sess: sess, o: o, hs: make([]Hash, chunk), idx: make([]int, 0, chunk), base: make([]byte, Size), then: -1}
 	m.run = &pendingRun{ow: ow, st: &m.st, sent: o.Sent}
+	m.mem.Hashes = o.Room[:0:cap(o.Room)]
 	return m
 }
 

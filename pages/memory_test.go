@@ -341,3 +341,43 @@ func rebuiltMemory(t *testing.T, wire *bytes.Buffer, sess *Session, store *Store
 	}
 	return buf
 }
+
+// A memory writer keeps the names in the room it was given while it lasts (memory its
+// caller faulted in before the freeze), and beyond it as before.
+func TestMemoryWriterKeepsNamesInItsRoom(t *testing.T) {
+	data := randomPages(t, 40)
+	want := make([]Hash, 40)
+	SumAll(data, want)
+	for _, tc := range []struct {
+		room   int
+		inRoom bool
+	}{{64, true}, {40, true}, {10, false}, {0, false}} {
+		var room []Hash
+		if tc.room > 0 {
+			room = make([]Hash, 0, tc.room)
+		}
+		mw := NewMemoryWriter(io.Discard, NewSession(), EncodeOptions{Room: room})
+		if err := mw.Entry(KindProcess, 1, 0x10000, 30, FlagPresent); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Pages(0x10000, data[:30*Size]); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Entry(KindProcess, 1, 0x80000, 10, FlagPresent); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Pages(0x80000, data[30*Size:]); err != nil {
+			t.Fatal(err)
+		}
+		mem, _, err := mw.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(mem.Hashes, want) {
+			t.Fatalf("room %d: the names differ from the pages'", tc.room)
+		}
+		if in := cap(room) > 0 && &mem.Hashes[0] == &room[:1][0]; in != tc.inRoom {
+			t.Fatalf("room %d: names kept in the room: %v, want %v", tc.room, in, tc.inRoom)
+		}
+	}
+}

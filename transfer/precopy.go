@@ -266,6 +266,7 @@ func (pt *putter) wait() (int64, error) {
 // only for the pre-copy's goroutine and known for the frozen phase's; base may be called
 // from several goroutines once put no longer is.
 type lastSent struct {
+	room   []pages.Hash // for the frozen phase's names (reserveRoom)
 	blocks map[blockKey]*lastBlock
 	sess   *pages.Session
 	store  *pages.Store
@@ -300,6 +301,29 @@ type lastPage struct {
 type pageAddr struct {
 	pid int
 	at  uint64
+}
+
+// reserveRoom makes room for the frozen phase's names of the memory (the pages the last
+// round read, and some), faulted in now, while the container runs: the memory writer
+// fills it while frozen (pages.EncodeOptions.Room).
+func (s *lastSent) reserveRoom() {
+	n := 0
+	for _, b := range s.blocks {
+		for i := range b.pages {
+			if b.pages[i].ok {
+				n++
+			}
+		}
+	}
+	if n == 0 {
+		return
+	}
+	room := make([]pages.Hash, 0, n+n/16+1024)
+	full := room[:cap(room)]
+	for i := 0; i < len(full); i += pages.Size / len(pages.Hash{}) {
+		full[i][0] = 1 // a write: the page is the process's now
+	}
+	s.room = room
 }
 
 func newLastSent(sess *pages.Session, store *pages.Store) *lastSent {
@@ -757,7 +781,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 			// The memory first: CRIU hands it over while it dumps, before podman's
 			// archive. It is kept here (its pages in the store, their names on disk)
 			// before CRIU's transfer ends: a rollback rebuilds the page images from it.
-			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: keepSent})
+			mw := pages.NewMemoryWriter(w, sess, pages.EncodeOptions{Base: seen.base, Known: seen.known, Sent: keepSent, Room: seen.room})
 			keep := func(mem *pages.Memory) error {
 				if err := kept.flush(); err != nil {
 					return exportError{fmt.Errorf("keep the pages of %s here for a rollback: %w", c.Name, err)}

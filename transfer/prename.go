@@ -37,7 +37,7 @@ type preNamed struct {
 	pids   []int
 	seen   *lastSent
 	parts  []map[blockKey]*namedBits // part i's pages named ahead: pages.Part{i, len(parts)}
-	counts []int       // pages named in part i
+	counts []int                     // pages named in part i
 	next   atomic.Int64
 	t0     time.Time
 	pages  int // named ahead

@@ -490,6 +490,7 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// archive streams to the target (pages it holds by reference, pages changed since the
 	// last round as deltas), which restores it into the prepared namespace. The operator
 	// can no longer cancel; the deadlines below bound every wait.
+	seen.reserveRoom() // while it runs
 	a.mu.Lock()
 	self.frozen = true
 	a.mu.Unlock()
