@@ -65,7 +65,7 @@ func segmentsOf(segs []locSeg, locs []pages.PageLoc) []locSeg {
 	return segs
 }
 
-// appendRun encodes a run of pages at locs.
+// appendRun encodes a run of n pages of process pid from vaddr, kept in segs.
 func appendRun(b []byte, pid, vaddr uint64, segs []locSeg, n int) []byte {
 	b = binary.LittleEndian.AppendUint64(b, pid)
 	b = binary.LittleEndian.AppendUint64(b, vaddr)

@@ -490,7 +490,9 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 	// archive streams to the target (pages it holds by reference, pages changed since the
 	// last round as deltas), which restores it into the prepared namespace. The operator
 	// can no longer cancel; the deadlines below bound every wait.
-	seen.reserveRoom() // while it runs
+	if !req.Postcopy {
+		seen.reserveRoom() // while it runs: for finalCopy's memory writer
+	}
 	a.mu.Lock()
 	self.frozen = true
 	a.mu.Unlock()
