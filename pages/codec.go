@@ -99,11 +99,16 @@ func (s *Session) Run(hint int, hs []Hash) (at, n int) {
 func (s *Session) Slice(i, n int) ([]Hash, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.slice(i, n)
+}
+
+// slice is Slice with s.mu held.
+func (s *Session) slice(i, n int) ([]Hash, error) {
 	// Written so that no sum can overflow: i and n come from the network.
 	if i < 0 || n < 0 || i > len(s.list) || n > len(s.list)-i {
 		return nil, fmt.Errorf("pages %d..%d: the session names only %d pages", i, i+n, len(s.list))
 	}
-	return s.list[i : i+n], nil
+	return s.list[i : i+n : i+n], nil
 }
 
 // Locate returns the n names from place at and where store keeps them (both read-only),
@@ -114,12 +119,11 @@ func (s *Session) Slice(i, n int) ([]Hash, error) {
 // the life of the session (nothing is evicted; a page once added stays in its place).
 func (s *Session) Locate(store *Store, at, n int) ([]Hash, []PageLoc, error) {
 	s.mu.Lock()
-	// Written so that no sum can overflow: at and n come from the network.
-	if at < 0 || n < 0 || at > len(s.list) || n > len(s.list)-at {
+	names, err := s.slice(at, n)
+	if err != nil {
 		s.mu.Unlock()
-		return nil, nil, fmt.Errorf("pages %d..%d: the session names only %d pages", at, at+n, len(s.list))
+		return nil, nil, err
 	}
-	names := s.list[at : at+n : at+n]
 	if store != nil && store == s.locStore && n <= len(s.locs)-at {
 		locs := s.locs[at : at+n : at+n]
 		s.mu.Unlock()

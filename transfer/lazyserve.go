@@ -236,6 +236,21 @@ func (s *packSource) ReadPages(pid, vaddr uint64, buf []byte) (int, error) {
 	return n, nil
 }
 
+// openPacks opens the packs of storeDir that segs name and packs lacks, into packs.
+func openPacks(storeDir string, packs map[uint32]*os.File, segs []locSeg) error {
+	for _, sg := range segs {
+		if packs[sg.pack] != nil {
+			continue
+		}
+		f, err := os.Open(pages.PackPath(storeDir, sg.pack))
+		if err != nil {
+			return fmt.Errorf("page store: %w", err)
+		}
+		packs[sg.pack] = f
+	}
+	return nil
+}
+
 // ServeLazy is `migrate lazy-serve`: it answers the one lazy-pages daemon that connects
 // to ln, from the pack files in storeDir the index names, until the daemon closes the
 // transfer or the deadline passes.
@@ -245,19 +260,16 @@ func ServeLazy(ctx context.Context, index, storeDir string, ln net.Listener, dea
 		return err
 	}
 	src := &packSource{runs: runs, packs: map[uint32]*os.File{}}
+	defer func() {
+		for _, f := range src.packs {
+			f.Close()
+		}
+	}()
 	var total int
 	for _, r := range runs {
 		total += r.n
-		for _, sg := range r.segs {
-			if src.packs[sg.pack] != nil {
-				continue
-			}
-			f, err := os.Open(pages.PackPath(storeDir, sg.pack))
-			if err != nil {
-				return fmt.Errorf("page store: %w", err)
-			}
-			defer f.Close()
-			src.packs[sg.pack] = f
+		if err := openPacks(storeDir, src.packs, r.segs); err != nil {
+			return err
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, deadline)
@@ -384,15 +396,8 @@ func (s *followSource) read(br *bufio.Reader) error {
 func (s *followSource) add(r lazyRun) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, sg := range r.segs {
-		if s.packs[sg.pack] != nil {
-			continue
-		}
-		f, err := os.Open(pages.PackPath(s.storeDir, sg.pack))
-		if err != nil {
-			return fmt.Errorf("page store: %w", err)
-		}
-		s.packs[sg.pack] = f
+	if err := openPacks(s.storeDir, s.packs, r.segs); err != nil {
+		return err
 	}
 	rs := s.runs[r.pid]
 	i := sort.Search(len(rs), func(i int) bool { return rs[i].vaddr >= r.vaddr })

@@ -49,16 +49,14 @@ func TestLazyIndexServesThePagesOfTheMemory(t *testing.T) {
 		t.Fatalf("index: %d runs, %v", len(runs), err)
 	}
 	src := &packSource{runs: runs, packs: map[uint32]*os.File{}}
+	defer func() {
+		for _, f := range src.packs {
+			f.Close()
+		}
+	}()
 	for _, r := range runs {
-		for _, sg := range r.segs {
-			if src.packs[sg.pack] == nil {
-				f, err := os.Open(pages.PackPath(store.Dir(), sg.pack))
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer f.Close()
-				src.packs[sg.pack] = f
-			}
+		if err := openPacks(store.Dir(), src.packs, r.segs); err != nil {
+			t.Fatal(err)
 		}
 	}
 	// Process 1's run is one segment (stored in order), process 2's four (in reverse).
