@@ -14,7 +14,7 @@ time=${1:-20000x}
 targets=(
   ./pageserver:FuzzReceive ./pageserver:FuzzServe ./pages:FuzzDecodeMemory ./pages:FuzzDecode ./pages:FuzzDecodeRecords ./pages:FuzzParsePageMap ./pages:FuzzParseHashes ./pages:FuzzMemoryFile
   ./checkpoint:FuzzParseDumpStats ./volumes:FuzzDecode ./volumes:FuzzDecodePatch
-  ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents ./transfer:FuzzLazyIndex
+  ./transfer:FuzzJournalEntry ./transfer:FuzzBodyReader ./transfer:FuzzPushEvents ./transfer:FuzzLazyIndex ./transfer:FuzzPrelude
 )
 for t in "${targets[@]}"; do
   pkg=${t%%:*} name=${t##*:}

@@ -70,6 +70,12 @@ var faultCasesCI = []faultCase{
 	// container restored there is undecided) must bring the container back on the source
 	// and leave nothing on the target.
 	{"target killed while the memory streams", "target", "crash:target-stream", 4, "source", "", []string{"--handover", "read"}},
+	// The gated import: the target's podman imports while CRIU dumps on the source, and
+	// CRIU waits for its images in the gate (the FIFO at its configuration file). The
+	// target's agent dying then leaves CRIU waiting: the restarted agent refuses it, the
+	// import fails, the container comes back on the source and nothing stays behind.
+	{"target killed while CRIU waits in the gate", "target", "crash:target-gate", 4, "source", "", []string{"--handover", "read"}},
+	{"the gated import fails", "target", "fail:target-gate", 4, "source", "", []string{"--handover", "read"}},
 	// After a streamed restore CRIU's dump ends only once the target restored (its
 	// transfer held open meanwhile). The source's death or failure just before it closes
 	// resets the connection instead: CRIU fails the dump, the container runs on at the

@@ -106,6 +106,11 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if cfg.PageStoreBytes == 0 {
 		cfg.PageStoreBytes = 2 << 30
 	}
+	// No move is under way when an agent starts: CRIU configuration files and lazy
+	// restores a crashed agent left would steer the next dump or restore wrongly. First
+	// of all: a CRIU they hold (a gate, a lazy dump waiting for its client) holds the
+	// container's lock in podman, and podman's answers (hostInfo's among them) with it.
+	clearMoveLeftovers(cfg.StateDir)
 	if a.store, err = pages.OpenStore(filepath.Join(cfg.StateDir, "pages"), cfg.PageStoreBytes); err != nil {
 		return nil, err
 	}
@@ -124,9 +129,6 @@ func NewAgent(ctx context.Context, cfg AgentConfig) (*Agent, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	// No move is under way when an agent starts: CRIU configuration files and lazy
-	// restores a crashed agent left would steer the next dump or restore wrongly.
-	clearMoveLeftovers(cfg.StateDir)
 	if a.podman != nil {
 		logCRIUCache(ctx)
 	}

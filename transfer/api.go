@@ -201,6 +201,10 @@ type RestoreResult struct {
 	// import: memory images written, page server and CRIU's lazy-pages daemon listening.
 	LazySetUp time.Duration `json:"lazy_setup_ns,omitempty"`
 	Pages     *pages.Stats  `json:"pages,omitempty"` // for an encoded archive
+	// Gated (a gated import, gate.go): podman imported the prelude; GateWaited, CRIU
+	// waited in the gate for its images (podman was ready before them).
+	Gated      bool `json:"gated,omitempty"`
+	GateWaited bool `json:"gate_waited,omitempty"`
 }
 
 // ImageResult is the target's report of an image load.

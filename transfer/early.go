@@ -115,24 +115,44 @@ func (a *Agent) earlyProblem(ctx context.Context, c *checkpoint.Container) strin
 	return ""
 }
 
-// earlyCheck runs earlyProblem in the background; its answer is read once.
-type earlyCheck chan string
+// earlyCheck runs earlyProblem in the background; its answer may be read any number of
+// times (the prelude and CRIU's listening both wait for it).
+type earlyCheck struct {
+	done    chan struct{}
+	problem string
+}
 
-func (a *Agent) startEarlyCheck(ctx context.Context, c *checkpoint.Container) earlyCheck {
-	ch := make(earlyCheck, 1)
-	goSafe("early restore check", func() { ch <- a.earlyProblem(ctx, c) },
-		func(p any) { ch <- fmt.Sprintf("internal error: %v", p) })
+func newEarlyCheck() *earlyCheck { return &earlyCheck{done: make(chan struct{})} }
+
+// set gives the check's answer (once).
+func (c *earlyCheck) set(problem string) {
+	c.problem = problem
+	close(c.done)
+}
+
+func (a *Agent) startEarlyCheck(ctx context.Context, c *checkpoint.Container) *earlyCheck {
+	ch := newEarlyCheck()
+	goSafe("early restore check", func() { ch.set(a.earlyProblem(ctx, c)) },
+		func(p any) { ch.set(fmt.Sprintf("internal error: %v", p)) })
 	return ch
 }
 
-// answer waits for the check, at most earlyWait.
-func (ch earlyCheck) answer() string {
+// within returns the answer if it comes within d (ok false if not).
+func (c *earlyCheck) within(d time.Duration) (problem string, ok bool) {
 	select {
-	case p := <-ch:
-		return p
-	case <-time.After(earlyWait):
-		return "the check of its root file system and /dev/shm did not answer within " + earlyWait.String() + " of the memory's hand-over"
+	case <-c.done:
+		return c.problem, true
+	case <-time.After(d):
+		return "", false
 	}
+}
+
+// answer waits for the check, at most earlyWait.
+func (c *earlyCheck) answer() string {
+	if p, ok := c.within(earlyWait); ok {
+		return p
+	}
+	return "the check of its root file system and /dev/shm did not answer within " + earlyWait.String() + " of the memory's hand-over"
 }
 
 // logFile is the container's log (k8s-file: userdata/ctr.log), which podman's archive
@@ -140,7 +160,10 @@ func (ch earlyCheck) answer() string {
 const logFile = "ctr.log"
 
 // earlySummary is how a push reports the early restore.
-func earlySummary(problem string, streamed bool) string {
+func earlySummary(problem string, streamed, gated bool) string {
+	if problem == "" && streamed && gated {
+		return "yes, streamed and gated: the target's podman imported while CRIU dumped here, and restored from CRIU's images while the memory crossed and podman finished here"
+	}
 	if problem == "" && streamed {
 		return "yes, streamed: the target restored from CRIU's images while the memory crossed and podman finished here"
 	}

@@ -104,14 +104,16 @@ func TestFrozenStepsOfAnEarlyRestore(t *testing.T) {
 // A check that does not answer soon after the memory's hand-over means podman's archive:
 // the container is not kept frozen for it.
 func TestEarlyCheckThatDoesNotAnswerMeansPodmansArchive(t *testing.T) {
-	ch := make(earlyCheck, 1)
+	ch := newEarlyCheck()
 	t0 := time.Now()
 	if p := ch.answer(); p == "" || time.Since(t0) > earlyWait+time.Second {
 		t.Fatalf("a silent check answered %q after %s", p, time.Since(t0))
 	}
-	ch <- ""
-	if p := ch.answer(); p != "" {
-		t.Fatalf("a check that found nothing answered %q", p)
+	ch.set("")
+	for i := 0; i < 2; i++ { // read by the prelude and at CRIU's listening
+		if p := ch.answer(); p != "" {
+			t.Fatalf("a check that found nothing answered %q", p)
+		}
 	}
 }
 
@@ -130,27 +132,6 @@ func TestHandOverForPicksTheReadHandOverWhereTheHostCan(t *testing.T) {
 	}
 	if got, err := handOverFor(HandOverRead, "fs.pipe-max-size is 1048576"); err == nil {
 		t.Errorf("--handover read where the host cannot dump lazily: %q, no error", got)
-	}
-	// After the rounds, a container with little memory goes by the page server.
-	for mem, want := range map[int64]bool{0: false, 4 << 20: true, littleMemoryBytes - 4096: true, littleMemoryBytes: false, 1 << 30: false} {
-		if littleMemory(mem) != want {
-			t.Errorf("littleMemory(%d) = %v, want %v", mem, !want, want)
-		}
-	}
-	for _, c := range []struct {
-		asked, chosen string
-		mem           int64
-		small         bool
-	}{
-		{HandOverAuto, HandOverRead, 4 << 20, true},
-		{HandOverAuto, HandOverRead, 1 << 30, false},
-		{HandOverAuto, HandOverRead, 0, false}, // not measured (stop-and-copy)
-		{HandOverRead, HandOverRead, 4 << 20, false},
-		{HandOverAuto, HandOverPageServer, 4 << 20, false},
-	} {
-		if why := handOverAfterRounds(c.asked, c.chosen, c.mem); (why != "") != c.small {
-			t.Errorf("handOverAfterRounds(%q, %q, %d) = %q, want the page server: %v", c.asked, c.chosen, c.mem, why, c.small)
-		}
 	}
 }
 

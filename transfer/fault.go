@@ -20,7 +20,8 @@ import (
 //
 // Points: source-prepare (before asking the target to prepare), source-round (before a
 // pre-copy round), source-freeze (traffic held, before the checkpoint), source-stream
-// (CRIU has dumped, the archive's first byte is going out), source-restored
+// (the archive's first byte is going out: CRIU has dumped, or, with a prelude, CRIU
+// still dumps), source-restored
 // (the target restored it, before the decision), source-committed (decision journaled,
 // before anything else), source-cleanup (before the source copy goes), source-handover
 // (the memory path's read hand-over: CRIU's lazy dump waits, nothing read yet),
@@ -28,7 +29,8 @@ import (
 // (the read hand-over's early restore: the target restored it, podman may still be at
 // work here); target-prepare
 // (journaled, before plumbing), target-memory (the frozen phase's memory is arriving,
-// memory path only), target-stream (the streamed restore: podman restores from CRIU's
+// memory path only), target-gate (the gated import: podman imports the prelude, CRIU's
+// images not here yet), target-stream (the streamed restore: podman restores from CRIU's
 // images, the first of the memory's pages has arrived), target-restore (podman restored it, before the journal
 // says so), target-commit (on the commit, before acting); source-postcopy (--postcopy,
 // decided: each batch of pages pumped to the target); disk-full (every journal write

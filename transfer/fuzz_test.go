@@ -91,3 +91,18 @@ func FuzzLazyIndex(f *testing.F) {
 		}
 	})
 }
+
+// The prelude's framing from a peer: bounded, never a panic.
+func FuzzPrelude(f *testing.F) {
+	var b bytes.Buffer
+	writePrelude(&b, []byte("archive"))
+	f.Add(b.Bytes()[1:])
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, err := readPrelude(bytes.NewReader(data))
+		if err == nil && len(got) > maxPrelude {
+			t.Fatalf("accepted %d bytes", len(got))
+		}
+		tarFile(got, "checkpoint/"+descriptorsFile)
+	})
+}

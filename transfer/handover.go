@@ -62,30 +62,6 @@ func handOverFor(asked, lazyProblem string) (string, error) {
 	return asked, nil
 }
 
-// littleMemoryBytes: below this much memory (the last pre-copy round's), the automatic
-// hand-over is the page server even where the host can dump lazily. The read hand-over's
-// fixed costs (the lazy dump, the early check, the streamed lazy set-up on the target)
-// then outweigh what it saves on reading: on this kind of machine a sockperf container of
-// a few MiB was held 0.29-0.40 s by the page server against 0.37-0.43 s by the read
-// hand-over (six moves each, the page server shorter in all six), while from 64 MiB on
-// the read hand-over is as short or shorter (64 MiB: 0.41-0.61 s against 0.48-0.54 s;
-// 1024 MiB: 1.27 s against 1.66 s).
-const littleMemoryBytes = 32 << 20
-
-// littleMemory reports whether a container's memory (0: not measured) is little enough
-// for the page server (littleMemoryBytes).
-func littleMemory(memBytes int64) bool { return memBytes > 0 && memBytes < littleMemoryBytes }
-
-// handOverAfterRounds says why a move whose hand-over was chosen automatically (asked)
-// as chosen goes by the page server after all, now that the rounds measured the
-// container's memory (memBytes); "" if it keeps chosen. Asked for, a hand-over stays.
-func handOverAfterRounds(asked, chosen string, memBytes int64) string {
-	if asked != HandOverAuto || chosen != HandOverRead || !littleMemory(memBytes) {
-		return ""
-	}
-	return fmt.Sprintf("the container's memory (%d MiB) is under %d MiB: the page server holds it shorter", memBytes>>20, littleMemoryBytes>>20)
-}
-
 // lazyDumpProblem says why this host's CRIU cannot dump lazily ("" if it can): without
 // CAP_SYS_RESOURCE its page pipes cannot grow past fs.pipe-max-size.
 func lazyDumpProblem(noSysResource bool) string {

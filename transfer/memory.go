@@ -122,11 +122,15 @@ func removeCRIUConfig(name string) {
 
 // clearMoveLeftovers removes what a crashed agent left of a move's memory path: CRIU
 // configuration files (a dump would look for a page server that is gone; a restore for a
-// lazy-pages daemon) and lazy restore directories.
+// lazy-pages daemon; a gate holds a restore until it is refused; a lazy dump waits for
+// its page server's client until reset) and lazy restore directories.
 func clearMoveLeftovers(stateDir string) {
 	if ents, err := os.ReadDir(CRIUConfigDir); err == nil {
 		for _, e := range ents {
 			if strings.HasSuffix(e.Name(), ".conf") || strings.Contains(e.Name(), ".conf.tmp") { // replaceFile's too
+				// A CRIU waiting in a gate or for its lazy dump's connection fails first.
+				releaseGate(filepath.Join(CRIUConfigDir, e.Name()))
+				releaseLazyDump(filepath.Join(CRIUConfigDir, e.Name()), 5*time.Second, criuRuns)
 				if err := os.Remove(filepath.Join(CRIUConfigDir, e.Name())); err == nil {
 					slog.Warn("removed a CRIU configuration file an earlier agent left", "file", e.Name())
 				}
@@ -354,6 +358,17 @@ type lazyRestore struct {
 	setupTook time.Duration
 	// releaseMasks undoes prepareMasks once podman's restore ended.
 	releaseMasks func()
+	// gate: CRIU waits for the configuration in it (gate.go), which setUp opens; the
+	// handler removes it once podman's import returned, never this (a CRIU waiting in
+	// a FIFO removed under it would wait for ever).
+	gate *criuGate
+}
+
+// removeConfig removes the CRIU configuration file, unless it is a gate.
+func (lr *lazyRestore) removeConfig() {
+	if lr.gate == nil {
+		removeCRIUConfig(lr.name)
+	}
 }
 
 // lazyDir is where a lazy restore's images and CRIU's logs live.
@@ -460,7 +475,12 @@ func (lr *lazyRestore) setUp(ctx context.Context, archive []byte, deadline time.
 		return err
 	}
 	lr.releaseMasks = release
-	return writeCRIUConfig(lr.name, append([]string{"lazy-pages", "images-dir " + lr.dir, "work-dir " + lr.dir}, ml...)...)
+	lines := append([]string{"lazy-pages", "images-dir " + lr.dir, "work-dir " + lr.dir}, ml...)
+	if lr.gate != nil {
+		lr.gate.open(lines)
+		return nil
+	}
+	return writeCRIUConfig(lr.name, lines...)
 }
 
 // startPostcopyServer answers the daemon from this agent: the pages arrive from the
@@ -547,7 +567,7 @@ func (lr *lazyRestore) startServer(deadline time.Duration) (string, error) {
 // restored: podman has answered. The configuration file goes at once; on success the
 // daemon fills the memory in the background and everything is cleaned up when it ends.
 func (lr *lazyRestore) restored(ok bool) {
-	removeCRIUConfig(lr.name)
+	lr.removeConfig()
 	if lr.releaseMasks != nil {
 		lr.releaseMasks()
 	}
@@ -595,7 +615,7 @@ func lazyFillDeadline(memBytes int64) time.Duration {
 // stop ends the daemon (if it still runs: it is ours, by PID), the server and the pin,
 // and removes the directory; keep (a failure) keeps the logs first.
 func (lr *lazyRestore) stop(keep bool) {
-	removeCRIUConfig(lr.name)
+	lr.removeConfig()
 	if lr.releaseMasks != nil {
 		lr.releaseMasks()
 	}
@@ -712,8 +732,12 @@ const annotationCRIUConfig = checkpoint.AnnotationCRIUConfig
 // prepareStreamed decodes the images (returned as the archive podman imports), sets them
 // up for a lazy restore and starts the page server and CRIU's lazy-pages daemon. The
 // memory is then taken by receiveMemory.
-func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Reader, sess *pages.Session, st *pages.Stats) (*lazyRestore, []byte, error) {
-	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now(), streamed: true}
+//
+// After a prelude (gate.go), podman imports it already and CRIU waits in gate: the
+// images must carry the descriptors the prelude did (runc read those), and setUp opens
+// the gate.
+func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Reader, sess *pages.Session, st *pages.Stats, gate *criuGate, descriptors []byte) (*lazyRestore, []byte, error) {
+	lr := &lazyRestore{a: a, name: name, dir: a.lazyDir(name), exited: make(chan error, 1), unpin: a.store.Pin(), start: time.Now(), streamed: true, gate: gate}
 	lr.mem.Counted = true // the index takes the names (receiveMemory)
 	var archive bytes.Buffer
 	var err error
@@ -723,6 +747,12 @@ func (a *Agent) prepareStreamed(ctx context.Context, name string, br *bufio.Read
 	}
 	began := time.Now()
 	slog.Debug("CRIU's images received", "container", name, "took", began.Sub(lr.start), "bytes", archive.Len())
+	if gate != nil {
+		if got, ok := tarFile(archive.Bytes(), "checkpoint/"+descriptorsFile); !ok || !bytes.Equal(got, descriptors) {
+			lr.unpin()
+			return nil, nil, fmt.Errorf("the images' %s is not the prelude's, which runc restores with", descriptorsFile)
+		}
+	}
 	if err := lr.setUp(ctx, archive.Bytes(), lazyFillDeadline(int64(sess.Len())*pages.Size+64<<20)); err != nil {
 		lr.stop(true) // a failed set-up: its logs are kept
 		return nil, nil, err

@@ -89,6 +89,7 @@ type lazyDump struct {
 	port   int
 	dir    string // the checkpoint's images (the container's userdata/checkpoint)
 	static string // the container's userdata
+	pid    int    // the container's first process (the gated import's prelude)
 	conn   net.Conn
 	pc     *pageserver.Client
 	runs   []pcRun

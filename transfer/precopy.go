@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -615,6 +616,7 @@ type finalTimes struct {
 	decidedOnExit       bool      // podmanDone is when the container's processes ended here
 	endDeferred         bool      // CRIU's transfer closed only after the target restored
 	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
+	prelude             time.Time // the gated import's prelude was sent (gate.go)
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
 	early                *string
@@ -693,7 +695,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	}
 	// The read hand-over: the target may restore from CRIU's images as they are when its
 	// lazy page server listens, instead of waiting for podman's archive (early.go).
-	var check earlyCheck
+	var check *earlyCheck
 	var snapshot, earlyArchive []byte
 	var snapErr error
 	// The streamed restore: if the check has answered by the time CRIU listens, CRIU's
@@ -719,6 +721,13 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		exited, stopWatch = watchExit(c.PID)
 		defer stopWatch()
 	}
+	// The gated import's prelude (gate.go) waits for podman's spec.dump of this
+	// checkpoint: newer than what an earlier one left.
+	var specBefore time.Time
+	if ld != nil && mayStream {
+		specBefore = statMtime(filepath.Join(ld.static, "spec.dump"))
+		ld.pid = c.PID
+	}
 	go func() {
 		defer xcancel()
 		_, err := a.podman.Export(xctx, c.Name, expW, checkpoint.Options{TCPEstablished: true, Keep: true})
@@ -736,21 +745,39 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 	kept := newPageKeeper(a.store)
 	keepSent := kept.add
 	body, enc, wait := l.body(ctx, func(w io.Writer) error {
+		// The gated import: the target's podman starts on the prelude while CRIU dumps
+		// here. Once sent, the images must follow as layout 'S'.
+		prelude := false
+		if ld != nil && mayStream {
+			p, why, err := a.sendPrelude(ctx, ld, specBefore, exported, check, w)
+			if err != nil {
+				return err
+			}
+			if p {
+				prelude, ft.prelude = true, time.Now()
+			} else {
+				slog.Debug("no prelude: the target's podman waits for CRIU's images", "container", c.Name, "why", why)
+			}
+		}
 		if ld != nil {
 			ld.listened = func() {
 				t0 := time.Now()
 				snapshot, snapErr = ld.archive()
 				t1 := time.Now()
-				select {
-				case p := <-check:
+				if p, ok := check.within(streamWait); ok {
 					atListen = &p
-				case <-time.After(streamWait):
 				}
 				slog.Debug("CRIU listened", "container", c.Name, "images read", t1.Sub(t0), "early check waited for", time.Since(t1), "images", len(snapshot))
 				// Not after a stop-and-copy: its whole memory crosses now, and a link cut
 				// meanwhile would leave a restored (if mute) copy on the target until it
 				// learns the outcome.
 				if !mayStream || snapErr != nil || atListen == nil || *atListen != "" {
+					if prelude {
+						// The target's podman imports the prelude and waits for these
+						// images: without them the move fails (the container runs on here).
+						streamErr = fmt.Errorf("CRIU's images cannot follow the prelude: %v", snapErr)
+						return
+					}
 					_, streamErr = w.Write([]byte{'M'})
 					return
 				}

@@ -616,18 +616,14 @@ func (a *Agent) Push(ctx context.Context, req PushRequest, emit func(Event)) *Pu
 			if handOverErr != nil {
 				return rollback(handOverErr)
 			}
-			why := lazyProblem
-			if small := handOverAfterRounds(req.HandOver, handOver, memBytes); small != "" {
-				handOver, why = HandOverPageServer, small
-			}
 			if req.HandOver == HandOverAuto && handOver == HandOverPageServer {
-				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", why)
+				slog.Info("the frozen memory goes through CRIU's page server", "container", c.Name, "why not the read hand-over", lazyProblem)
 			}
 			res.HandOver = handOver
 		}
 		rr, fst, ft, rerr = a.finalCopy(wd.ctx, target, c, self.move, res.MemoryPath == PathMemory, res.Mode != ModeStopCopy, res.HandOver, neigh, l, sess, seen, progress, sent)
 		if ft.early != nil {
-			res.EarlyRestore = earlySummary(*ft.early, ft.streamed)
+			res.EarlyRestore = earlySummary(*ft.early, ft.streamed, rr != nil && rr.Gated)
 		}
 	}
 	restoredAt := time.Now()

@@ -222,6 +222,34 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	var memDone chan error
 	var mst pages.Stats
 	var streamedArchive []byte
+	// The journal is durable and the neighbour cache set before podman starts, whenever
+	// that is: at a prelude (gate.go), or once the archive is here.
+	var podmanReady bool
+	beforePodman := func() error {
+		if podmanReady {
+			return nil
+		}
+		podmanReady, journalWaited = true, true
+		if err := <-journal; err != nil {
+			return err
+		}
+		// The container's neighbour cache, before it runs: its first packets go out at once.
+		if ns, err := overlaynet.ParseNeighbors(r.Header.Get(neighborsHeader)); err != nil {
+			slog.Warn("neighbour cache from the source", "container", name, "err", err)
+		} else if len(ns) > 0 {
+			if err := overlaynet.SetNeighbors(prep.Endpoint, ns); err != nil {
+				slog.Warn("neighbour cache", "container", name, "err", err)
+			}
+		}
+		return nil
+	}
+	// The gated import (gate.go): podman imports the prelude while CRIU's images are on
+	// their way; a failure once it began (gatedErr) is answered after its end.
+	var gate *criuGate
+	var gated chan importResult
+	var gatedErr error
+	var preludeAt time.Time
+	restoreOpts := checkpoint.RestoreOptions{TCPEstablished: true, NoStats: true, IgnoreVolumes: true}
 	if encoded {
 		sess, err := a.session(r.Context(), name)
 		if err != nil {
@@ -245,23 +273,54 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 			var pc *postcopyIn
 			// A "stream" body starts with its layout: 'S', the images first and the
 			// memory while podman restores (memory.go, prepareStreamed), or 'M', the
-			// memory first as in a "lazy" one.
+			// memory first as in a "lazy" one; either may follow a prelude ('P', gate.go),
+			// and then only 'S'.
 			br := bufio.NewReaderSize(body, 1<<20)
 			if mode == "stream" {
 				layout, err := br.ReadByte()
+				var descriptors []byte
+				if err == nil && layout == 'P' {
+					var prelude []byte
+					if prelude, err = readPrelude(br); err == nil {
+						preludeAt = time.Now()
+						err = beforePodman()
+					}
+					if err == nil {
+						gate, err = newCRIUGate(name)
+					}
+					if err == nil {
+						descriptors, _ = tarFile(prelude, "checkpoint/"+descriptorsFile)
+						gated = a.startImport(name, bytes.NewReader(prelude), restoreOpts)
+						// Podman imports; CRIU will wait in the gate for the images.
+						if err = fault("target-gate"); err == nil {
+							if layout, err = br.ReadByte(); err == nil && layout != 'S' {
+								err = badRequest{fmt.Errorf("layout %q of a streamed restore after a prelude, where only 'S' may follow", layout)}
+							}
+						}
+						gatedErr = err
+					}
+				}
 				if err == nil && layout != 'S' && layout != 'M' {
 					err = badRequest{fmt.Errorf("unknown layout %q of a streamed restore", layout)}
 				}
-				if err != nil {
+				if err != nil && gated == nil {
 					done()
+					if gate != nil {
+						gate.close()
+					}
 					return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
 				}
-				if layout == 'S' {
-					lr, archive, err = a.prepareStreamed(r.Context(), name, br, sess, &pst)
-					if err != nil {
+				if err == nil && layout == 'S' {
+					lr, archive, err = a.prepareStreamed(r.Context(), name, br, sess, &pst, gate, descriptors)
+					if err != nil && gated == nil {
 						done()
 						return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
 					}
+					gatedErr = err
+				}
+				if gatedErr != nil {
+					done()
+				} else if layout == 'S' {
 					memDone = make(chan error, 1)
 					goSafe("receive the memory", func() {
 						err := lr.receiveMemory(br, sess, &mst)
@@ -281,7 +340,7 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 				a.postcopies[name] = pc
 				a.mu.Unlock()
 			}
-			if memDone == nil {
+			if memDone == nil && gatedErr == nil {
 				lr, archive, err = a.prepareLazy(r.Context(), name, br, sess, &pst, pc)
 				if err == nil {
 					_, err = io.Copy(io.Discard, r.Body) // to its end: the digest is in the trailer
@@ -304,30 +363,41 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 		}
 	}
 	decoded := time.Now()
-	journalWaited = true
-	if err := <-journal; err != nil {
+	if err := beforePodman(); err != nil { // at once if a prelude came
 		return nil, err
 	}
 	journaled := time.Now()
-	// The container's neighbour cache, before it runs: its first packets go out at once.
-	if ns, err := overlaynet.ParseNeighbors(r.Header.Get(neighborsHeader)); err != nil {
-		slog.Warn("neighbour cache from the source", "container", name, "err", err)
-	} else if len(ns) > 0 {
-		if err := overlaynet.SetNeighbors(prep.Endpoint, ns); err != nil {
-			slog.Warn("neighbour cache", "container", name, "err", err)
-		}
-	}
 	vr := newVerifyingReader(src, r)
 	// A streamed restore's trailer comes after the memory: the archive's digest is
 	// checked then, before the answer (a damaged archive's container is undone).
 	vr.late = memDone != nil
 	importAt := time.Now()
-	// Not under the request's context: a source that goes away would cancel only this
-	// call, not podman's restore, which could then create the container after the undo
-	// looked for it. podman's answer is waited for, within its own deadline.
-	ictx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), importDeadline)
-	res, err := a.podman.Import(ictx, vr, checkpoint.RestoreOptions{TCPEstablished: true, NoStats: lr != nil, IgnoreVolumes: true})
-	cancel()
+	var res *checkpoint.Result
+	var err error
+	if gated != nil {
+		// Podman imports the prelude already; CRIU waits in the gate, which setUp opened
+		// (or, after a failure, is refused now).
+		if gatedErr != nil {
+			gate.refuse()
+		}
+		ir := <-gated
+		gate.close()
+		res, err = ir.res, ir.err
+		if gatedErr != nil {
+			err = gatedErr
+		}
+		slog.Debug("gated import", "container", name, "podman began after the freeze by", preludeAt.Sub(start), "CRIU waited in the gate", gate.readerWaited())
+		importAt = preludeAt
+		if res != nil {
+			vr.n = res.Bytes
+		}
+	} else {
+		if lr == nil {
+			restoreOpts.NoStats = false
+		}
+		ir := <-a.startImport(name, vr, restoreOpts)
+		res, err = ir.res, ir.err
+	}
 	imported := time.Now()
 	if vr.err != nil {
 		err = vr.err
@@ -393,6 +463,9 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 	}
 	if lr != nil {
 		out.LazySetUp = lr.setupTook
+	}
+	if gate != nil {
+		out.Gated, out.GateWaited = true, gate.readerWaited()
 	}
 	return out, nil
 }
@@ -572,4 +645,25 @@ func (a *Agent) outcome(r *http.Request) (any, error) {
 	}
 	out := a.mv.outcome(r.Context(), ref, a.isInflight(ref.Container))
 	return out, nil
+}
+
+// importResult is podman's answer to an import.
+type importResult struct {
+	res *checkpoint.Result
+	err error
+}
+
+// startImport has podman restore the container from archive in the background. Not
+// under the request's context: a source that goes away would cancel only this call, not
+// podman's restore, which could then create the container after the undo looked for it.
+// Podman's answer is waited for, within its own deadline.
+func (a *Agent) startImport(name string, archive io.Reader, o checkpoint.RestoreOptions) chan importResult {
+	ch := make(chan importResult, 1)
+	goSafe("podman import", func() {
+		ctx, cancel := context.WithTimeout(context.Background(), importDeadline)
+		defer cancel()
+		res, err := a.podman.Import(ctx, archive, o)
+		ch <- importResult{res, err}
+	}, func(p any) { ch <- importResult{nil, fmt.Errorf("podman import of %s: internal error: %v", name, p)} })
+	return ch
 }
