@@ -97,6 +97,9 @@ func TestScanPartsCoverTheWholeOnce(t *testing.T) {
 				if first != last || int(first%of) != i {
 					t.Errorf("part %d: a chunk from %#x to %#x, not inside one of its windows", i, ch.Addrs[0], ch.Addrs[len(ch.Addrs)-1])
 				}
+				if len(ch.Addrs) > readPages {
+					t.Errorf("part %d: a chunk of %d pages, over the %d read at once", i, len(ch.Addrs), readPages)
+				}
 				return fn(ch)
 			})
 		})
