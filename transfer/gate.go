@@ -59,9 +59,10 @@ const maxPrelude = 64 << 20
 
 // preludeWait bounds the wait for podman's files once its checkpoint began, and
 // preludeCheckWait the early check's answer after them: the prelude is only worth
-// sending well before CRIU listens.
+// sending well before CRIU listens, and the hand-over waits for it (a podman that
+// writes its files late costs at most preludeWait, and then goes without a prelude).
 const (
-	preludeWait      = 2 * time.Second
+	preludeWait      = 300 * time.Millisecond // podman wrote its files ~7 ms after the freeze here
 	preludeCheckWait = 40 * time.Millisecond
 )
 
