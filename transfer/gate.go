@@ -130,13 +130,7 @@ func waitFresh(ctx context.Context, path string, before time.Time, exported <-ch
 func (d *lazyDump) prelude(descriptors []byte) ([]byte, error) {
 	var b bytes.Buffer
 	tw := tar.NewWriter(&b)
-	put := func(name string, data []byte) error {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg}); err != nil {
-			return err
-		}
-		_, err := tw.Write(data)
-		return err
-	}
+	put := func(name string, data []byte) error { return tarPut(tw, name, data) }
 	for _, f := range []string{"config.dump", "spec.dump", logFile} {
 		data, err := os.ReadFile(filepath.Join(d.static, f))
 		if f == logFile && errors.Is(err, fs.ErrNotExist) {

@@ -159,7 +159,9 @@ func (d *lazyDump) connect(ctx context.Context, exported <-chan struct{}) error 
 // the checkpoint images and the container's log. (Podman writes its own archive only after every page was
 // fetched; what it adds then, the root file system's changes, does not travel: a
 // container that writes to its root file system must not move with --postcopy.)
-func (d *lazyDump) archive() ([]byte, error) {
+// After a prelude (gate.go) the target has podman's files and the log already: imagesOnly
+// leaves them out.
+func (d *lazyDump) archive(imagesOnly bool) ([]byte, error) {
 	var b bytes.Buffer
 	tw := tar.NewWriter(&b)
 	add := func(path, name string) error {
@@ -167,20 +169,18 @@ func (d *lazyDump) archive() ([]byte, error) {
 		if err != nil {
 			return err
 		}
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg}); err != nil {
-			return err
-		}
-		_, err = tw.Write(data)
-		return err
+		return tarPut(tw, name, data)
 	}
-	for _, f := range []string{"config.dump", "spec.dump"} {
-		if err := add(filepath.Join(d.static, f), f); err != nil {
-			return nil, fmt.Errorf("post-copy archive: %w", err)
+	if !imagesOnly {
+		for _, f := range []string{"config.dump", "spec.dump"} {
+			if err := add(filepath.Join(d.static, f), f); err != nil {
+				return nil, fmt.Errorf("post-copy archive: %w", err)
+			}
 		}
-	}
-	// The container's log, where it has one (k8s-file), as podman's archive carries it.
-	if err := add(filepath.Join(d.static, logFile), logFile); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("checkpoint archive: %w", err)
+		// The container's log, where it has one (k8s-file), as podman's archive carries it.
+		if err := add(filepath.Join(d.static, logFile), logFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("checkpoint archive: %w", err)
+		}
 	}
 	ents, err := os.ReadDir(d.dir)
 	if err != nil {
@@ -198,6 +198,15 @@ func (d *lazyDump) archive() ([]byte, error) {
 		return nil, err
 	}
 	return b.Bytes(), nil
+}
+
+// tarPut writes a regular file of an archive the agent builds.
+func tarPut(tw *tar.Writer, name string, data []byte) error {
+	if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg}); err != nil {
+		return err
+	}
+	_, err := tw.Write(data)
+	return err
 }
 
 // want asks for pages first (the target's daemon waits for them).
@@ -583,7 +592,7 @@ func (a *Agent) postcopyCopy(ctx context.Context, target *Peer, c *PostcopyConta
 	a.mu.Lock()
 	a.lazyDumps[c.Name], a.lazyTargets[c.Name] = d, target.Name
 	a.mu.Unlock()
-	archive, err := d.archive()
+	archive, err := d.archive(false)
 	if err != nil {
 		return nil, nil, ft, d, expDone, exportError{err}
 	}

@@ -616,7 +616,6 @@ type finalTimes struct {
 	decidedOnExit       bool      // podmanDone is when the container's processes ended here
 	endDeferred         bool      // CRIU's transfer closed only after the target restored
 	lazyListening       time.Time // the read hand-over: CRIU's lazy page server listened
-	prelude             time.Time // the gated import's prelude was sent (gate.go)
 	// The read hand-over's early restore (early.go): whether it was taken ("" if so, else
 	// why not), and when the target answered and podman's checkpoint returned here.
 	early                *string
@@ -754,7 +753,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 				return err
 			}
 			if p {
-				prelude, ft.prelude = true, time.Now()
+				prelude = true
 			} else {
 				slog.Debug("no prelude: the target's podman waits for CRIU's images", "container", c.Name, "why", why)
 			}
@@ -762,7 +761,7 @@ func (a *Agent) finalCopy(ctx context.Context, target *Peer, c *checkpoint.Conta
 		if ld != nil {
 			ld.listened = func() {
 				t0 := time.Now()
-				snapshot, snapErr = ld.archive()
+				snapshot, snapErr = ld.archive(prelude) // after a prelude the target has podman's files
 				t1 := time.Now()
 				if p, ok := check.within(streamWait); ok {
 					atListen = &p

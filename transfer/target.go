@@ -303,11 +303,8 @@ func (a *Agent) restore(r *http.Request) (any, error) {
 				if err == nil && layout != 'S' && layout != 'M' {
 					err = badRequest{fmt.Errorf("unknown layout %q of a streamed restore", layout)}
 				}
-				if err != nil && gated == nil {
+				if err != nil && gated == nil { // a gate is only made with its import
 					done()
-					if gate != nil {
-						gate.close()
-					}
 					return nil, fmt.Errorf("restore %s on %s: %w", name, a.cfg.Name, err)
 				}
 				if err == nil && layout == 'S' {
